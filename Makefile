@@ -1,0 +1,39 @@
+# Two entry points for a fresh clone: `make demo` and `make test`. Each installs what is missing first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := demo
+
+# libtorch: the PyPI wheel torch==2.11.0 in a project-local virtualenv, unless LIBTORCH points at an
+# existing libtorch 2.11 install. The variables are fixed here so torch-sys is never rebuilt because one
+# of them changed between commands.
+ifeq ($(strip $(LIBTORCH)),)
+TORCH_STAMP := .venv/.torch-2.11.0
+export VIRTUAL_ENV := $(CURDIR)/.venv
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+else
+TORCH_STAMP :=
+endif
+PYTHON ?= python3
+
+$(TORCH_STAMP):
+	$(PYTHON) -m venv .venv
+	.venv/bin/pip install --quiet torch==2.11.0 numpy
+	touch $@
+
+.PHONY: demo test build fixtures
+build: $(TORCH_STAMP)
+	cargo build --release
+
+demo: build
+	./target/release/tpp inspect tests/fixtures/hf_vitmae/model.safetensors
+	./target/release/tpp embed --backbone tests/fixtures/hf_dinov2/model.safetensors --input tests/fixtures/demo_images --output runs/demo_features.npy
+
+test: $(TORCH_STAMP)
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+	cargo test --release
+
+# Developer-only: regenerate the timm / Hugging Face parity fixtures (needs network for pip).
+fixtures: $(TORCH_STAMP)
+	.venv/bin/pip install --quiet torch==2.11.0 timm transformers safetensors
+	.venv/bin/python scripts/make_fixtures.py

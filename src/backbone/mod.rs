@@ -1,0 +1,64 @@
+//! ViT backbone: architecture ([`config`]), model ([`vit`]) and checkpoint formats ([`checkpoint`]).
+pub mod checkpoint;
+pub mod config;
+pub mod vit;
+
+pub use checkpoint::{Checkpoint, Format, LoadOptions};
+pub use config::{Pool, VitConfig};
+pub use vit::Vit;
+
+use anyhow::{Result, bail};
+use std::path::Path;
+use tch::{Device, nn};
+
+/// A backbone whose weights live in their own VarStore, so that freezing it (or storing it in bf16) never
+/// touches the target parameters, which live elsewhere.
+pub struct Backbone {
+    pub vs: nn::VarStore,
+    pub vit: Vit,
+}
+
+impl Backbone {
+    /// A freshly initialised backbone (timm init) for a config.
+    pub fn fresh(cfg: &VitConfig, device: Device) -> Result<Self> {
+        if let Err(e) = cfg.validate() {
+            bail!("invalid ViT config: {e}");
+        }
+        let vs = nn::VarStore::new(device);
+        let vit = Vit::new(&vs.root(), cfg);
+        Ok(Backbone { vs, vit })
+    }
+
+    /// Loads a checkpoint file (any supported format) onto `device`.
+    pub fn load(path: &Path, opts: &LoadOptions, device: Device) -> Result<(Self, Checkpoint)> {
+        let ckpt = Checkpoint::open(path, opts)?;
+        let bb = Self::from_checkpoint(&ckpt, device)?;
+        Ok((bb, ckpt))
+    }
+
+    pub fn from_checkpoint(ckpt: &Checkpoint, device: Device) -> Result<Self> {
+        let bb = Self::fresh(&ckpt.config, device)?;
+        checkpoint::load_into(&bb.vs, &ckpt.tensors, "", &ckpt.path)?;
+        Ok(bb)
+    }
+
+    /// Freezes every backbone weight (requires_grad false): they get no gradient and no optimiser slot.
+    pub fn freeze(&mut self) {
+        self.vs.freeze();
+    }
+
+    /// Checks an input batch shape before running the model, so bad input is an error, not a panic.
+    pub fn check_input(&self, shape: &[i64]) -> Result<()> {
+        let c = &self.vit.cfg;
+        if shape.len() != 4 {
+            bail!("expected images as [N, C, H, W], got shape {shape:?}");
+        }
+        if shape[1] != c.in_chans && shape[1] != 1 {
+            bail!("images have {} channels; the backbone takes {} (or 1)", shape[1], c.in_chans);
+        }
+        if shape[2] % c.patch_size != 0 || shape[3] % c.patch_size != 0 || shape[2] == 0 || shape[3] == 0 {
+            bail!("image size {}x{} is not a multiple of the patch size {}", shape[2], shape[3], c.patch_size);
+        }
+        Ok(())
+    }
+}

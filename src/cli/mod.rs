@@ -1,0 +1,63 @@
+//! Command-line interface: one file per subcommand.
+mod embed;
+mod inspect;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tpp",
+    version,
+    about = "Target Parameter Pre-training and PEFT for vision transformers on medical images"
+)]
+pub struct Cli {
+    /// cpu, cuda or cuda:N
+    #[arg(long, global = true, default_value = "cpu")]
+    pub device: String,
+    /// CPU threads for libtorch (0: one per core)
+    #[arg(long, global = true, default_value_t = 0)]
+    pub threads: usize,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print a checkpoint's detected format, architecture, parameter count and unused keys
+    Inspect(inspect::Args),
+    /// Write pooled backbone features of images (or a float32 NCHW .npy) to a .npy file
+    Embed(embed::Args),
+}
+
+/// Options shared by every command that loads a backbone.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackboneArgs {
+    /// Backbone checkpoint (.safetensors: timm, MAE, HF ViTMAE or HF Dinov2 layout)
+    #[arg(long)]
+    pub backbone: std::path::PathBuf,
+    /// Attention heads, when neither shapes (head dim 64 assumed) nor a config.json beside the file tell
+    #[arg(long)]
+    pub heads: Option<i64>,
+    /// Input image size; position embeddings are resampled (bicubic) from the checkpoint's grid
+    #[arg(long)]
+    pub img_size: Option<i64>,
+    /// Pooling: cls or mean (default: as the checkpoint implies)
+    #[arg(long)]
+    pub pool: Option<crate::backbone::Pool>,
+}
+
+impl BackboneArgs {
+    pub fn load_options(&self) -> crate::backbone::LoadOptions {
+        crate::backbone::LoadOptions { num_heads: self.heads, img_size: self.img_size, pool: self.pool }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    crate::device::set_threads(cli.threads);
+    let device = crate::device::parse_device(&cli.device)?;
+    match cli.cmd {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Embed(a) => embed::run(a, device),
+    }
+}

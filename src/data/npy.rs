@@ -1,0 +1,67 @@
+//! `.npy` arrays: float32 image batches in (NCHW) and features out.
+use anyhow::{Context, Result, anyhow, bail};
+use npyz::{DType, TypeChar, WriterBuilder};
+use std::io::BufWriter;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// Reads a C-order float32 (or float64, converted) array.
+pub fn read_f32(path: &Path) -> Result<Tensor> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read file", path.display()))?;
+    let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| anyhow!("{}: not a valid .npy file ({e})", path.display()))?;
+    if npy.order() != npyz::Order::C {
+        bail!("{}: Fortran-order arrays are not supported; save with np.ascontiguousarray", path.display());
+    }
+    let shape: Vec<i64> = npy.shape().iter().map(|&s| s as i64).collect();
+    let data: Vec<f32> = match npy.dtype() {
+        DType::Plain(t) if t.type_char() == TypeChar::Float && t.size_field() == 4 => npy.into_vec::<f32>(),
+        DType::Plain(t) if t.type_char() == TypeChar::Float && t.size_field() == 8 => {
+            npy.into_vec::<f64>().map(|v| v.into_iter().map(|x| x as f32).collect())
+        }
+        other => bail!("{}: dtype {} is not supported (expected float32)", path.display(), other.descr()),
+    }
+    .map_err(|e| anyhow!("{}: truncated or corrupt data ({e})", path.display()))?;
+    Ok(Tensor::from_slice(&data).reshape(&shape))
+}
+
+/// Writes a tensor as a C-order float32 `.npy`.
+pub fn write_f32(path: &Path, t: &Tensor) -> Result<()> {
+    let t = t.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
+    let shape: Vec<u64> = t.size().iter().map(|&s| s as u64).collect();
+    let data = Vec::<f32>::try_from(t.flatten(0, -1)).map_err(|e| anyhow!("tensor to vec: {e}"))?;
+    let file = std::fs::File::create(path).with_context(|| format!("{}: cannot create file", path.display()))?;
+    let mut w = npyz::WriteOptions::<f32>::new()
+        .default_dtype()
+        .shape(&shape)
+        .writer(BufWriter::new(file))
+        .begin_nd()
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    w.extend(data).with_context(|| format!("{}: cannot write", path.display()))?;
+    w.finish().with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_errors() {
+        let dir = std::env::temp_dir().join(format!("tpp-npy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.npy");
+        let t = Tensor::arange(24, (Kind::Float, tch::Device::Cpu)).reshape([2, 3, 2, 2]);
+        write_f32(&p, &t).unwrap();
+        let back = read_f32(&p).unwrap();
+        assert_eq!(back.size(), vec![2, 3, 2, 2]);
+        assert!(back.equal(&t));
+        // Truncated file: a clear error naming the file.
+        let bytes = std::fs::read(&p).unwrap();
+        let bad = dir.join("bad.npy");
+        std::fs::write(&bad, &bytes[..bytes.len() - 10]).unwrap();
+        let e = read_f32(&bad).unwrap_err().to_string();
+        assert!(e.contains("bad.npy"), "{e}");
+        std::fs::write(&bad, b"hello").unwrap();
+        assert!(read_f32(&bad).unwrap_err().to_string().contains("not a valid .npy"));
+    }
+}

@@ -1,0 +1,6 @@
+//! tpp: parameter-efficient fine-tuning of vision transformers with Target Parameter Pre-training (TPP),
+//! on libtorch through tch.
+pub mod backbone;
+pub mod cli;
+pub mod data;
+pub mod device;
