@@ -113,3 +113,29 @@ if transformers is not None:
 
 print("torch", torch.__version__, "timm", timm.__version__,
       "transformers", transformers.__version__ if transformers else "absent")
+
+# 6. An HF PEFT LoRA adapter on the timm ViT of fixture 1, as `save_pretrained` writes it, with non-zero
+#    factors and a trained head (modules_to_save), and the adapted model's outputs.
+try:
+    import peft
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+except ImportError:
+    peft = None
+if peft is not None:
+    torch.manual_seed(6)
+    kw = dict(img_size=48, patch_size=16, embed_dim=64, depth=2, num_heads=4, num_classes=5)
+    base = VisionTransformer(**kw).eval()
+    base.load_state_dict(load_file(os.path.join(OUT, "timm_vit_p16.safetensors")))
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc1"], modules_to_save=["head"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.eval()
+    d = os.path.join(OUT, "peft_lora")
+    pm.save_pretrained(d)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        save("peft_lora_io.safetensors", {"input": x, "logits": pm(x)})
+    print("peft", peft.__version__)

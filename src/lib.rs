@@ -4,3 +4,5 @@ pub mod backbone;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod peft;
+pub mod train;

@@ -12,21 +12,79 @@ fn trunc_normal() -> Init {
     Init::Randn { mean: 0.0, stdev: 0.02 }
 }
 
+/// Low-rank update of a linear layer (LoRA), or its weight-decomposed variant (DoRA) when `magnitude`
+/// is set. Output: `W x + b + scale * B A dropout(x)`; DoRA: `m / ||W + scale B A||_row * (W x + scale B A x) + b`
+/// with the norm detached, as in the DoRA paper and HF PEFT.
+#[derive(Debug)]
+pub struct Lora {
+    /// [r, in]
+    pub a: Tensor,
+    /// [out, r]
+    pub b: Tensor,
+    pub scale: f64,
+    pub dropout: f64,
+    pub magnitude: Option<Tensor>,
+}
+
+impl Lora {
+    /// The dense update `scale * B A` [out, in].
+    pub fn delta(&self) -> Tensor {
+        self.b.matmul(&self.a) * self.scale
+    }
+}
+
+/// SSF: per-channel scale and shift of an op's output.
+#[derive(Debug)]
+pub struct Ssf {
+    pub scale: Tensor,
+    pub shift: Tensor,
+}
+
+impl Ssf {
+    pub fn apply(&self, x: Tensor) -> Tensor {
+        x * &self.scale + &self.shift
+    }
+}
+
 /// A linear layer `y = x W^T + b`, the unit PEFT methods attach to.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+    pub ssf: Option<Ssf>,
 }
 
 impl Linear {
     pub fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
         let weight = p.var("weight", &[out_dim, in_dim], trunc_normal());
         let bias = bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0)));
-        Linear { weight, bias }
+        Linear { weight, bias, lora: None, ssf: None }
     }
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let y = match &self.lora {
+            None => x.linear(&self.weight, self.bias.as_ref()),
+            Some(l) => {
+                let xd = if train && l.dropout > 0.0 { x.dropout(l.dropout, true) } else { x.shallow_clone() };
+                let up = xd.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None) * l.scale;
+                match &l.magnitude {
+                    None => x.linear(&self.weight, self.bias.as_ref()) + up,
+                    Some(m) => {
+                        let w = &self.weight.to_kind(l.a.kind());
+                        let norm = (w + l.delta()).norm_scalaropt_dim(2, [1i64].as_slice(), false).detach();
+                        let y = (x.linear::<Tensor>(&self.weight, None) + up) * (m / norm);
+                        match &self.bias {
+                            Some(b) => y + b,
+                            None => y,
+                        }
+                    }
+                }
+            }
+        };
+        match &self.ssf {
+            Some(s) => s.apply(y),
+            None => y,
+        }
     }
     pub fn in_dim(&self) -> i64 {
         self.weight.size()[1]
@@ -41,6 +99,7 @@ pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Tensor,
     pub eps: f64,
+    pub ssf: Option<Ssf>,
 }
 
 impl LayerNorm {
@@ -49,11 +108,16 @@ impl LayerNorm {
             weight: p.var("weight", &[dim], Init::Const(1.0)),
             bias: p.var("bias", &[dim], Init::Const(0.0)),
             eps,
+            ssf: None,
         }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let d = *x.size().last().expect("LayerNorm input has at least one dim");
-        x.layer_norm([d], Some(&self.weight), Some(&self.bias), self.eps, true)
+        let y = x.layer_norm([d], Some(&self.weight), Some(&self.bias), self.eps, true);
+        match &self.ssf {
+            Some(s) => s.apply(y),
+            None => y,
+        }
     }
 }
 
@@ -65,14 +129,14 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let (b, n, d) = x.size3().expect("attention input is [B, N, D]");
         let h = self.num_heads;
         // [B, N, 3, H, hd] -> [3, B, H, N, hd]
-        let qkv = self.qkv.forward(x).reshape([b, n, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
+        let qkv = self.qkv.forward(x, train).reshape([b, n, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let o = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
-        self.proj.forward(&o.transpose(1, 2).reshape([b, n, d]))
+        self.proj.forward(&o.transpose(1, 2).reshape([b, n, d]), train)
     }
 }
 
@@ -83,9 +147,9 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         // Exact (erf) GELU, as timm's nn.GELU and HF's "gelu".
-        self.fc2.forward(&self.fc1.forward(x).gelu("none"))
+        self.fc2.forward(&self.fc1.forward(x, train).gelu("none"), train)
     }
 }
 
@@ -98,6 +162,29 @@ pub struct Block {
     pub norm2: LayerNorm,
     pub mlp: Mlp,
     pub ls2: Option<Tensor>,
+    /// AdaptFormer: bottleneck parallel to the MLP, fed the residual stream.
+    pub adapt_mlp: Option<Adapter>,
+    /// Houlsby: serial bottlenecks on the attention and MLP outputs.
+    pub houlsby_attn: Option<Adapter>,
+    pub houlsby_mlp: Option<Adapter>,
+}
+
+/// Bottleneck adapter `scale * up(act(down(x)))`, the up-projection zero-initialised so it starts as a no-op.
+#[derive(Debug)]
+pub struct Adapter {
+    pub down: Linear,
+    pub up: Linear,
+    pub scale: f64,
+    /// ReLU (AdaptFormer) or GELU (Houlsby).
+    pub gelu: bool,
+}
+
+impl Adapter {
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let h = self.down.forward(x, train);
+        let h = if self.gelu { h.gelu("none") } else { h.relu() };
+        self.up.forward(&h, train) * self.scale
+    }
 }
 
 fn scale(x: Tensor, gamma: &Option<Tensor>) -> Tensor {
@@ -125,12 +212,27 @@ impl Block {
                 fc2: Linear::new(&p / "mlp" / "fc2", c.mlp_hidden, d, true),
             },
             ls2: ls("ls2"),
+            adapt_mlp: None,
+            houlsby_attn: None,
+            houlsby_mlp: None,
         }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let x = x + scale(self.attn.forward(&self.norm1.forward(x)), &self.ls1);
-        &x + scale(self.mlp.forward(&self.norm2.forward(&x)), &self.ls2)
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut a = self.attn.forward(&self.norm1.forward(x), train);
+        if let Some(h) = &self.houlsby_attn {
+            a = h.forward(&a, train) + a;
+        }
+        let x = x + scale(a, &self.ls1);
+        let mut m = self.mlp.forward(&self.norm2.forward(&x), train);
+        if let Some(h) = &self.houlsby_mlp {
+            m = h.forward(&m, train) + m;
+        }
+        let m = scale(m, &self.ls2);
+        match &self.adapt_mlp {
+            Some(ad) => &x + m + ad.forward(&x, train),
+            None => &x + m,
+        }
     }
 }
 
@@ -149,6 +251,25 @@ pub struct Vit {
     pub norm: Option<LayerNorm>,
     pub fc_norm: Option<LayerNorm>,
     pub head: Option<Linear>,
+    /// VPT prompts: shallow [1, L, D] before block 0, or deep [depth, L, D] (block i's prompts replace
+    /// the previous ones). They sit after the prefix tokens and are dropped before pooling.
+    pub prompts: Option<Prompts>,
+}
+
+#[derive(Debug)]
+pub struct Prompts {
+    pub tokens: Tensor,
+    pub deep: bool,
+    pub dropout: f64,
+}
+
+impl Prompts {
+    pub fn len(&self) -> i64 {
+        self.tokens.size()[1]
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Resamples a position-embedding grid [1, prefix + g*g, D] to another grid as timm's
@@ -184,7 +305,19 @@ impl Vit {
         let norm = cfg.final_norm.then(|| LayerNorm::new(p / "norm", d, cfg.norm_eps));
         let fc_norm = cfg.fc_norm.then(|| LayerNorm::new(p / "fc_norm", d, cfg.norm_eps));
         let head = (cfg.num_classes > 0).then(|| Linear::new(p / "head", d, cfg.num_classes, true));
-        Vit { cfg: cfg.clone(), patch_w, patch_b, cls_token, reg_token, pos_embed, blocks, norm, fc_norm, head }
+        Vit {
+            cfg: cfg.clone(),
+            patch_w,
+            patch_b,
+            cls_token,
+            reg_token,
+            pos_embed,
+            blocks,
+            norm,
+            fc_norm,
+            head,
+            prompts: None,
+        }
     }
 
     /// Patch embedding: [B, C, H, W] -> [B, gh*gw, D]. A 1-channel image on a 3-channel kernel uses the
@@ -239,10 +372,31 @@ impl Vit {
         Tensor::cat(&toks, 1)
     }
 
-    /// Runs the blocks and the final norm on a token sequence.
-    pub fn forward_tokens(&self, mut x: Tensor) -> Tensor {
-        for blk in &self.blocks {
-            x = blk.forward(&x);
+    /// Number of VPT prompt tokens in the sequence (after the prefix tokens).
+    pub fn num_prompts(&self) -> i64 {
+        self.prompts.as_ref().map_or(0, Prompts::len)
+    }
+
+    /// Runs the blocks and the final norm on a token sequence [B, prefix + N, D] (no prompts yet); VPT
+    /// prompts are inserted after the prefix tokens and stay in the output.
+    pub fn forward_tokens(&self, x: Tensor, train: bool) -> Tensor {
+        let np = self.cfg.num_prefix_tokens();
+        let b = x.size()[0];
+        let mut x = x;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            if let Some(p) = &self.prompts
+                && (i == 0 || p.deep)
+            {
+                let l = p.len();
+                let d = self.cfg.embed_dim;
+                let tok = if p.deep { p.tokens.get(i as i64).unsqueeze(0) } else { p.tokens.shallow_clone() };
+                let tok = tok.dropout(p.dropout, train).expand([b, l, d], false).to_kind(x.kind());
+                let n = x.size()[1];
+                // Block 0 inserts prompts; deeper blocks (deep VPT) replace the previous block's prompts.
+                let skip = if i == 0 { 0 } else { l };
+                x = Tensor::cat(&[x.narrow(1, 0, np), tok, x.narrow(1, np + skip, n - np - skip)], 1);
+            }
+            x = blk.forward(&x, train);
         }
         match &self.norm {
             Some(n) => n.forward(&x),
@@ -250,20 +404,27 @@ impl Vit {
         }
     }
 
-    /// timm `forward_features`: all tokens after the final norm.
+    /// timm `forward_features`: all tokens after the final norm (VPT prompts included).
     pub fn forward_features(&self, x: &Tensor) -> Tensor {
-        self.forward_tokens(self.embed_tokens(x))
+        self.forward_features_t(x, false)
+    }
+
+    pub fn forward_features_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_tokens(self.embed_tokens(x), train)
+    }
+
+    /// Patch tokens of a feature sequence: prefix and prompt tokens removed.
+    pub fn patch_tokens(&self, tokens: &Tensor) -> Tensor {
+        let skip = self.cfg.num_prefix_tokens() + self.num_prompts();
+        let n = tokens.size()[1];
+        tokens.narrow(1, skip, n - skip)
     }
 
     /// timm `forward_head(pre_logits=True)`: the pooled representation.
     pub fn pool(&self, tokens: &Tensor) -> Tensor {
         let x = match self.cfg.pool {
             Pool::Cls => tokens.select(1, 0),
-            Pool::Mean => {
-                let np = self.cfg.num_prefix_tokens();
-                let n = tokens.size()[1];
-                tokens.narrow(1, np, n - np).mean_dim([1i64].as_slice(), false, None)
-            }
+            Pool::Mean => self.patch_tokens(tokens).mean_dim([1i64].as_slice(), false, None),
         };
         match &self.fc_norm {
             Some(n) => n.forward(&x),
@@ -278,10 +439,83 @@ impl Vit {
 
     /// Logits when the model has a head, pooled features otherwise.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let f = self.embed(x);
+        self.forward_t(x, false)
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let f = self.pool(&self.forward_features_t(x, train));
         match &self.head {
-            Some(h) => h.forward(&f),
+            Some(h) => h.forward(&f, train),
             None => f,
         }
+    }
+}
+
+impl Vit {
+    /// The model's plain weights under timm names (what a timm checkpoint holds), read from the model's own
+    /// tensors, so merged PEFT updates and BitFit biases are included. Fails while unmerged PEFT modules
+    /// remain, since timm could not represent them.
+    pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>, String> {
+        let mut out: Vec<(String, Tensor)> = Vec::new();
+        let mut put =
+            |k: String, t: &Tensor| out.push((k, t.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu)));
+        if self.prompts.is_some() {
+            return Err("visual prompts cannot be merged into a timm checkpoint".into());
+        }
+        put("patch_embed.proj.weight".into(), &self.patch_w);
+        put("patch_embed.proj.bias".into(), &self.patch_b);
+        if let Some(t) = &self.cls_token {
+            put("cls_token".into(), t);
+        }
+        if let Some(t) = &self.reg_token {
+            put("reg_token".into(), t);
+        }
+        put("pos_embed".into(), &self.pos_embed);
+        let norm = |put: &mut dyn FnMut(String, &Tensor), k: &str, n: &LayerNorm| -> Result<(), String> {
+            if n.ssf.is_some() {
+                return Err(format!("{k}: SSF not merged"));
+            }
+            put(format!("{k}.weight"), &n.weight);
+            put(format!("{k}.bias"), &n.bias);
+            Ok(())
+        };
+        let lin = |put: &mut dyn FnMut(String, &Tensor), k: &str, l: &Linear| -> Result<(), String> {
+            if l.lora.is_some() || l.ssf.is_some() {
+                return Err(format!("{k}: PEFT update not merged"));
+            }
+            put(format!("{k}.weight"), &l.weight);
+            if let Some(b) = &l.bias {
+                put(format!("{k}.bias"), b);
+            }
+            Ok(())
+        };
+        for (i, b) in self.blocks.iter().enumerate() {
+            if b.adapt_mlp.is_some() || b.houlsby_attn.is_some() || b.houlsby_mlp.is_some() {
+                return Err("adapters add modules and cannot be merged into a timm checkpoint".into());
+            }
+            let p = format!("blocks.{i}");
+            norm(&mut put, &format!("{p}.norm1"), &b.norm1)?;
+            lin(&mut put, &format!("{p}.attn.qkv"), &b.attn.qkv)?;
+            lin(&mut put, &format!("{p}.attn.proj"), &b.attn.proj)?;
+            if let Some(g) = &b.ls1 {
+                put(format!("{p}.ls1.gamma"), g);
+            }
+            norm(&mut put, &format!("{p}.norm2"), &b.norm2)?;
+            lin(&mut put, &format!("{p}.mlp.fc1"), &b.mlp.fc1)?;
+            lin(&mut put, &format!("{p}.mlp.fc2"), &b.mlp.fc2)?;
+            if let Some(g) = &b.ls2 {
+                put(format!("{p}.ls2.gamma"), g);
+            }
+        }
+        if let Some(n) = &self.norm {
+            norm(&mut put, "norm", n)?;
+        }
+        if let Some(n) = &self.fc_norm {
+            norm(&mut put, "fc_norm", n)?;
+        }
+        if let Some(h) = &self.head {
+            lin(&mut put, "head", h)?;
+        }
+        Ok(out)
     }
 }

@@ -1,0 +1,152 @@
+//! Saving and loading target parameters alone.
+//!
+//! A folder holds `adapter_model.safetensors` (every target tensor under `base_model.model.<timm path>`,
+//! HF PEFT's layout; the task head as `base_model.model.head.*`, as PEFT writes `modules_to_save`),
+//! `tpp_peft.json` (the [`PeftSpec`]) and, for LoRA/DoRA, PEFT's `adapter_config.json`, so that
+//! `PeftModel.from_pretrained(timm_model, folder)` loads it.
+use super::{Method, PeftSpec, Targets};
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::Tensor;
+
+pub const WEIGHTS: &str = "adapter_model.safetensors";
+pub const SPEC: &str = "tpp_peft.json";
+pub const PEFT_CONFIG: &str = "adapter_config.json";
+const PREFIX: &str = "base_model.model.";
+
+/// Writes a file atomically: to a temporary name in the same folder, then renamed over the target.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    write(&tmp)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot move into place", path.display()))
+}
+
+pub fn save(t: &Targets, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
+    let vars = t.vs.variables();
+    let named: BTreeMap<String, Tensor> = vars
+        .iter()
+        .map(|(k, v)| (format!("{PREFIX}{k}"), v.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu)))
+        .collect();
+    let pairs: Vec<(&str, &Tensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    write_atomic(&dir.join(WEIGHTS), |p| {
+        Tensor::write_safetensors(&pairs, p).map_err(|e| anyhow!("{}: cannot write ({e})", p.display()))
+    })?;
+    let spec = serde_json::to_string_pretty(&t.spec)?;
+    write_atomic(&dir.join(SPEC), |p| {
+        std::fs::write(p, &spec).with_context(|| format!("{}: cannot write", p.display()))
+    })?;
+    let is_lora = t.spec.methods.iter().all(|m| matches!(m, Method::Lora | Method::Dora));
+    if is_lora {
+        let has_head = vars.keys().any(|k| k.starts_with("head."));
+        let cfg = json!({
+            "peft_type": "LORA",
+            "r": t.spec.lora_rank,
+            "lora_alpha": t.spec.lora_alpha,
+            "lora_dropout": t.spec.lora_dropout,
+            "target_modules": t.spec.lora_targets,
+            "use_dora": t.spec.has(Method::Dora),
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "init_lora_weights": true,
+            "use_rslora": false,
+            "inference_mode": true,
+            "modules_to_save": if has_head { json!(["head"]) } else { json!(null) },
+            "task_type": null,
+            "base_model_name_or_path": null,
+            "revision": null,
+        });
+        let text = serde_json::to_string_pretty(&cfg)?;
+        write_atomic(&dir.join(PEFT_CONFIG), |p| {
+            std::fs::write(p, &text).with_context(|| format!("{}: cannot write", p.display()))
+        })?;
+    }
+    Ok(())
+}
+
+/// The spec of a saved folder: `tpp_peft.json`, or else an HF PEFT LoRA `adapter_config.json`.
+pub fn read_spec(dir: &Path) -> Result<PeftSpec> {
+    let ours = dir.join(SPEC);
+    if ours.exists() {
+        let text = std::fs::read_to_string(&ours).with_context(|| format!("{}: cannot read", ours.display()))?;
+        return serde_json::from_str(&text).map_err(|e| anyhow!("{}: not a valid tpp PEFT spec ({e})", ours.display()));
+    }
+    let peft = dir.join(PEFT_CONFIG);
+    if !peft.exists() {
+        bail!("{}: no {SPEC} or {PEFT_CONFIG} (not a target-parameter folder)", dir.display());
+    }
+    let text = std::fs::read_to_string(&peft).with_context(|| format!("{}: cannot read", peft.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON ({e})", peft.display()))?;
+    if v["peft_type"] != "LORA" {
+        bail!("{}: peft_type {} is not supported (only LORA)", peft.display(), v["peft_type"]);
+    }
+    let targets = match &v["target_modules"] {
+        serde_json::Value::String(s) => vec![s.clone()],
+        serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+        _ => bail!("{}: target_modules missing", peft.display()),
+    };
+    // PEFT accepts module paths ("attn.qkv") as well as leaf names ("qkv").
+    let targets = targets.iter().map(|t| t.rsplit('.').next().unwrap_or(t).to_string()).collect();
+    let dora = v["use_dora"].as_bool().unwrap_or(false);
+    let nonempty = |k: &str| v[k].as_object().is_some_and(|o| !o.is_empty());
+    if v["use_rslora"].as_bool().unwrap_or(false) || nonempty("rank_pattern") || nonempty("alpha_pattern") {
+        bail!("{}: rsLoRA and per-layer rank/alpha patterns are not supported", peft.display());
+    }
+    Ok(PeftSpec {
+        methods: vec![if dora { Method::Dora } else { Method::Lora }],
+        lora_rank: v["r"].as_i64().ok_or_else(|| anyhow!("{}: 'r' missing", peft.display()))?,
+        lora_alpha: v["lora_alpha"].as_f64().unwrap_or(8.0),
+        lora_dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
+        lora_targets: targets,
+        ..Default::default()
+    })
+}
+
+/// Loads saved values into the target parameters. Every PEFT parameter of the model must be in the file
+/// with its exact shape; the head is loaded when both have one (`head = false` skips it, for fine-tuning
+/// a new task); anything else in the file is an error.
+pub fn load_values(t: &Targets, dir: &Path, head: bool) -> Result<()> {
+    let file = dir.join(WEIGHTS);
+    let stored = crate::backbone::checkpoint::read_safetensors(&file)?;
+    let mut stored: BTreeMap<String, Tensor> =
+        stored.into_iter().map(|(k, v)| (k.strip_prefix(PREFIX).map(str::to_string).unwrap_or(k), v)).collect();
+    // HF PEFT writes DoRA magnitudes as `lora_magnitude_vector` (older) or `.weight` (newer).
+    let renames: Vec<String> = stored.keys().filter(|k| k.ends_with("lora_magnitude_vector.weight")).cloned().collect();
+    for k in renames {
+        let v = stored.remove(&k).expect("key listed above");
+        stored.insert(k.trim_end_matches(".weight").to_string(), v);
+    }
+    let vars: BTreeMap<String, Tensor> = t.vs.variables().into_iter().collect();
+    let _g = tch::no_grad_guard();
+    for (name, var) in &vars {
+        let is_head = name.starts_with("head.");
+        if is_head && !head {
+            stored.remove(name);
+            continue;
+        }
+        let Some(src) = stored.remove(name) else {
+            if is_head {
+                continue;
+            }
+            bail!("{}: missing target parameter '{name}' (model expects shape {:?})", file.display(), var.size());
+        };
+        if src.size() != var.size() {
+            bail!(
+                "{}: '{name}' has shape {:?} in the file but the model expects {:?}",
+                file.display(),
+                src.size(),
+                var.size()
+            );
+        }
+        let mut v = var.shallow_clone();
+        v.copy_(&src.to_kind(var.kind()).to_device(var.device()));
+    }
+    let extra: Vec<&String> = stored.keys().filter(|k| head || !k.starts_with("head.")).collect();
+    if !extra.is_empty() {
+        bail!("{}: parameters the model does not have: {extra:?} (another PEFT method or options?)", file.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! PEFT methods: only target parameters train, zero-init leaves the model unchanged, save/load round
+//! trips, HF PEFT adapters load, and merging is exact.
+mod common;
+
+use common::{fixture, rel_err, tmp_dir};
+use tch::{Device, Kind, Tensor};
+use tpp::backbone::{Backbone, LoadOptions, Pool, VitConfig};
+use tpp::peft::{self, Method, PeftSpec, Targets};
+use tpp::train::optim::{AdamW, AdamWConfig};
+
+fn small_cfg() -> VitConfig {
+    VitConfig {
+        img_size: 16,
+        patch_size: 4,
+        in_chans: 3,
+        embed_dim: 32,
+        depth: 2,
+        num_heads: 2,
+        mlp_hidden: 64,
+        qkv_bias: true,
+        layer_scale: Some(0.5),
+        class_token: true,
+        reg_tokens: 1,
+        pos_prefix: 1,
+        pool: Pool::Cls,
+        final_norm: true,
+        fc_norm: false,
+        norm_eps: 1e-6,
+        num_classes: 0,
+    }
+}
+
+fn setup(methods: &[Method], seed: i64) -> (Backbone, Targets) {
+    tch::manual_seed(seed);
+    let mut bb = Backbone::fresh(&small_cfg(), Device::Cpu).unwrap();
+    let spec = PeftSpec {
+        lora_targets: vec!["qkv".into(), "fc2".into()],
+        adapter_dim: 8,
+        prompt_len: 3,
+        ..PeftSpec::with_methods(methods)
+    };
+    let t = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
+    t.add_head(&mut bb.vit, 3);
+    if !methods.contains(&Method::Full) {
+        bb.freeze();
+    }
+    (bb, t)
+}
+
+/// A fresh backbone holding `src`'s weights. (Tests run in parallel threads sharing libtorch's global
+/// generator, so two fresh models are not reliably equal even after the same manual_seed.)
+fn same_weights(src: &Backbone) -> Backbone {
+    let mut bb = Backbone::fresh(&src.vit.cfg, Device::Cpu).unwrap();
+    bb.vs.copy(&src.vs).unwrap();
+    bb
+}
+
+fn batch() -> (Tensor, Tensor) {
+    tch::manual_seed(99);
+    (Tensor::randn([4, 3, 16, 16], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[0i64, 1, 2, 1]))
+}
+
+fn snapshot(bb: &Backbone) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = bb.vs.variables().into_iter().map(|(k, t)| (k, t.detach().copy())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn named_targets(bb: &Backbone, t: &Targets, full: bool) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = t.vs.variables().into_iter().collect();
+    if full {
+        v.extend(bb.vs.variables());
+    }
+    v
+}
+
+/// Runs `n` AdamW steps of cross-entropy on the fixed batch.
+fn train(bb: &Backbone, t: &Targets, full: bool, n: usize) {
+    let (x, y) = batch();
+    let mut opt = AdamW::new(named_targets(bb, t, full), AdamWConfig::default());
+    for _ in 0..n {
+        opt.zero_grad();
+        let loss = bb.vit.forward_t(&x, true).cross_entropy_for_logits(&y);
+        loss.backward();
+        opt.step(1e-2);
+    }
+}
+
+const PEFT_METHODS: &[&[Method]] = &[
+    &[Method::Lora],
+    &[Method::Dora],
+    &[Method::Adaptformer],
+    &[Method::Houlsby],
+    &[Method::VptShallow],
+    &[Method::VptDeep],
+    &[Method::Bitfit],
+    &[Method::Ssf],
+    &[Method::Linear],
+    &[Method::Lora, Method::VptDeep],
+];
+
+#[test]
+fn one_step_changes_only_target_parameters() {
+    for methods in PEFT_METHODS {
+        let (bb, t) = setup(methods, 1);
+        let before_bb = snapshot(&bb);
+        let before_t: Vec<(String, Tensor)> =
+            t.vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+        train(&bb, &t, false, 1);
+        for (k, v) in &before_bb {
+            let now = &bb.vs.variables()[k];
+            assert!(now.equal(v), "{methods:?}: backbone tensor {k} changed");
+            assert!(!now.grad().defined(), "{methods:?}: frozen {k} has a gradient");
+        }
+        let vars = t.vs.variables();
+        let changed: Vec<&String> = before_t.iter().filter(|(k, v)| !vars[k].equal(v)).map(|(k, _)| k).collect();
+        assert!(changed.iter().any(|k| k.starts_with("head.")), "{methods:?}: head did not change");
+        if methods != &[Method::Linear] {
+            assert!(changed.iter().any(|k| !k.starts_with("head.")), "{methods:?}: no PEFT parameter changed");
+        }
+    }
+    // Full fine-tuning: backbone weights change too.
+    let (bb, t) = setup(&[Method::Full], 1);
+    let before = snapshot(&bb);
+    train(&bb, &t, true, 1);
+    assert!(before.iter().any(|(k, v)| !bb.vs.variables()[k].equal(v)));
+}
+
+#[test]
+fn zero_init_leaves_output_unchanged_vpt_does_not() {
+    let _g = tch::no_grad_guard();
+    let (x, _) = batch();
+    let plain = Backbone::fresh(&small_cfg(), Device::Cpu).unwrap();
+    let reference = plain.vit.embed(&x);
+    for methods in PEFT_METHODS.iter().chain([&[Method::Full][..]].iter()) {
+        let mut bb = same_weights(&plain);
+        let spec = PeftSpec {
+            lora_targets: vec!["qkv".into(), "proj".into(), "fc1".into(), "fc2".into()],
+            ..PeftSpec::with_methods(methods)
+        };
+        let _t = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
+        let out = bb.vit.embed(&x);
+        let vpt = methods.iter().any(|m| matches!(m, Method::VptShallow | Method::VptDeep));
+        if vpt {
+            assert!(rel_err(&out, &reference) > 1e-3, "{methods:?}: prompts should change the output");
+        } else {
+            assert!(
+                rel_err(&out, &reference) < 1e-6,
+                "{methods:?}: changed the output at init: {}",
+                rel_err(&out, &reference)
+            );
+        }
+    }
+}
+
+#[test]
+fn save_load_round_trip_is_exact() {
+    let dir = tmp_dir("peft-roundtrip");
+    let (x, _) = batch();
+    for (i, methods) in PEFT_METHODS.iter().enumerate() {
+        let (bb, t) = setup(methods, 5);
+        train(&bb, &t, false, 2);
+        let d = dir.join(format!("m{i}"));
+        peft::io::save(&t, &d).unwrap();
+        let spec = peft::io::read_spec(&d).unwrap();
+        assert_eq!(&spec, &t.spec);
+        // A second model with other random targets (same backbone weights) gets the saved values.
+        let mut bb2 = same_weights(&bb);
+        let t2 = Targets::attach(&mut bb2.vit, &spec, Device::Cpu).unwrap();
+        t2.add_head(&mut bb2.vit, 3);
+        peft::io::load_values(&t2, &d, true).unwrap();
+        let _g = tch::no_grad_guard();
+        let (a, b) = (bb.vit.forward(&x), bb2.vit.forward(&x));
+        assert!(a.equal(&b), "{methods:?}: outputs differ after reload: {}", rel_err(&a, &b));
+    }
+}
+
+#[test]
+fn loading_checks_names_and_shapes() {
+    let dir = tmp_dir("peft-mismatch");
+    let (_, t) = setup(&[Method::Lora], 1);
+    peft::io::save(&t, &dir).unwrap();
+    // Another rank: shapes differ.
+    let mut bb = Backbone::fresh(&small_cfg(), Device::Cpu).unwrap();
+    let spec = PeftSpec { lora_rank: 4, lora_targets: vec!["qkv".into(), "fc2".into()], ..Default::default() };
+    let t2 = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
+    let e = format!("{:#}", peft::io::load_values(&t2, &dir, false).unwrap_err());
+    assert!(
+        e.contains("adapter_model.safetensors")
+            && e.contains("lora_A.weight")
+            && e.contains("[8, 32]")
+            && e.contains("[4, 32]"),
+        "{e}"
+    );
+    // Other targets: a parameter missing.
+    let mut bb = Backbone::fresh(&small_cfg(), Device::Cpu).unwrap();
+    let spec = PeftSpec { lora_targets: vec!["qkv".into(), "proj".into(), "fc2".into()], ..Default::default() };
+    let t3 = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
+    let e = format!("{:#}", peft::io::load_values(&t3, &dir, false).unwrap_err());
+    assert!(e.contains("missing target parameter 'blocks.0.attn.proj.lora_A.weight'"), "{e}");
+    // Fewer targets: the file has parameters the model lacks.
+    let mut bb = Backbone::fresh(&small_cfg(), Device::Cpu).unwrap();
+    let spec = PeftSpec { lora_targets: vec!["qkv".into()], ..Default::default() };
+    let t4 = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
+    let e = format!("{:#}", peft::io::load_values(&t4, &dir, false).unwrap_err());
+    assert!(e.contains("does not have") && e.contains("mlp.fc2.lora_A.weight"), "{e}");
+}
+
+#[test]
+fn hf_peft_lora_adapter_loads_and_matches_peft() {
+    let opts = LoadOptions { num_heads: Some(4), ..Default::default() };
+    let (mut bb, _) = Backbone::load(&fixture("timm_vit_p16.safetensors"), &opts, Device::Cpu).unwrap();
+    let dir = fixture("peft_lora");
+    let spec = peft::io::read_spec(&dir).unwrap();
+    assert_eq!((spec.lora_rank, spec.lora_alpha), (4, 8.0));
+    assert_eq!(spec.lora_targets, vec!["qkv".to_string(), "fc1".to_string()]);
+    // The checkpoint's own head is replaced by the adapter's trained head (modules_to_save).
+    bb.vit.head = None;
+    let t = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
+    t.add_head(&mut bb.vit, 5);
+    peft::io::load_values(&t, &dir, true).unwrap();
+    let io = tpp::backbone::checkpoint::read_safetensors(&fixture("peft_lora_io.safetensors")).unwrap();
+    let _g = tch::no_grad_guard();
+    let e = rel_err(&bb.vit.forward(&io["input"]), &io["logits"]);
+    assert!(e < 1e-4, "{e}");
+}
+
+#[test]
+fn merge_is_exact_and_exports_a_plain_timm_checkpoint() {
+    let (x, _) = batch();
+    let dir = tmp_dir("peft-merge");
+    for methods in [
+        &[Method::Lora][..],
+        &[Method::Dora],
+        &[Method::Ssf],
+        &[Method::Bitfit],
+        &[Method::Lora, Method::Ssf, Method::Bitfit],
+    ] {
+        let (mut bb, t) = setup(methods, 11);
+        train(&bb, &t, false, 3);
+        let _g = tch::no_grad_guard();
+        let before = bb.vit.forward(&x);
+        assert!(bb.vit.state_dict().is_err() || methods == [Method::Bitfit], "{methods:?}: unmerged export must fail");
+        peft::merge(&mut bb.vit, &t.spec).unwrap();
+        let after = bb.vit.forward(&x);
+        assert!(rel_err(&after, &before) < 1e-5, "{methods:?}: {}", rel_err(&after, &before));
+        // The exported state dict loads as a plain timm checkpoint and gives the same outputs.
+        let sd = bb.vit.state_dict().unwrap();
+        let p = dir.join("merged.safetensors");
+        let pairs: Vec<(&str, &Tensor)> = sd.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        Tensor::write_safetensors(&pairs, &p).unwrap();
+        let (plain, ck) =
+            Backbone::load(&p, &LoadOptions { num_heads: Some(2), ..Default::default() }, Device::Cpu).unwrap();
+        assert_eq!(ck.format, tpp::backbone::Format::Timm);
+        assert!(rel_err(&plain.vit.forward(&x), &before) < 1e-5, "{methods:?}");
+    }
+    // Methods that add modules cannot be merged.
+    let (mut bb, t) = setup(&[Method::Adaptformer], 1);
+    let e = peft::merge(&mut bb.vit, &t.spec).unwrap_err().to_string();
+    assert!(e.contains("adaptformer") && e.contains("cannot be merged"), "{e}");
+}
+
+#[test]
+fn nonsense_combinations_are_rejected() {
+    for (methods, needle) in [
+        (&[Method::Lora, Method::Dora][..], "DoRA is a LoRA variant"),
+        (&[Method::Linear, Method::Lora], "cannot be combined"),
+        (&[Method::Full, Method::Bitfit], "cannot be combined"),
+        (&[Method::VptShallow, Method::VptDeep], "pick one"),
+    ] {
+        let e = PeftSpec::with_methods(methods).validate().unwrap_err().to_string();
+        assert!(e.contains(needle), "{methods:?}: {e}");
+    }
+    assert!("lora2".parse::<Method>().unwrap_err().contains("expected one of"));
+}
+
+#[test]
+fn trainable_counts() {
+    let (bb, t) = setup(&[Method::Lora], 1);
+    // LoRA r=8 on qkv (32 -> 96) and fc2 (64 -> 32) in 2 blocks, plus a 3-class head.
+    let lora = 2 * (8 * 32 + 96 * 8 + 8 * 64 + 32 * 8);
+    assert_eq!(t.numel(), lora + 32 * 3 + 3);
+    assert!(bb.vs.variables().values().all(|v| !v.requires_grad()));
+    let line = peft::count_line(t.numel(), t.numel() + small_cfg().param_count());
+    assert!(line.starts_with(&format!("trainable {} / total", t.numel())), "{line}");
+}
