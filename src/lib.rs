@@ -5,4 +5,5 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod peft;
+pub mod pretext;
 pub mod train;

@@ -195,7 +195,7 @@ fn scale(x: Tensor, gamma: &Option<Tensor>) -> Tensor {
 }
 
 impl Block {
-    fn new(p: nn::Path, c: &VitConfig) -> Self {
+    pub fn new(p: nn::Path, c: &VitConfig) -> Self {
         let d = c.embed_dim;
         let ls = |name: &str| c.layer_scale.map(|v| (&p / name).var("gamma", &[d], Init::Const(v)));
         Block {

@@ -1,0 +1,109 @@
+//! In-memory datasets: images as uint8 NCHW tensors (decoded once), labels as tensors, three splits.
+use anyhow::{Result, bail};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Binary,
+    Multiclass,
+    /// Several independent binary labels (BCE).
+    Multilabel,
+    /// Ordered classes, trained as multi-class, reported with quadratic-weighted kappa too.
+    Ordinal,
+    Segmentation,
+}
+
+/// One split: `images` uint8 [N, C, H, W]; `labels` int64 [N] (classes), float [N, L] (multi-label) or
+/// int64 [N, H, W] (segmentation masks).
+pub struct Split {
+    pub images: Tensor,
+    pub labels: Tensor,
+}
+
+impl Split {
+    pub fn len(&self) -> i64 {
+        self.images.size()[0]
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn subset(&self, idx: &[i64]) -> Split {
+        let i = Tensor::from_slice(idx);
+        Split { images: self.images.index_select(0, &i), labels: self.labels.index_select(0, &i) }
+    }
+}
+
+pub struct Dataset {
+    pub name: String,
+    pub task: Task,
+    pub num_classes: i64,
+    pub train: Split,
+    pub val: Split,
+    pub test: Split,
+}
+
+impl Dataset {
+    pub fn channels(&self) -> i64 {
+        self.train.images.size()[1]
+    }
+    pub fn image_size(&self) -> (i64, i64) {
+        let s = self.train.images.size();
+        (s[2], s[3])
+    }
+
+    /// Keeps a stratified, seeded fraction of the training split (low-label studies). At least one
+    /// image per class is kept.
+    pub fn with_train_fraction(mut self, fraction: f64, seed: u64) -> Result<Self> {
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            bail!("--train-fraction must be in (0, 1], got {fraction}");
+        }
+        if fraction < 1.0 {
+            let idx = stratified_subset(&self.train, self.task, fraction, seed);
+            self.train = self.train.subset(&idx);
+        }
+        Ok(self)
+    }
+}
+
+/// Stratification key per sample: the class (single-label) or the first positive label (multi-label).
+fn strata(split: &Split, task: Task) -> Vec<i64> {
+    match task {
+        Task::Multilabel => Vec::<i64>::try_from(split.labels.argmax(1, false)).unwrap_or_default(),
+        Task::Segmentation => vec![0; split.len() as usize],
+        _ => Vec::<i64>::try_from(split.labels.to_kind(Kind::Int64)).unwrap_or_default(),
+    }
+}
+
+pub fn stratified_subset(split: &Split, task: Task, fraction: f64, seed: u64) -> Vec<i64> {
+    let keys = strata(split, task);
+    let mut by: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+    for (i, k) in keys.iter().enumerate() {
+        by.entry(*k).or_default().push(i as i64);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for (_, mut v) in by {
+        v.shuffle(&mut rng);
+        let n = ((v.len() as f64 * fraction).round() as usize).clamp(1, v.len());
+        out.extend_from_slice(&v[..n]);
+    }
+    out.sort();
+    out
+}
+
+/// Counts of each class in a single-label split (for checks and reports).
+pub fn class_counts(split: &Split, num_classes: i64) -> Vec<i64> {
+    let labels = Vec::<i64>::try_from(split.labels.to_kind(Kind::Int64).flatten(0, -1)).unwrap_or_default();
+    let mut c = vec![0; num_classes as usize];
+    for l in labels {
+        if (0..num_classes).contains(&l) {
+            c[l as usize] += 1;
+        }
+    }
+    c
+}

@@ -1,0 +1,146 @@
+//! Batch transforms on the compute device: one affine warp per sample (random resized crop, flip,
+//! rotation) through `affine_grid` + `grid_sample`, intensity jitter, resize and normalisation.
+//! Masks follow the same warp with nearest-neighbour sampling. Random draws come from a seeded ChaCha
+//! generator on the host, so runs repeat exactly on any device.
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Augment {
+    pub hflip: bool,
+    pub vflip: bool,
+    /// Random resized crop: minimum area fraction (1.0: no crop).
+    pub crop_min_area: f64,
+    /// Maximum rotation in degrees.
+    pub rotate_deg: f64,
+    /// Brightness / contrast jitter amplitude (0: none).
+    pub jitter: f64,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Augment { hflip: true, vflip: false, crop_min_area: 0.8, rotate_deg: 0.0, jitter: 0.0 }
+    }
+}
+
+impl Augment {
+    pub const NONE: Augment = Augment { hflip: false, vflip: false, crop_min_area: 1.0, rotate_deg: 0.0, jitter: 0.0 };
+
+    fn is_identity_warp(&self) -> bool {
+        !self.hflip && !self.vflip && self.crop_min_area >= 1.0 && self.rotate_deg == 0.0
+    }
+
+    /// Per-sample 2x3 affine matrices mapping output to input coordinates (in [-1, 1]).
+    fn thetas(&self, b: i64, rng: &mut ChaCha8Rng) -> Vec<f32> {
+        let mut th = Vec::with_capacity(b as usize * 6);
+        for _ in 0..b {
+            let area = if self.crop_min_area < 1.0 { rng.random_range(self.crop_min_area..=1.0) } else { 1.0 };
+            let log_r = rng.random_range((3f64 / 4.0).ln()..=(4f64 / 3.0).ln());
+            let r = if self.crop_min_area < 1.0 { log_r.exp() } else { 1.0 };
+            let sx = (area * r).sqrt().min(1.0);
+            let sy = (area / r).sqrt().min(1.0);
+            let tx = if sx < 1.0 { rng.random_range(-(1.0 - sx)..=(1.0 - sx)) } else { 0.0 };
+            let ty = if sy < 1.0 { rng.random_range(-(1.0 - sy)..=(1.0 - sy)) } else { 0.0 };
+            let a = if self.rotate_deg > 0.0 {
+                rng.random_range(-self.rotate_deg..=self.rotate_deg).to_radians()
+            } else {
+                0.0
+            };
+            let fx = if self.hflip && rng.random_bool(0.5) { -1.0 } else { 1.0 };
+            let fy = if self.vflip && rng.random_bool(0.5) { -1.0 } else { 1.0 };
+            let (c, s) = (a.cos(), a.sin());
+            th.extend_from_slice(&[
+                (c * sx * fx) as f32,
+                (-s * sy) as f32,
+                tx as f32,
+                (s * sx * fx) as f32,
+                (c * sy * fy) as f32,
+                ty as f32,
+            ]);
+        }
+        th
+    }
+
+    /// Warps images (float [B, C, H, W]) and, when given, masks (int64 [B, H, W]) identically.
+    pub fn apply(&self, x: &Tensor, masks: Option<&Tensor>, rng: &mut ChaCha8Rng) -> (Tensor, Option<Tensor>) {
+        let (b, c, h, w) = x.size4().expect("images are [B, C, H, W]");
+        let mut x = x.shallow_clone();
+        let mut m = masks.map(Tensor::shallow_clone);
+        if !self.is_identity_warp() {
+            let theta =
+                Tensor::from_slice(&self.thetas(b, rng)).reshape([b, 2, 3]).to_device(x.device()).to_kind(x.kind());
+            let grid = Tensor::affine_grid_generator(&theta, [b, c, h, w], false);
+            // padding_mode 2 = reflection (no black borders); interpolation 0 = bilinear, 1 = nearest.
+            x = x.grid_sampler(&grid, 0, 2, false);
+            m = m.map(|m| {
+                m.unsqueeze(1).to_kind(grid.kind()).grid_sampler(&grid, 1, 2, false).squeeze_dim(1).to_kind(Kind::Int64)
+            });
+        }
+        if self.jitter > 0.0 {
+            let j: Vec<f32> = (0..2 * b).map(|_| rng.random_range(-self.jitter..=self.jitter) as f32).collect();
+            let j = Tensor::from_slice(&j).reshape([2, b, 1, 1, 1]).to_device(x.device()).to_kind(x.kind());
+            let mean = x.mean_dim([1i64, 2, 3].as_slice(), true, None);
+            // contrast around the image mean, then brightness
+            x = (&x - &mean) * (j.get(0) + 1.0) + &mean + j.get(1);
+        }
+        (x, m)
+    }
+}
+
+/// Channel normalisation (after scaling uint8 pixels to [0, 1]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Norm {
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+}
+
+impl Norm {
+    pub const IMAGENET: Norm = Norm { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
+    /// [-1, 1], as MedMNIST baselines and the pilot protocol use.
+    pub const HALF: Norm = Norm { mean: [0.5; 3], std: [0.5; 3] };
+
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "imagenet" => Ok(Self::IMAGENET),
+            "half" => Ok(Self::HALF),
+            _ => anyhow::bail!("unknown normalisation '{s}' (expected imagenet or half)"),
+        }
+    }
+
+    /// uint8 [B, C, H, W] -> normalised float; grey images use the channel-mean statistics.
+    pub fn apply(&self, x: &Tensor) -> Tensor {
+        let c = x.size()[1];
+        let x = x.to_kind(Kind::Float) / 255.0;
+        let (mean, std): (Vec<f32>, Vec<f32>) = if c == 3 {
+            (self.mean.iter().map(|&v| v as f32).collect(), self.std.iter().map(|&v| v as f32).collect())
+        } else {
+            let m = (self.mean.iter().sum::<f64>() / 3.0) as f32;
+            let s = (self.std.iter().sum::<f64>() / 3.0) as f32;
+            (vec![m; c as usize], vec![s; c as usize])
+        };
+        let dev = x.device();
+        let mean = Tensor::from_slice(&mean).reshape([1, c, 1, 1]).to_device(dev);
+        let std = Tensor::from_slice(&std).reshape([1, c, 1, 1]).to_device(dev);
+        (x - mean) / std
+    }
+}
+
+/// Bilinear resize of a float batch to `size` x `size` (no-op when already that size).
+pub fn resize(x: &Tensor, size: i64) -> Tensor {
+    let s = x.size();
+    if s[2] == size && s[3] == size {
+        return x.shallow_clone();
+    }
+    x.upsample_bilinear2d([size, size], false, None, None)
+}
+
+/// Nearest-neighbour resize of int64 masks [B, H, W].
+pub fn resize_masks(m: &Tensor, size: i64) -> Tensor {
+    let s = m.size();
+    if s[1] == size && s[2] == size {
+        return m.shallow_clone();
+    }
+    m.unsqueeze(1).to_kind(Kind::Float).upsample_nearest2d([size, size], None, None).squeeze_dim(1).to_kind(Kind::Int64)
+}

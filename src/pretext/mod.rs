@@ -1,0 +1,2 @@
+//! Self-supervised pretext tasks for the TPP stage (and backbone pre-training): MAE and DINO.
+pub mod mae;
