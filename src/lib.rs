@@ -4,6 +4,8 @@ pub mod backbone;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod eval;
+pub mod model;
 pub mod peft;
 pub mod pretext;
 pub mod train;

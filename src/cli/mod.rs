@@ -1,6 +1,13 @@
 //! Command-line interface: one file per subcommand.
+pub mod args;
 mod embed;
+mod evaluate;
+mod export;
+mod finetune;
 mod inspect;
+mod predict;
+mod pretrain;
+pub mod run;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -28,6 +35,18 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Write pooled backbone features of images (or a float32 NCHW .npy) to a .npy file
     Embed(embed::Args),
+    /// The TPP stage: pre-train a PEFT method's target parameters with a pretext task, backbone frozen
+    PretrainTargets(pretrain::TargetsArgs),
+    /// Pre-train a ViT backbone from scratch with MAE on unlabelled images
+    PretrainBackbone(pretrain::BackboneTrainArgs),
+    /// Fine-tune with a PEFT method (optionally from TPP target parameters) and report test metrics
+    Finetune(finetune::Args),
+    /// Test metrics of a finished run (95% bootstrap intervals)
+    Evaluate(evaluate::Args),
+    /// Predict labels and probabilities with a finished run
+    Predict(predict::Args),
+    /// Merge a run's PEFT updates into the backbone and write a plain timm checkpoint
+    Export(export::Args),
 }
 
 /// Options shared by every command that loads a backbone.
@@ -59,5 +78,11 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a, device),
+        Command::PretrainTargets(a) => pretrain::run_targets(a, device),
+        Command::PretrainBackbone(a) => pretrain::run_backbone(a, device),
+        Command::Finetune(a) => finetune::run(a, device),
+        Command::Evaluate(a) => evaluate::run(a, device),
+        Command::Predict(a) => predict::run(a, device),
+        Command::Export(a) => export::run(a),
     }
 }

@@ -24,6 +24,7 @@ struct Param {
     name: String,
     t: Tensor,
     decay: bool,
+    lr_scale: f64,
     m: Tensor,
     v: Tensor,
 }
@@ -50,10 +51,17 @@ impl AdamW {
                 let decay = decays(&name, &t);
                 let m = t.zeros_like().to_kind(Kind::Float);
                 let v = t.zeros_like().to_kind(Kind::Float);
-                Param { name, t, decay, m, v }
+                Param { name, t, decay, lr_scale: 1.0, m, v }
             })
             .collect();
         AdamW { cfg, params, step: 0 }
+    }
+
+    /// Per-parameter learning-rate multipliers (layer-wise decay).
+    pub fn set_lr_scales(&mut self, f: impl Fn(&str) -> f64) {
+        for p in &mut self.params {
+            p.lr_scale = f(&p.name);
+        }
     }
 
     pub fn tensors(&self) -> impl Iterator<Item = &Tensor> {
@@ -100,6 +108,7 @@ impl AdamW {
                 continue;
             }
             let g = g.to_kind(Kind::Float);
+            let lr = lr * p.lr_scale;
             if p.decay && c.weight_decay > 0.0 {
                 let _ = p.t.g_mul_scalar_(1.0 - lr * c.weight_decay);
             }

@@ -1,0 +1,89 @@
+//! Option groups shared by several subcommands.
+use crate::peft::{Method, PeftSpec};
+use std::path::PathBuf;
+
+/// PEFT method and its options (`--peft lora,vpt-deep --lora-rank 8 ...`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PeftArgs {
+    /// PEFT method(s), comma-separated: lora, dora, adaptformer, houlsby, vpt-shallow, vpt-deep, bitfit,
+    /// ssf, linear (head only), full (everything)
+    #[arg(long, value_delimiter = ',', default_value = "lora")]
+    pub peft: Vec<Method>,
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: i64,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Block linears LoRA/DoRA adapt: qkv, proj, fc1, fc2
+    #[arg(long, value_delimiter = ',', default_value = "qkv")]
+    pub lora_targets: Vec<String>,
+    /// Bottleneck width of AdaptFormer / Houlsby adapters
+    #[arg(long, default_value_t = 64)]
+    pub adapter_dim: i64,
+    /// Output scale of AdaptFormer adapters
+    #[arg(long, default_value_t = 0.1)]
+    pub adapter_scale: f64,
+    /// VPT prompt tokens (per block for vpt-deep)
+    #[arg(long, default_value_t = 10)]
+    pub prompt_len: i64,
+    #[arg(long, default_value_t = 0.0)]
+    pub prompt_dropout: f64,
+}
+
+impl PeftArgs {
+    pub fn spec(&self) -> PeftSpec {
+        PeftSpec {
+            methods: self.peft.clone(),
+            lora_rank: self.lora_rank,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            lora_targets: self.lora_targets.clone(),
+            adapter_dim: self.adapter_dim,
+            adapter_scale: self.adapter_scale,
+            prompt_len: self.prompt_len,
+            prompt_dropout: self.prompt_dropout,
+        }
+    }
+}
+
+/// Dataset and how batches are made.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Dataset: a MedMNIST .npz (format inferred from the path)
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Force the dataset format (medmnist)
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Pixel normalisation: imagenet (pre-trained RGB backbones) or half ([-1, 1])
+    #[arg(long, default_value = "imagenet")]
+    pub norm: String,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: i64,
+    /// Keep a stratified, seeded fraction of the training labels (low-data studies)
+    #[arg(long, default_value_t = 1.0)]
+    pub train_fraction: f64,
+}
+
+/// Optimisation options shared by the TPP stage and fine-tuning.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OptimArgs {
+    #[arg(long, default_value_t = 10)]
+    pub epochs: i64,
+    /// Peak learning rate
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_lr: f64,
+    /// Linear warm-up, as a fraction of all steps
+    #[arg(long, default_value_t = 0.05)]
+    pub warmup: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    /// Gradient-norm clipping (0: off)
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}

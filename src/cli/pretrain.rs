@@ -1,0 +1,289 @@
+//! `tpp pretrain-targets` (the TPP stage) and `tpp pretrain-backbone` (MAE from scratch).
+use super::BackboneArgs;
+use super::args::{DataArgs, OptimArgs, PeftArgs};
+use crate::backbone::{Backbone, Pool, VitConfig};
+use crate::data::transforms::{Augment, Norm};
+use crate::model::PeftModel;
+use crate::pretext::mae::{MaeConfig, MaeDecoder};
+use crate::train::pretrain::{PretrainConfig, train_mae};
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use tch::{Device, Tensor, nn};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pretext {
+    Mae,
+    Dino,
+}
+
+/// MAE pretext options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MaeArgs {
+    #[arg(long, default_value_t = 0.75)]
+    pub mask_ratio: f64,
+    /// Decoder width (a fresh decoder; ignored when the checkpoint's decoder is used)
+    #[arg(long, default_value_t = 512)]
+    pub decoder_dim: i64,
+    #[arg(long, default_value_t = 8)]
+    pub decoder_depth: i64,
+    #[arg(long, default_value_t = 16)]
+    pub decoder_heads: i64,
+    /// Decoder source: auto (the checkpoint's when it has one), checkpoint, or fresh
+    #[arg(long, default_value = "auto")]
+    pub decoder: String,
+    /// Keep a loaded decoder frozen (only target parameters train)
+    #[arg(long)]
+    pub freeze_decoder: bool,
+    /// Plain pixel targets instead of per-patch normalised ones
+    #[arg(long)]
+    pub no_norm_pix: bool,
+    /// Write a reconstruction preview PNG every N epochs (0: only at the end)
+    #[arg(long, default_value_t = 0)]
+    pub preview_every: i64,
+}
+
+impl MaeArgs {
+    fn config(&self) -> MaeConfig {
+        MaeConfig {
+            mask_ratio: self.mask_ratio,
+            decoder_dim: self.decoder_dim,
+            decoder_depth: self.decoder_depth,
+            decoder_heads: self.decoder_heads,
+            decoder_mlp_ratio: 4.0,
+            norm_pix: !self.no_norm_pix,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TargetsArgs {
+    #[command(flatten)]
+    pub backbone: BackboneArgs,
+    #[command(flatten)]
+    pub peft: PeftArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub optim: OptimArgs,
+    #[arg(long, value_enum, default_value = "mae")]
+    pub pretext: Pretext,
+    #[command(flatten)]
+    pub mae: MaeArgs,
+    /// Output folder: targets/, pretext_head.safetensors, config.json, loss.csv, previews
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BackboneTrainArgs {
+    /// Architecture preset (vit_tiny_patch16_224, ...); the flags below override its fields
+    #[arg(long, default_value = "vit_tiny_patch16_224")]
+    pub arch: String,
+    #[arg(long)]
+    pub patch_size: Option<i64>,
+    #[arg(long)]
+    pub embed_dim: Option<i64>,
+    #[arg(long)]
+    pub depth: Option<i64>,
+    #[arg(long)]
+    pub heads: Option<i64>,
+    /// Image size (default: the dataset's)
+    #[arg(long)]
+    pub img_size: Option<i64>,
+    /// Input channels (default: the dataset's)
+    #[arg(long)]
+    pub in_chans: Option<i64>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub optim: OptimArgs,
+    #[command(flatten)]
+    pub mae: MaeArgs,
+    /// Output folder: backbone.safetensors (timm encoder + MAE decoder), config.json, loss.csv, previews
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn pretrain_config(data: &DataArgs, optim: &OptimArgs, mae: &MaeArgs, image_size: i64, default_lr: f64) -> Result<PretrainConfig> {
+    if optim.epochs <= 0 || data.batch_size <= 0 {
+        bail!("--epochs and --batch-size must be positive");
+    }
+    Ok(PretrainConfig {
+        epochs: optim.epochs,
+        batch_size: data.batch_size,
+        lr: optim.lr.unwrap_or(default_lr),
+        min_lr: optim.min_lr,
+        warmup: optim.warmup,
+        weight_decay: optim.weight_decay,
+        clip: optim.clip,
+        seed: optim.seed,
+        image_size,
+        norm: Norm::parse(&data.norm)?,
+        augment: Augment { hflip: true, crop_min_area: 0.8, ..Augment::NONE },
+        mae: mae.config(),
+        preview_every: mae.preview_every,
+    })
+}
+
+fn create_out(out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output folder", out.display()))
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v)?;
+    crate::peft::io::write_atomic(path, |p| std::fs::write(p, &text).with_context(|| format!("{}: cannot write", p.display())))
+}
+
+fn save_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
+    let cpu: Vec<(String, Tensor)> = named.iter().map(|(k, v)| (k.clone(), v.detach().to_kind(tch::Kind::Float).to_device(Device::Cpu))).collect();
+    let pairs: Vec<(&str, &Tensor)> = cpu.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    crate::peft::io::write_atomic(path, |p| Tensor::write_safetensors(&pairs, p).map_err(|e| anyhow::anyhow!("{}: cannot write ({e})", p.display())))
+}
+
+/// The decoder's tensors under the original MAE names, plus its (fixed) position table.
+fn decoder_tensors(vs: &nn::VarStore, dec: &MaeDecoder) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.push(("decoder_pos_embed".into(), dec.pos.shallow_clone()));
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
+    if a.pretext == Pretext::Dino {
+        bail!("--pretext dino is not available yet in this version; use --pretext mae");
+    }
+    let spec = a.peft.spec();
+    if spec.has(crate::peft::Method::Linear) || spec.has(crate::peft::Method::Full) {
+        bail!("--peft {}: the TPP stage pre-trains PEFT target parameters; 'linear' and 'full' have none", spec.label());
+    }
+    let ds = crate::data::open(&a.data.data, a.data.format.as_deref())?;
+    let (model, ck) = PeftModel::build(&a.backbone.backbone, &a.backbone.load_options(), &spec, device, a.optim.seed)?;
+    let img = model.bb.vit.cfg.img_size;
+    model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow::anyhow!("{}: {e}", a.data.data.display()))?;
+    let cfg = pretrain_config(&a.data, &a.optim, &a.mae, img, 1.5e-3)?;
+    create_out(&a.out)?;
+    // The pretext head: the checkpoint's MAE decoder when it has one (unless --decoder fresh), else new.
+    let mut dec_vs = nn::VarStore::new(device);
+    let use_ck = match a.mae.decoder.as_str() {
+        "auto" => ck.decoder.is_some(),
+        "checkpoint" => {
+            if ck.decoder.is_none() {
+                bail!("{}: --decoder checkpoint, but the checkpoint has no MAE decoder", ck.path.display());
+            }
+            true
+        }
+        "fresh" => false,
+        other => bail!("--decoder: '{other}' (expected auto, checkpoint or fresh)"),
+    };
+    let (dec, mae_cfg) = if use_ck {
+        let (d, mut c) = MaeDecoder::from_checkpoint(&dec_vs.root(), &ck, &dec_vs, "")?;
+        c.mask_ratio = cfg.mae.mask_ratio;
+        c.norm_pix = cfg.mae.norm_pix;
+        (d, c)
+    } else {
+        tch::manual_seed(a.optim.seed as i64 + 1);
+        let d = MaeDecoder::new(&dec_vs.root(), &model.bb.vit.cfg, &cfg.mae, ds.channels())?;
+        (d, cfg.mae.clone())
+    };
+    let cfg = PretrainConfig { mae: mae_cfg, ..cfg };
+    let mut params: Vec<(String, Tensor)> = model.targets.vs.variables().into_iter().collect();
+    if !(use_ck && a.mae.freeze_decoder) {
+        params.extend(dec_vs.variables().into_iter().map(|(k, v)| (format!("pretext.{k}"), v)));
+    } else {
+        dec_vs.freeze();
+    }
+    params.sort_by(|x, y| x.0.cmp(&y.0));
+    let (trainable, total) = model.counts();
+    eprintln!(
+        "TPP-{:?} on {} ({} train images, labels unused): {} {}; decoder {} ({})",
+        a.pretext,
+        ds.name,
+        ds.train.len(),
+        spec.label(),
+        crate::peft::count_line(trainable, total),
+        if use_ck { "from checkpoint" } else { "fresh" },
+        if use_ck && a.mae.freeze_decoder { "frozen" } else { "trained" }
+    );
+    let targets_dir = a.out.join("targets");
+    let head_path = a.out.join("pretext_head.safetensors");
+    let mut save = || -> Result<()> {
+        crate::peft::io::save(&model.targets, &targets_dir)?;
+        save_tensors(&head_path, &decoder_tensors(&dec_vs, &dec))
+    };
+    let summary = train_mae(&model.bb.vit, &dec, params, &ds.train, &cfg, device, &a.out, &mut save)?;
+    let record = json!({
+        "command": "pretrain-targets",
+        "backbone": a.backbone.backbone,
+        "backbone_format": ck.format.to_string(),
+        "heads": a.backbone.heads, "img_size": img, "pool": a.backbone.pool,
+        "data": a.data.data, "dataset": ds.name, "train_images": ds.train.len(),
+        "peft": spec, "pretext": a.pretext, "config": cfg,
+        "decoder": if use_ck { "checkpoint" } else { "fresh" }, "freeze_decoder": a.mae.freeze_decoder,
+        "device": format!("{device:?}"),
+        "trainable_params": trainable, "total_params": total,
+        "steps": summary.steps, "first_loss": summary.first_loss, "final_loss": summary.final_loss,
+        "seconds": summary.seconds, "images_per_s": summary.images_per_s,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    write_json(&a.out.join("config.json"), &record)?;
+    eprintln!(
+        "done: {} steps, loss {:.4} -> {:.4}, {:.0} img/s; target parameters in {}",
+        summary.steps,
+        summary.first_loss,
+        summary.final_loss,
+        summary.images_per_s,
+        targets_dir.display()
+    );
+    Ok(())
+}
+
+pub fn run_backbone(a: BackboneTrainArgs, device: Device) -> Result<()> {
+    let ds = crate::data::open(&a.data.data, a.data.format.as_deref())?;
+    let mut cfg = VitConfig::preset(&a.arch)
+        .ok_or_else(|| anyhow::anyhow!("--arch '{}': unknown preset (known: {})", a.arch, VitConfig::PRESETS.join(", ")))?;
+    let (h, _) = ds.image_size();
+    cfg.patch_size = a.patch_size.unwrap_or(cfg.patch_size);
+    if let Some(d) = a.embed_dim {
+        cfg.embed_dim = d;
+        cfg.mlp_hidden = 4 * d;
+    }
+    cfg.depth = a.depth.unwrap_or(cfg.depth);
+    cfg.num_heads = a.heads.unwrap_or(cfg.num_heads);
+    cfg.img_size = a.img_size.unwrap_or(h);
+    cfg.in_chans = a.in_chans.unwrap_or(ds.channels());
+    cfg.pool = Pool::Cls;
+    cfg.validate().map_err(|e| anyhow::anyhow!("--arch/--patch-size/...: {e}"))?;
+    let pcfg = pretrain_config(&a.data, &a.optim, &a.mae, cfg.img_size, 1.5e-3)?;
+    create_out(&a.out)?;
+    tch::manual_seed(a.optim.seed as i64);
+    let bb = Backbone::fresh(&cfg, device)?;
+    let dec_vs = nn::VarStore::new(device);
+    let dec = MaeDecoder::new(&dec_vs.root(), &cfg, &pcfg.mae, cfg.in_chans)?;
+    let mut params: Vec<(String, Tensor)> = bb.vs.variables().into_iter().collect();
+    params.extend(dec_vs.variables().into_iter().map(|(k, v)| (format!("pretext.{k}"), v)));
+    params.sort_by(|x, y| x.0.cmp(&y.0));
+    let total: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
+    eprintln!(
+        "MAE pre-training of a ViT (width {}, depth {}, heads {}, patch {}, {} px, {} ch) on {} ({} images): {total} parameters",
+        cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.img_size, cfg.in_chans, ds.name, ds.train.len()
+    );
+    let path = a.out.join("backbone.safetensors");
+    let mut save = || -> Result<()> {
+        // Original MAE layout: timm encoder names plus the decoder, so `--backbone` reads it and the TPP
+        // stage can reuse the decoder.
+        let mut named = bb.vit.state_dict().map_err(|e| anyhow::anyhow!(e))?;
+        named.extend(decoder_tensors(&dec_vs, &dec));
+        save_tensors(&path, &named)
+    };
+    let summary = train_mae(&bb.vit, &dec, params, &ds.train, &pcfg, device, &a.out, &mut save)?;
+    let record = json!({
+        "command": "pretrain-backbone", "arch": cfg, "data": a.data.data, "dataset": ds.name,
+        "config": pcfg, "steps": summary.steps, "first_loss": summary.first_loss, "final_loss": summary.final_loss,
+        "seconds": summary.seconds, "images_per_s": summary.images_per_s, "version": env!("CARGO_PKG_VERSION"),
+    });
+    write_json(&a.out.join("config.json"), &record)?;
+    eprintln!("done: {} steps, loss {:.4} -> {:.4}; backbone in {}", summary.steps, summary.first_loss, summary.final_loss, path.display());
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! Metrics for classification and segmentation, with sklearn's definitions (checked against sklearn
+//! outputs in tests), and percentile-bootstrap confidence intervals.
+use crate::data::Task;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// ROC AUC of scores for a binary truth (Mann-Whitney U with average ranks for ties). None when only one
+/// class is present.
+pub fn roc_auc(truth: &[bool], score: &[f64]) -> Option<f64> {
+    let n = truth.len();
+    let pos = truth.iter().filter(|&&t| t).count();
+    let neg = n - pos;
+    if pos == 0 || neg == 0 {
+        return None;
+    }
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.sort_by(|&a, &b| score[a].total_cmp(&score[b]));
+    let mut ranks = vec![0f64; n];
+    let mut i = 0;
+    while i < n {
+        let mut j = i;
+        while j + 1 < n && score[idx[j + 1]] == score[idx[i]] {
+            j += 1;
+        }
+        let r = (i + j) as f64 / 2.0 + 1.0;
+        for k in i..=j {
+            ranks[idx[k]] = r;
+        }
+        i = j + 1;
+    }
+    let sum_pos: f64 = (0..n).filter(|&k| truth[k]).map(|k| ranks[k]).sum();
+    Some((sum_pos - (pos * (pos + 1)) as f64 / 2.0) / (pos * neg) as f64)
+}
+
+/// Confusion matrix [truth][prediction].
+pub fn confusion(truth: &[i64], pred: &[i64], k: usize) -> Vec<Vec<i64>> {
+    let mut m = vec![vec![0i64; k]; k];
+    for (&t, &p) in truth.iter().zip(pred) {
+        if (t as usize) < k && (p as usize) < k {
+            m[t as usize][p as usize] += 1;
+        }
+    }
+    m
+}
+
+/// Quadratic-weighted Cohen's kappa (sklearn `cohen_kappa_score(weights="quadratic")`).
+pub fn quadratic_kappa(cm: &[Vec<i64>]) -> f64 {
+    let k = cm.len();
+    let n: f64 = cm.iter().flatten().sum::<i64>() as f64;
+    let rows: Vec<f64> = cm.iter().map(|r| r.iter().sum::<i64>() as f64).collect();
+    let cols: Vec<f64> = (0..k).map(|j| cm.iter().map(|r| r[j]).sum::<i64>() as f64).collect();
+    let (mut num, mut den) = (0.0, 0.0);
+    for i in 0..k {
+        for j in 0..k {
+            let w = ((i as f64 - j as f64) / ((k - 1).max(1) as f64)).powi(2);
+            num += w * cm[i][j] as f64;
+            den += w * rows[i] * cols[j] / n;
+        }
+    }
+    if den == 0.0 { 0.0 } else { 1.0 - num / den }
+}
+
+/// Classification metrics from class probabilities [N][K] (single-label) or label probabilities
+/// (multi-label), under their lower-case names.
+pub fn classification(task: Task, truth: &[Vec<f64>], probs: &[Vec<f64>]) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    let n = probs.len();
+    if n == 0 {
+        return m;
+    }
+    let k = probs[0].len();
+    if task == Task::Multilabel {
+        let aucs: Vec<f64> = (0..k)
+            .filter_map(|j| roc_auc(&truth.iter().map(|t| t[j] > 0.5).collect::<Vec<_>>(), &probs.iter().map(|p| p[j]).collect::<Vec<_>>()))
+            .collect();
+        if !aucs.is_empty() {
+            m.insert("auc".into(), aucs.iter().sum::<f64>() / aucs.len() as f64);
+        }
+        let correct = truth.iter().zip(probs).map(|(t, p)| (0..k).filter(|&j| (p[j] > 0.5) == (t[j] > 0.5)).count()).sum::<usize>();
+        m.insert("accuracy".into(), correct as f64 / (n * k) as f64);
+        let f1s: Vec<f64> = (0..k)
+            .map(|j| {
+                let (mut tp, mut fp, mut fn_) = (0.0, 0.0, 0.0);
+                for (t, p) in truth.iter().zip(probs) {
+                    match (t[j] > 0.5, p[j] > 0.5) {
+                        (true, true) => tp += 1.0,
+                        (false, true) => fp += 1.0,
+                        (true, false) => fn_ += 1.0,
+                        _ => {}
+                    }
+                }
+                if tp + fp + fn_ == 0.0 { 0.0 } else { 2.0 * tp / (2.0 * tp + fp + fn_) }
+            })
+            .collect();
+        m.insert("f1".into(), f1s.iter().sum::<f64>() / k as f64);
+        return m;
+    }
+    let t: Vec<i64> = truth.iter().map(|v| v[0] as i64).collect();
+    let pred: Vec<i64> = probs.iter().map(|p| (0..k).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0) as i64).collect();
+    let cm = confusion(&t, &pred, k);
+    let correct: i64 = (0..k).map(|i| cm[i][i]).sum();
+    m.insert("accuracy".into(), correct as f64 / n as f64);
+    let recalls: Vec<f64> = (0..k)
+        .filter(|&i| cm[i].iter().sum::<i64>() > 0)
+        .map(|i| cm[i][i] as f64 / cm[i].iter().sum::<i64>() as f64)
+        .collect();
+    m.insert("balanced_accuracy".into(), recalls.iter().sum::<f64>() / recalls.len().max(1) as f64);
+    let f1s: Vec<f64> = (0..k)
+        .map(|i| {
+            let tp = cm[i][i] as f64;
+            let fp = (0..k).map(|r| cm[r][i]).sum::<i64>() as f64 - tp;
+            let fn_ = cm[i].iter().sum::<i64>() as f64 - tp;
+            if tp + fp + fn_ == 0.0 { 0.0 } else { 2.0 * tp / (2.0 * tp + fp + fn_) }
+        })
+        .collect();
+    m.insert("f1".into(), f1s.iter().sum::<f64>() / k as f64);
+    if k == 2 {
+        if let Some(a) = roc_auc(&t.iter().map(|&x| x == 1).collect::<Vec<_>>(), &probs.iter().map(|p| p[1]).collect::<Vec<_>>()) {
+            m.insert("auc".into(), a);
+        }
+        let (tp, fn_, fp, tn) = (cm[1][1] as f64, cm[1][0] as f64, cm[0][1] as f64, cm[0][0] as f64);
+        m.insert("sensitivity".into(), if tp + fn_ > 0.0 { tp / (tp + fn_) } else { 0.0 });
+        m.insert("specificity".into(), if tn + fp > 0.0 { tn / (tn + fp) } else { 0.0 });
+    } else {
+        // Macro one-vs-rest AUC over classes present (sklearn multi_class="ovr", average="macro").
+        let aucs: Vec<f64> = (0..k)
+            .filter_map(|j| roc_auc(&t.iter().map(|&x| x == j as i64).collect::<Vec<_>>(), &probs.iter().map(|p| p[j]).collect::<Vec<_>>()))
+            .collect();
+        if !aucs.is_empty() {
+            m.insert("auc".into(), aucs.iter().sum::<f64>() / aucs.len() as f64);
+        }
+    }
+    if task == Task::Ordinal {
+        m.insert("kappa".into(), quadratic_kappa(&cm));
+    }
+    m
+}
+
+/// Per-image segmentation counts for one class: (intersection, prediction area, truth area).
+pub type SegCounts = Vec<[f64; 3]>;
+
+/// Dice and IoU per class (foreground classes 1.. when `k` > 1) and their means, from per-image counts
+/// [image][class] -> (intersection, pred, truth). Dice is averaged over images (an image with neither
+/// truth nor prediction counts as 1).
+pub fn segmentation(counts: &[SegCounts]) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    if counts.is_empty() {
+        return m;
+    }
+    let k = counts[0].len();
+    let first = if k > 1 { 1 } else { 0 };
+    let (mut dice_sum, mut iou_sum) = (0.0, 0.0);
+    for c in first..k {
+        let (mut d, mut j) = (0.0, 0.0);
+        for img in counts {
+            let [i, p, t] = img[c];
+            let u = p + t - i;
+            d += if p + t == 0.0 { 1.0 } else { 2.0 * i / (p + t) };
+            j += if u == 0.0 { 1.0 } else { i / u };
+        }
+        let (d, j) = (d / counts.len() as f64, j / counts.len() as f64);
+        if k > 2 {
+            m.insert(format!("dice_class{c}"), d);
+            m.insert(format!("iou_class{c}"), j);
+        }
+        dice_sum += d;
+        iou_sum += j;
+    }
+    let nc = (k - first) as f64;
+    m.insert("dice".into(), dice_sum / nc);
+    m.insert("iou".into(), iou_sum / nc);
+    m
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Interval {
+    pub low: f64,
+    pub high: f64,
+}
+
+/// 95% percentile-bootstrap intervals of every metric: `compute` is re-run on `resamples` resamples (with
+/// replacement) of the `n` items.
+pub fn bootstrap(
+    n: usize,
+    resamples: usize,
+    seed: u64,
+    compute: impl Fn(&[usize]) -> BTreeMap<String, f64>,
+) -> BTreeMap<String, Interval> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for _ in 0..resamples {
+        let idx: Vec<usize> = (0..n).map(|_| rng.random_range(0..n)).collect();
+        for (k, v) in compute(&idx) {
+            if v.is_finite() {
+                samples.entry(k).or_default().push(v);
+            }
+        }
+    }
+    samples
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, mut v)| {
+            v.sort_by(f64::total_cmp);
+            let q = |p: f64| v[((p * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
+            (k, Interval { low: q(0.025), high: q(0.975) })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_by_hand() {
+        // 3 positives, 2 negatives; pairs (p > n): (0.9>0.3,0.9>0.5,0.6>0.3,0.6>0.5,0.5=0.5 -> 0.5,0.5>0.3) = 5.5 of 6
+        let t = [true, false, true, true, false];
+        let s = [0.9, 0.3, 0.6, 0.5, 0.5];
+        assert!((roc_auc(&t, &s).unwrap() - 5.5 / 6.0).abs() < 1e-12);
+        assert!(roc_auc(&[true, true], &[0.1, 0.2]).is_none());
+    }
+
+    #[test]
+    fn kappa_perfect_and_dice_by_hand() {
+        let cm = vec![vec![3, 0, 0], vec![0, 2, 0], vec![0, 0, 4]];
+        assert!((quadratic_kappa(&cm) - 1.0).abs() < 1e-12);
+        // one image: intersection 2, pred 3, truth 5 -> dice 4/8, iou 2/6
+        let m = segmentation(&[vec![[0.0, 0.0, 0.0], [2.0, 3.0, 5.0]]]);
+        assert!((m["dice"] - 0.5).abs() < 1e-12 && (m["iou"] - 2.0 / 6.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,3 @@
+//! Evaluation: metrics, reports and images.
+pub mod images;
+pub mod metrics;
