@@ -25,8 +25,7 @@ build: $(TORCH_STAMP)
 	cargo build --release
 
 demo: build
-	./target/release/tpp inspect tests/fixtures/hf_vitmae/model.safetensors
-	./target/release/tpp embed --backbone tests/fixtures/hf_dinov2/model.safetensors --input tests/fixtures/demo_images --output runs/demo_features.npy
+	./target/release/tpp demo
 
 test: $(TORCH_STAMP)
 	cargo fmt --check

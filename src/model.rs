@@ -15,7 +15,13 @@ impl PeftModel {
     /// Loads the backbone, attaches fresh target parameters (their usual init, from `seed`) and freezes the
     /// backbone unless the spec is full fine-tuning. On CUDA the frozen weights are stored in bf16 once
     /// (they are only ever read under bf16 autocast), halving their memory and traffic.
-    pub fn build(backbone: &Path, opts: &LoadOptions, spec: &PeftSpec, device: Device, seed: u64) -> Result<(Self, Checkpoint)> {
+    pub fn build(
+        backbone: &Path,
+        opts: &LoadOptions,
+        spec: &PeftSpec,
+        device: Device,
+        seed: u64,
+    ) -> Result<(Self, Checkpoint)> {
         let (bb, ck) = Backbone::load(backbone, opts, device)?;
         Ok((Self::from_backbone(bb, spec, device, seed)?, ck))
     }

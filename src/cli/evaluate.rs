@@ -25,10 +25,23 @@ pub fn run(a: Args, device: Device) -> Result<()> {
     let data = a.data.clone().unwrap_or_else(|| rec.data.clone());
     let ds = crate::data::open(&data, a.format.as_deref().or(rec.format.as_deref()))?;
     if ds.task != rec.task || ds.num_classes != rec.num_classes {
-        bail!("{}: task {:?} with {} classes, but the run was trained for {:?} with {}", data.display(), ds.task, ds.num_classes, rec.task, rec.num_classes);
+        bail!(
+            "{}: task {:?} with {} classes, but the run was trained for {:?} with {}",
+            data.display(),
+            ds.task,
+            ds.num_classes,
+            rec.task,
+            rec.num_classes
+        );
     }
     let model = rec.load_trained(&a.run, device)?;
-    let loader = LoaderConfig { batch_size: 128, image_size: model.bb.vit.cfg.img_size, norm: rec.config.norm, device, drop_last: false };
+    let loader = LoaderConfig {
+        batch_size: 128,
+        image_size: model.bb.vit.cfg.img_size,
+        norm: rec.config.norm,
+        device,
+        drop_last: false,
+    };
     let ev = evaluate(&model, &ds.test, ds.task, ds.num_classes, loader, "test")?;
     println!("{} test images of {}", ev.n, data.display());
     for (k, v) in &ev.metrics {
@@ -38,7 +51,8 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         }
     }
     if let Some(out) = a.out {
-        std::fs::write(&out, serde_json::to_string_pretty(&ev)?).map_err(|e| anyhow::anyhow!("{}: cannot write ({e})", out.display()))?;
+        std::fs::write(&out, serde_json::to_string_pretty(&ev)?)
+            .map_err(|e| anyhow::anyhow!("{}: cannot write ({e})", out.display()))?;
     }
     Ok(())
 }

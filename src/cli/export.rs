@@ -18,7 +18,10 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     if !a.merge {
-        bail!("export writes a merged timm checkpoint: pass --merge (the adapter alone is already in {}/adapter)", a.run.display());
+        bail!(
+            "export writes a merged timm checkpoint: pass --merge (the adapter alone is already in {}/adapter)",
+            a.run.display()
+        );
     }
     let rec = RunRecord::read(&a.run)?;
     // Merging happens in fp32 on the CPU, whatever device trained the run.
@@ -26,7 +29,9 @@ pub fn run(a: Args) -> Result<()> {
     crate::peft::merge(&mut model.bb.vit, &rec.peft).map_err(|e| anyhow!("{}: {e}", a.run.display()))?;
     let named = model.bb.vit.state_dict().map_err(|e| anyhow!("{}: {e}", a.run.display()))?;
     let pairs: Vec<(&str, &Tensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    crate::peft::io::write_atomic(&a.out, |p| Tensor::write_safetensors(&pairs, p).map_err(|e| anyhow!("{}: cannot write ({e})", p.display())))?;
+    crate::peft::io::write_atomic(&a.out, |p| {
+        Tensor::write_safetensors(&pairs, p).map_err(|e| anyhow!("{}: cannot write ({e})", p.display()))
+    })?;
     eprintln!("wrote merged timm checkpoint ({} tensors) to {}", named.len(), a.out.display());
     Ok(())
 }

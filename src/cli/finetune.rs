@@ -7,9 +7,11 @@ use crate::data::loader::LoaderConfig;
 use crate::data::transforms::{Augment, Norm};
 use crate::model::PeftModel;
 use crate::peft;
-use crate::train::finetune::{FinetuneConfig, evaluate, finetune, load_model, write_evaluation};
+use crate::train::finetune::{
+    Evaluation, FinetuneConfig, RunStats, State, evaluate, finetune, load_model, write_evaluation,
+};
 use anyhow::{Context, Result, anyhow, bail};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::Device;
 
 #[derive(clap::Args, Debug)]
@@ -63,29 +65,13 @@ pub struct Args {
 }
 
 pub fn run(a: Args, device: Device) -> Result<()> {
-    let ds = crate::data::open(&a.data.data, a.data.format.as_deref())?.with_train_fraction(a.data.train_fraction, a.optim.seed)?;
-    if ds.task == Task::Segmentation {
-        bail!("{}: segmentation fine-tuning is not available yet in this version", a.data.data.display());
-    }
-    let spec = a.peft.spec();
-    let (mut model, ck) = PeftModel::build(&a.backbone.backbone, &a.backbone.load_options(), &spec, device, a.optim.seed)?;
-    let img = model.bb.vit.cfg.img_size;
-    model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow!("{}: {e}", a.data.data.display()))?;
-    if let Some(init) = &a.init_targets {
-        let dir = targets_dir(init)?;
-        let saved = peft::io::read_spec(&dir)?;
-        if saved.methods != spec.methods {
-            bail!("{}: target parameters of '{}', but --peft is '{}'", dir.display(), saved.label(), spec.label());
-        }
-        peft::io::load_values(&model.targets, &dir, false)?;
-    }
-    model.add_head(ds.num_classes);
-    let lr = a.optim.lr.unwrap_or(if model.is_full() { 1e-4 } else { 1e-3 });
-    let select = a.select.clone().unwrap_or_else(|| if ds.task == Task::Ordinal { "kappa".into() } else { "auc".into() });
+    let ds = crate::data::open(&a.data.data, a.data.format.as_deref())?;
+    let select = a.select.clone().unwrap_or_else(|| default_select(ds.task).into());
+    let is_full = a.peft.peft.contains(&crate::peft::Method::Full);
     let cfg = FinetuneConfig {
         epochs: a.optim.epochs,
         batch_size: a.data.batch_size,
-        lr,
+        lr: a.optim.lr.unwrap_or(if is_full { 1e-4 } else { 1e-3 }),
         min_lr: a.optim.min_lr,
         warmup: a.optim.warmup,
         weight_decay: a.optim.weight_decay,
@@ -96,40 +82,103 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         patience: a.patience,
         accum: a.accum.max(1),
         layer_decay: a.layer_decay,
-        image_size: img,
+        // The backbone's size unless --img-size; filled in by `execute`.
+        image_size: 0,
         norm: Norm::parse(&a.data.norm)?,
-        augment: Augment { hflip: !a.no_hflip, vflip: false, crop_min_area: a.crop_min_area, rotate_deg: a.rotate, jitter: a.jitter },
+        augment: Augment {
+            hflip: !a.no_hflip,
+            vflip: false,
+            crop_min_area: a.crop_min_area,
+            rotate_deg: a.rotate,
+            jitter: a.jitter,
+        },
         select,
     };
-    if cfg.epochs <= 0 || cfg.batch_size <= 0 {
-        bail!("--epochs and --batch-size must be positive");
-    }
     let record = RunRecord {
         backbone: a.backbone.backbone.clone(),
         heads: a.backbone.heads,
         img_size: a.backbone.img_size,
         pool: a.backbone.pool,
-        peft: spec.clone(),
+        peft: a.peft.spec(),
         init_targets: a.init_targets.clone(),
         data: a.data.data.clone(),
         format: a.data.format.clone(),
         train_fraction: a.data.train_fraction,
         task: ds.task,
         num_classes: ds.num_classes,
-        config: cfg.clone(),
+        config: cfg,
     };
-    let exists = a.out.join(super::run::RUN_JSON).exists();
-    if exists && !a.resume {
-        bail!("{}: a run already exists here; pass --resume to continue it or choose another --out", a.out.display());
+    drop(ds);
+    let (state, ev) = execute(&record, &a.out, a.resume, device)?;
+    let show: Vec<String> = ev.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+    eprintln!(
+        "best epoch {} (val {} {:.4}{}); test: {}",
+        state.best_epoch,
+        record.config.select,
+        state.best_value,
+        if state.stopped_early { ", stopped early" } else { "" },
+        show.join(", ")
+    );
+    Ok(())
+}
+
+pub fn default_select(task: Task) -> &'static str {
+    if task == Task::Ordinal { "kappa" } else { "auc" }
+}
+
+/// Runs (or resumes) one fine-tuning run described by `rec` in `out`: train with selection on
+/// validation, then one evaluation of the best weights on the test split. Writes the run folder.
+/// The model of a run before training: backbone, target parameters (from `init_targets` when given,
+/// their usual init otherwise) and a fresh head; with the (label-subsetted) dataset.
+pub fn prepare(
+    rec: &RunRecord,
+    device: Device,
+) -> Result<(PeftModel, crate::data::Dataset, crate::backbone::Checkpoint)> {
+    let ds = crate::data::open(&rec.data, rec.format.as_deref())?
+        .with_train_fraction(rec.train_fraction, rec.config.seed)?;
+    if ds.task == Task::Segmentation {
+        bail!("{}: segmentation fine-tuning is not available yet in this version", rec.data.display());
     }
-    if a.resume && exists {
-        let old = RunRecord::read(&a.out)?;
-        if old != record {
-            bail!("{}: --resume with arguments that differ from the recorded run (see run.json)", a.out.display());
+    let spec = &rec.peft;
+    let (mut model, ck) = PeftModel::build(&rec.backbone, &rec.load_options(), spec, device, rec.config.seed)?;
+    let img = model.bb.vit.cfg.img_size;
+    model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow!("{}: {e}", rec.data.display()))?;
+    if let Some(init) = &rec.init_targets {
+        let dir = targets_dir(init)?;
+        let saved = peft::io::read_spec(&dir)?;
+        if saved.methods != spec.methods {
+            bail!("{}: target parameters of '{}', but --peft is '{}'", dir.display(), saved.label(), spec.label());
+        }
+        peft::io::load_values(&model.targets, &dir, false)?;
+    }
+    model.add_head(ds.num_classes);
+    Ok((model, ds, ck))
+}
+
+/// Runs (or resumes) one fine-tuning run described by `rec` in `out`: train with selection on
+/// validation, then one evaluation of the best weights on the test split. Writes the run folder.
+pub fn execute(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Result<(State, Evaluation)> {
+    let (model, ds, ck) = prepare(rec, device)?;
+    let spec = &rec.peft;
+    let img = model.bb.vit.cfg.img_size;
+    let mut rec = rec.clone();
+    rec.config.image_size = img;
+    let cfg = &rec.config;
+    if cfg.epochs <= 0 || cfg.batch_size <= 0 {
+        bail!("--epochs and --batch-size must be positive");
+    }
+    let exists = out.join(super::run::RUN_JSON).exists();
+    if exists && !resume {
+        bail!("{}: a run already exists here; pass --resume to continue it or choose another --out", out.display());
+    }
+    if resume && exists {
+        let old = RunRecord::read(out)?;
+        if old != rec {
+            bail!("{}: --resume with arguments that differ from the recorded run (see run.json)", out.display());
         }
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create", a.out.display()))?;
-    record.write(&a.out)?;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    rec.write(out)?;
     let (trainable, total) = model.counts();
     eprintln!(
         "fine-tuning {} ({:?}, {} classes; train/val/test {}/{}/{}) from {} [{}]: {} {}{}",
@@ -139,27 +188,31 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         ds.train.len(),
         ds.val.len(),
         ds.test.len(),
-        a.backbone.backbone.display(),
+        rec.backbone.display(),
         ck.format,
         spec.label(),
         peft::count_line(trainable, total),
-        if a.init_targets.is_some() { "; targets from TPP" } else { "" }
+        if rec.init_targets.is_some() { "; targets from TPP" } else { "" }
     );
-    let state = finetune(&model, &ds, &cfg, &a.out, a.resume)?;
+    crate::device::reset_peak_memory(device);
+    let state = finetune(&model, &ds, cfg, out, resume)?;
     // Model selection is over: the best-on-validation weights meet the test split once.
-    load_model(&model, &a.out.join("best"))?;
+    load_model(&model, &out.join("best"))?;
     let loader = LoaderConfig { batch_size: 128, image_size: img, norm: cfg.norm, device, drop_last: false };
     let ev = evaluate(&model, &ds.test, ds.task, ds.num_classes, loader, "test")?;
-    write_evaluation(&ev, &a.out)?;
-    crate::train::finetune::save_model(&model, &a.out.join("adapter"))?;
-    let show: Vec<String> = ev.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-    eprintln!(
-        "best epoch {} (val {} {:.4}{}); test: {}",
-        state.best_epoch,
-        cfg.select,
-        state.best_value,
-        if state.stopped_early { ", stopped early" } else { "" },
-        show.join(", ")
-    );
-    Ok(())
+    crate::train::finetune::save_model(&model, &out.join("adapter"))?;
+    let extra = RunStats {
+        trainable_params: trainable,
+        total_params: total,
+        seconds: state.history.iter().map(|r| r.seconds).sum(),
+        images_per_s: {
+            let h = &state.history;
+            h.iter().map(|r| r.images_per_s).sum::<f64>() / h.len().max(1) as f64
+        },
+        peak_memory_bytes: crate::device::peak_memory(device),
+        best_epoch: state.best_epoch,
+        best_val: state.best_value,
+    };
+    write_evaluation(&ev, out, &extra)?;
+    Ok((state, ev))
 }

@@ -1,12 +1,15 @@
 //! Command-line interface: one file per subcommand.
 pub mod args;
+mod bench;
+pub mod compare;
+mod demo;
 mod embed;
 mod evaluate;
 mod export;
-mod finetune;
+pub mod finetune;
 mod inspect;
 mod predict;
-mod pretrain;
+pub mod pretrain;
 pub mod run;
 
 use anyhow::Result;
@@ -47,6 +50,12 @@ pub enum Command {
     Predict(predict::Args),
     /// Merge a run's PEFT updates into the backbone and write a plain timm checkpoint
     Export(export::Args),
+    /// Training-step speed and peak memory (LoRA, TPP-MAE, full fine-tuning), like ../shared/bench/torch_peer.py
+    Bench(bench::Args),
+    /// The embedded default: pre-train a small ViT, then LoRA vs LoRA+TPP on BreastMNIST (offline, CPU)
+    Demo(demo::Args),
+    /// The TPP experiment: PEFT vs PEFT+TPP (plus linear probe and full fine-tuning) over seeds, with a report
+    Compare(compare::Args),
 }
 
 /// Options shared by every command that loads a backbone.
@@ -84,5 +93,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Evaluate(a) => evaluate::run(a, device),
         Command::Predict(a) => predict::run(a, device),
         Command::Export(a) => export::run(a),
+        Command::Compare(a) => compare::run(a, device),
+        Command::Demo(a) => demo::run(a, device),
+        Command::Bench(a) => bench::run(a, device),
     }
 }

@@ -29,7 +29,10 @@ pub fn run(a: Args, device: Device) -> Result<()> {
     } else {
         let files = images::list_images(&a.input)?;
         let grey = model.bb.vit.cfg.in_chans == 1;
-        let norm = images::Normalize { mean: rec.config.norm.mean.map(|v| v as f32), std: rec.config.norm.std.map(|v| v as f32) };
+        let norm = images::Normalize {
+            mean: rec.config.norm.mean.map(|v| v as f32),
+            std: rec.config.norm.std.map(|v| v as f32),
+        };
         let imgs = files.iter().map(|f| images::load_image(f, size as u32, grey, &norm)).collect::<Result<Vec<_>>>()?;
         (files.iter().map(|f| f.display().to_string()).collect(), Tensor::stack(&imgs, 0))
     };
@@ -37,7 +40,8 @@ pub fn run(a: Args, device: Device) -> Result<()> {
     let _g = tch::no_grad_guard();
     let x = resize(&x.to_device(device), size);
     let logits = crate::device::autocast(device, || model.bb.vit.forward_t(&x, false)).to_kind(Kind::Float);
-    let probs = if rec.task == crate::data::Task::Multilabel { logits.sigmoid() } else { logits.softmax(-1, Kind::Float) };
+    let probs =
+        if rec.task == crate::data::Task::Multilabel { logits.sigmoid() } else { logits.softmax(-1, Kind::Float) };
     let probs = probs.to_kind(Kind::Double).to_device(Device::Cpu);
     let k = probs.size()[1] as usize;
     let flat = Vec::<f64>::try_from(probs.flatten(0, -1))?;

@@ -11,7 +11,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor, nn};
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Pretext {
     Mae,
@@ -106,7 +106,13 @@ pub struct BackboneTrainArgs {
     pub out: PathBuf,
 }
 
-fn pretrain_config(data: &DataArgs, optim: &OptimArgs, mae: &MaeArgs, image_size: i64, default_lr: f64) -> Result<PretrainConfig> {
+fn pretrain_config(
+    data: &DataArgs,
+    optim: &OptimArgs,
+    mae: &MaeArgs,
+    image_size: i64,
+    default_lr: f64,
+) -> Result<PretrainConfig> {
     if optim.epochs <= 0 || data.batch_size <= 0 {
         bail!("--epochs and --batch-size must be positive");
     }
@@ -133,13 +139,18 @@ fn create_out(out: &Path) -> Result<()> {
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v)?;
-    crate::peft::io::write_atomic(path, |p| std::fs::write(p, &text).with_context(|| format!("{}: cannot write", p.display())))
+    crate::peft::io::write_atomic(path, |p| {
+        std::fs::write(p, &text).with_context(|| format!("{}: cannot write", p.display()))
+    })
 }
 
 fn save_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
-    let cpu: Vec<(String, Tensor)> = named.iter().map(|(k, v)| (k.clone(), v.detach().to_kind(tch::Kind::Float).to_device(Device::Cpu))).collect();
+    let cpu: Vec<(String, Tensor)> =
+        named.iter().map(|(k, v)| (k.clone(), v.detach().to_kind(tch::Kind::Float).to_device(Device::Cpu))).collect();
     let pairs: Vec<(&str, &Tensor)> = cpu.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    crate::peft::io::write_atomic(path, |p| Tensor::write_safetensors(&pairs, p).map_err(|e| anyhow::anyhow!("{}: cannot write ({e})", p.display())))
+    crate::peft::io::write_atomic(path, |p| {
+        Tensor::write_safetensors(&pairs, p).map_err(|e| anyhow::anyhow!("{}: cannot write ({e})", p.display()))
+    })
 }
 
 /// The decoder's tensors under the original MAE names, plus its (fixed) position table.
@@ -150,23 +161,64 @@ fn decoder_tensors(vs: &nn::VarStore, dec: &MaeDecoder) -> Vec<(String, Tensor)>
     v
 }
 
+/// Everything a TPP stage needs; written as `config.json` with the run's results.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TppRecord {
+    pub backbone: PathBuf,
+    pub heads: Option<i64>,
+    pub img_size: Option<i64>,
+    pub pool: Option<Pool>,
+    pub peft: crate::peft::PeftSpec,
+    pub data: PathBuf,
+    pub format: Option<String>,
+    pub pretext: Pretext,
+    pub config: PretrainConfig,
+    /// auto, checkpoint or fresh
+    pub decoder: String,
+    pub freeze_decoder: bool,
+}
+
 pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
-    if a.pretext == Pretext::Dino {
+    let cfg = pretrain_config(&a.data, &a.optim, &a.mae, 0, 1.5e-3)?;
+    let rec = TppRecord {
+        backbone: a.backbone.backbone.clone(),
+        heads: a.backbone.heads,
+        img_size: a.backbone.img_size,
+        pool: a.backbone.pool,
+        peft: a.peft.spec(),
+        data: a.data.data.clone(),
+        format: a.data.format.clone(),
+        pretext: a.pretext,
+        config: cfg,
+        decoder: a.mae.decoder.clone(),
+        freeze_decoder: a.mae.freeze_decoder,
+    };
+    execute_targets(&rec, &a.out, device)
+}
+
+/// Runs the TPP stage of `rec` into `out` (targets/, pretext_head.safetensors, config.json, loss.csv).
+pub fn execute_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<()> {
+    if rec.pretext == Pretext::Dino {
         bail!("--pretext dino is not available yet in this version; use --pretext mae");
     }
-    let spec = a.peft.spec();
+    let spec = &rec.peft;
     if spec.has(crate::peft::Method::Linear) || spec.has(crate::peft::Method::Full) {
-        bail!("--peft {}: the TPP stage pre-trains PEFT target parameters; 'linear' and 'full' have none", spec.label());
+        bail!(
+            "--peft {}: the TPP stage pre-trains PEFT target parameters; 'linear' and 'full' have none",
+            spec.label()
+        );
     }
-    let ds = crate::data::open(&a.data.data, a.data.format.as_deref())?;
-    let (model, ck) = PeftModel::build(&a.backbone.backbone, &a.backbone.load_options(), &spec, device, a.optim.seed)?;
+    let ds = crate::data::open(&rec.data, rec.format.as_deref())?;
+    let opts = crate::backbone::LoadOptions { num_heads: rec.heads, img_size: rec.img_size, pool: rec.pool };
+    let seed = rec.config.seed;
+    let (model, ck) = PeftModel::build(&rec.backbone, &opts, spec, device, seed)?;
     let img = model.bb.vit.cfg.img_size;
-    model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow::anyhow!("{}: {e}", a.data.data.display()))?;
-    let cfg = pretrain_config(&a.data, &a.optim, &a.mae, img, 1.5e-3)?;
-    create_out(&a.out)?;
+    model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow::anyhow!("{}: {e}", rec.data.display()))?;
+    let cfg = PretrainConfig { image_size: img, ..rec.config.clone() };
+    create_out(out)?;
     // The pretext head: the checkpoint's MAE decoder when it has one (unless --decoder fresh), else new.
     let mut dec_vs = nn::VarStore::new(device);
-    let use_ck = match a.mae.decoder.as_str() {
+    let use_ck = match rec.decoder.as_str() {
         "auto" => ck.decoder.is_some(),
         "checkpoint" => {
             if ck.decoder.is_none() {
@@ -183,13 +235,13 @@ pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
         c.norm_pix = cfg.mae.norm_pix;
         (d, c)
     } else {
-        tch::manual_seed(a.optim.seed as i64 + 1);
+        tch::manual_seed(seed as i64 + 1);
         let d = MaeDecoder::new(&dec_vs.root(), &model.bb.vit.cfg, &cfg.mae, ds.channels())?;
         (d, cfg.mae.clone())
     };
     let cfg = PretrainConfig { mae: mae_cfg, ..cfg };
     let mut params: Vec<(String, Tensor)> = model.targets.vs.variables().into_iter().collect();
-    if !(use_ck && a.mae.freeze_decoder) {
+    if !(use_ck && rec.freeze_decoder) {
         params.extend(dec_vs.variables().into_iter().map(|(k, v)| (format!("pretext.{k}"), v)));
     } else {
         dec_vs.freeze();
@@ -197,37 +249,35 @@ pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
     params.sort_by(|x, y| x.0.cmp(&y.0));
     let (trainable, total) = model.counts();
     eprintln!(
-        "TPP-{:?} on {} ({} train images, labels unused): {} {}; decoder {} ({})",
-        a.pretext,
+        "TPP ({}) on {} ({} train images, labels unused): {} {}; decoder {} ({})",
+        serde_json::to_value(rec.pretext)?.as_str().unwrap_or("?"),
         ds.name,
         ds.train.len(),
         spec.label(),
         crate::peft::count_line(trainable, total),
         if use_ck { "from checkpoint" } else { "fresh" },
-        if use_ck && a.mae.freeze_decoder { "frozen" } else { "trained" }
+        if use_ck && rec.freeze_decoder { "frozen" } else { "trained" }
     );
-    let targets_dir = a.out.join("targets");
-    let head_path = a.out.join("pretext_head.safetensors");
+    let targets_dir = out.join("targets");
+    let head_path = out.join("pretext_head.safetensors");
     let mut save = || -> Result<()> {
         crate::peft::io::save(&model.targets, &targets_dir)?;
         save_tensors(&head_path, &decoder_tensors(&dec_vs, &dec))
     };
-    let summary = train_mae(&model.bb.vit, &dec, params, &ds.train, &cfg, device, &a.out, &mut save)?;
+    let summary = train_mae(&model.bb.vit, &dec, params, &ds.train, &cfg, device, out, &mut save)?;
     let record = json!({
         "command": "pretrain-targets",
-        "backbone": a.backbone.backbone,
+        "record": TppRecord { config: cfg.clone(), ..rec.clone() },
         "backbone_format": ck.format.to_string(),
-        "heads": a.backbone.heads, "img_size": img, "pool": a.backbone.pool,
-        "data": a.data.data, "dataset": ds.name, "train_images": ds.train.len(),
-        "peft": spec, "pretext": a.pretext, "config": cfg,
-        "decoder": if use_ck { "checkpoint" } else { "fresh" }, "freeze_decoder": a.mae.freeze_decoder,
+        "dataset": ds.name, "train_images": ds.train.len(),
+        "decoder_used": if use_ck { "checkpoint" } else { "fresh" },
         "device": format!("{device:?}"),
         "trainable_params": trainable, "total_params": total,
         "steps": summary.steps, "first_loss": summary.first_loss, "final_loss": summary.final_loss,
         "seconds": summary.seconds, "images_per_s": summary.images_per_s,
         "version": env!("CARGO_PKG_VERSION"),
     });
-    write_json(&a.out.join("config.json"), &record)?;
+    write_json(&out.join("config.json"), &record)?;
     eprintln!(
         "done: {} steps, loss {:.4} -> {:.4}, {:.0} img/s; target parameters in {}",
         summary.steps,
@@ -241,8 +291,9 @@ pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
 
 pub fn run_backbone(a: BackboneTrainArgs, device: Device) -> Result<()> {
     let ds = crate::data::open(&a.data.data, a.data.format.as_deref())?;
-    let mut cfg = VitConfig::preset(&a.arch)
-        .ok_or_else(|| anyhow::anyhow!("--arch '{}': unknown preset (known: {})", a.arch, VitConfig::PRESETS.join(", ")))?;
+    let mut cfg = VitConfig::preset(&a.arch).ok_or_else(|| {
+        anyhow::anyhow!("--arch '{}': unknown preset (known: {})", a.arch, VitConfig::PRESETS.join(", "))
+    })?;
     let (h, _) = ds.image_size();
     cfg.patch_size = a.patch_size.unwrap_or(cfg.patch_size);
     if let Some(d) = a.embed_dim {
@@ -256,20 +307,42 @@ pub fn run_backbone(a: BackboneTrainArgs, device: Device) -> Result<()> {
     cfg.pool = Pool::Cls;
     cfg.validate().map_err(|e| anyhow::anyhow!("--arch/--patch-size/...: {e}"))?;
     let pcfg = pretrain_config(&a.data, &a.optim, &a.mae, cfg.img_size, 1.5e-3)?;
-    create_out(&a.out)?;
-    tch::manual_seed(a.optim.seed as i64);
-    let bb = Backbone::fresh(&cfg, device)?;
+    drop(ds);
+    execute_backbone(&cfg, &a.data.data, a.data.format.as_deref(), &pcfg, &a.out, device)
+}
+
+/// MAE pre-training of a fresh ViT of `cfg` on the training images of `data`; writes
+/// `<out>/backbone.safetensors` (original MAE layout: timm encoder + decoder) and `<out>/config.json`.
+pub fn execute_backbone(
+    cfg: &VitConfig,
+    data: &Path,
+    format: Option<&str>,
+    pcfg: &PretrainConfig,
+    out: &Path,
+    device: Device,
+) -> Result<()> {
+    let ds = crate::data::open(data, format)?;
+    create_out(out)?;
+    tch::manual_seed(pcfg.seed as i64);
+    let bb = Backbone::fresh(cfg, device)?;
     let dec_vs = nn::VarStore::new(device);
-    let dec = MaeDecoder::new(&dec_vs.root(), &cfg, &pcfg.mae, cfg.in_chans)?;
+    let dec = MaeDecoder::new(&dec_vs.root(), cfg, &pcfg.mae, cfg.in_chans)?;
     let mut params: Vec<(String, Tensor)> = bb.vs.variables().into_iter().collect();
     params.extend(dec_vs.variables().into_iter().map(|(k, v)| (format!("pretext.{k}"), v)));
     params.sort_by(|x, y| x.0.cmp(&y.0));
     let total: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
     eprintln!(
         "MAE pre-training of a ViT (width {}, depth {}, heads {}, patch {}, {} px, {} ch) on {} ({} images): {total} parameters",
-        cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.img_size, cfg.in_chans, ds.name, ds.train.len()
+        cfg.embed_dim,
+        cfg.depth,
+        cfg.num_heads,
+        cfg.patch_size,
+        cfg.img_size,
+        cfg.in_chans,
+        ds.name,
+        ds.train.len()
     );
-    let path = a.out.join("backbone.safetensors");
+    let path = out.join("backbone.safetensors");
     let mut save = || -> Result<()> {
         // Original MAE layout: timm encoder names plus the decoder, so `--backbone` reads it and the TPP
         // stage can reuse the decoder.
@@ -277,13 +350,21 @@ pub fn run_backbone(a: BackboneTrainArgs, device: Device) -> Result<()> {
         named.extend(decoder_tensors(&dec_vs, &dec));
         save_tensors(&path, &named)
     };
-    let summary = train_mae(&bb.vit, &dec, params, &ds.train, &pcfg, device, &a.out, &mut save)?;
+    let summary = train_mae(&bb.vit, &dec, params, &ds.train, pcfg, device, out, &mut save)?;
     let record = json!({
-        "command": "pretrain-backbone", "arch": cfg, "data": a.data.data, "dataset": ds.name,
+        "command": "pretrain-backbone", "arch": cfg,
+        // Read back by the checkpoint loader (HF config.json keys): heads cannot be inferred from shapes.
+        "num_attention_heads": cfg.num_heads, "decoder_num_attention_heads": pcfg.mae.decoder_heads, "data": data, "dataset": ds.name,
         "config": pcfg, "steps": summary.steps, "first_loss": summary.first_loss, "final_loss": summary.final_loss,
         "seconds": summary.seconds, "images_per_s": summary.images_per_s, "version": env!("CARGO_PKG_VERSION"),
     });
-    write_json(&a.out.join("config.json"), &record)?;
-    eprintln!("done: {} steps, loss {:.4} -> {:.4}; backbone in {}", summary.steps, summary.first_loss, summary.final_loss, path.display());
+    write_json(&out.join("config.json"), &record)?;
+    eprintln!(
+        "done: {} steps, loss {:.4} -> {:.4}; backbone in {}",
+        summary.steps,
+        summary.first_loss,
+        summary.final_loss,
+        path.display()
+    );
     Ok(())
 }

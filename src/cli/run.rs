@@ -31,14 +31,17 @@ pub const RUN_JSON: &str = "run.json";
 impl RunRecord {
     pub fn read(run: &Path) -> Result<Self> {
         let p = run.join(RUN_JSON);
-        let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read (not a tpp run folder?)", p.display()))?;
+        let text = std::fs::read_to_string(&p)
+            .with_context(|| format!("{}: cannot read (not a tpp run folder?)", p.display()))?;
         serde_json::from_str(&text).map_err(|e| anyhow!("{}: not a valid run record ({e})", p.display()))
     }
 
     pub fn write(&self, run: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)?;
         let p = run.join(RUN_JSON);
-        crate::peft::io::write_atomic(&p, |q| std::fs::write(q, &text).with_context(|| format!("{}: cannot write", q.display())))
+        crate::peft::io::write_atomic(&p, |q| {
+            std::fs::write(q, &text).with_context(|| format!("{}: cannot write", q.display()))
+        })
     }
 
     pub fn load_options(&self) -> LoadOptions {
@@ -71,5 +74,8 @@ pub fn targets_dir(p: &Path) -> Result<PathBuf> {
             return Ok(c);
         }
     }
-    bail!("{}: no target parameters here (expected a `tpp pretrain-targets` output folder or its targets/)", p.display())
+    bail!(
+        "{}: no target parameters here (expected a `tpp pretrain-targets` output folder or its targets/)",
+        p.display()
+    )
 }

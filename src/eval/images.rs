@@ -14,7 +14,11 @@ pub fn save_grid(rows: &[Tensor], norm: &Norm, path: &Path) -> Result<()> {
         let x = batch.to_kind(Kind::Float).to_device(tch::Device::Cpu);
         let chans: Vec<Tensor> = (0..c)
             .map(|ch| {
-                let (m, s) = if c == 3 { (norm.mean[ch as usize], norm.std[ch as usize]) } else { (norm.mean.iter().sum::<f64>() / 3.0, norm.std.iter().sum::<f64>() / 3.0) };
+                let (m, s) = if c == 3 {
+                    (norm.mean[ch as usize], norm.std[ch as usize])
+                } else {
+                    (norm.mean.iter().sum::<f64>() / 3.0, norm.std.iter().sum::<f64>() / 3.0)
+                };
                 (x.select(1, ch) * s + m).clamp(0.0, 1.0)
             })
             .collect();

@@ -73,12 +73,21 @@ pub fn classification(task: Task, truth: &[Vec<f64>], probs: &[Vec<f64>]) -> BTr
     let k = probs[0].len();
     if task == Task::Multilabel {
         let aucs: Vec<f64> = (0..k)
-            .filter_map(|j| roc_auc(&truth.iter().map(|t| t[j] > 0.5).collect::<Vec<_>>(), &probs.iter().map(|p| p[j]).collect::<Vec<_>>()))
+            .filter_map(|j| {
+                roc_auc(
+                    &truth.iter().map(|t| t[j] > 0.5).collect::<Vec<_>>(),
+                    &probs.iter().map(|p| p[j]).collect::<Vec<_>>(),
+                )
+            })
             .collect();
         if !aucs.is_empty() {
             m.insert("auc".into(), aucs.iter().sum::<f64>() / aucs.len() as f64);
         }
-        let correct = truth.iter().zip(probs).map(|(t, p)| (0..k).filter(|&j| (p[j] > 0.5) == (t[j] > 0.5)).count()).sum::<usize>();
+        let correct = truth
+            .iter()
+            .zip(probs)
+            .map(|(t, p)| (0..k).filter(|&j| (p[j] > 0.5) == (t[j] > 0.5)).count())
+            .sum::<usize>();
         m.insert("accuracy".into(), correct as f64 / (n * k) as f64);
         let f1s: Vec<f64> = (0..k)
             .map(|j| {
@@ -98,7 +107,8 @@ pub fn classification(task: Task, truth: &[Vec<f64>], probs: &[Vec<f64>]) -> BTr
         return m;
     }
     let t: Vec<i64> = truth.iter().map(|v| v[0] as i64).collect();
-    let pred: Vec<i64> = probs.iter().map(|p| (0..k).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0) as i64).collect();
+    let pred: Vec<i64> =
+        probs.iter().map(|p| (0..k).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0) as i64).collect();
     let cm = confusion(&t, &pred, k);
     let correct: i64 = (0..k).map(|i| cm[i][i]).sum();
     m.insert("accuracy".into(), correct as f64 / n as f64);
@@ -117,7 +127,9 @@ pub fn classification(task: Task, truth: &[Vec<f64>], probs: &[Vec<f64>]) -> BTr
         .collect();
     m.insert("f1".into(), f1s.iter().sum::<f64>() / k as f64);
     if k == 2 {
-        if let Some(a) = roc_auc(&t.iter().map(|&x| x == 1).collect::<Vec<_>>(), &probs.iter().map(|p| p[1]).collect::<Vec<_>>()) {
+        if let Some(a) =
+            roc_auc(&t.iter().map(|&x| x == 1).collect::<Vec<_>>(), &probs.iter().map(|p| p[1]).collect::<Vec<_>>())
+        {
             m.insert("auc".into(), a);
         }
         let (tp, fn_, fp, tn) = (cm[1][1] as f64, cm[1][0] as f64, cm[0][1] as f64, cm[0][0] as f64);
@@ -126,7 +138,12 @@ pub fn classification(task: Task, truth: &[Vec<f64>], probs: &[Vec<f64>]) -> BTr
     } else {
         // Macro one-vs-rest AUC over classes present (sklearn multi_class="ovr", average="macro").
         let aucs: Vec<f64> = (0..k)
-            .filter_map(|j| roc_auc(&t.iter().map(|&x| x == j as i64).collect::<Vec<_>>(), &probs.iter().map(|p| p[j]).collect::<Vec<_>>()))
+            .filter_map(|j| {
+                roc_auc(
+                    &t.iter().map(|&x| x == j as i64).collect::<Vec<_>>(),
+                    &probs.iter().map(|p| p[j]).collect::<Vec<_>>(),
+                )
+            })
             .collect();
         if !aucs.is_empty() {
             m.insert("auc".into(), aucs.iter().sum::<f64>() / aucs.len() as f64);

@@ -1,3 +1,5 @@
 //! Evaluation: metrics, reports and images.
 pub mod images;
 pub mod metrics;
+pub mod plots;
+pub mod report;

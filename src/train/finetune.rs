@@ -70,8 +70,16 @@ fn logits(model: &PeftModel, x: &Tensor, train: bool) -> Tensor {
     crate::device::autocast(model.device, || model.bb.vit.forward_t(x, train)).to_kind(Kind::Float)
 }
 
+/// One row of numbers per image.
+pub type Rows = Vec<Vec<f64>>;
+
 /// Class (or label) probabilities and truths of a whole split, in order. No gradient, eval mode.
-pub fn predict_split(model: &PeftModel, split: &Split, task: Task, loader: LoaderConfig) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+pub fn predict_split(
+    model: &PeftModel,
+    split: &Split,
+    task: Task,
+    loader: LoaderConfig,
+) -> Result<(Rows, Rows)> {
     let _g = tch::no_grad_guard();
     let mut probs = Vec::new();
     let mut truth = Vec::new();
@@ -90,7 +98,14 @@ pub fn predict_split(model: &PeftModel, split: &Split, task: Task, loader: Loade
     Ok((probs, truth))
 }
 
-fn loss_fn(task: Task, logits: &Tensor, labels: &Tensor, num_classes: i64, smoothing: f64, mix: Option<(&Tensor, f64)>) -> Tensor {
+fn loss_fn(
+    task: Task,
+    logits: &Tensor,
+    labels: &Tensor,
+    num_classes: i64,
+    smoothing: f64,
+    mix: Option<(&Tensor, f64)>,
+) -> Tensor {
     if task == Task::Multilabel {
         let y = labels.to_kind(Kind::Float);
         let y = match mix {
@@ -112,7 +127,11 @@ fn loss_fn(task: Task, logits: &Tensor, labels: &Tensor, num_classes: i64, smoot
 /// Layer id for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest (norm, head) depth + 1.
 fn layer_id(name: &str, depth: i64) -> i64 {
     let n = name.strip_prefix("backbone.").unwrap_or(name);
-    if n.starts_with("patch_embed") || n.starts_with("cls_token") || n.starts_with("reg_token") || n.starts_with("pos_embed") {
+    if n.starts_with("patch_embed")
+        || n.starts_with("cls_token")
+        || n.starts_with("reg_token")
+        || n.starts_with("pos_embed")
+    {
         0
     } else if let Some(rest) = n.strip_prefix("blocks.") {
         rest.split('.').next().and_then(|s| s.parse::<i64>().ok()).map_or(depth + 1, |i| i + 1)
@@ -142,7 +161,9 @@ pub fn save_model(model: &PeftModel, dir: &Path) -> Result<()> {
         let named = model.bb.vit.state_dict().map_err(|e| anyhow!(e))?;
         let pairs: Vec<(&str, &Tensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let p = dir.join("backbone.safetensors");
-        peft::io::write_atomic(&p, |q| Tensor::write_safetensors(&pairs, q).map_err(|e| anyhow!("{}: cannot write ({e})", q.display())))?;
+        peft::io::write_atomic(&p, |q| {
+            Tensor::write_safetensors(&pairs, q).map_err(|e| anyhow!("{}: cannot write ({e})", q.display()))
+        })?;
     }
     Ok(())
 }
@@ -178,7 +199,8 @@ fn save_checkpoint(model: &PeftModel, opt: &AdamW, state: &State, paths: &Paths)
     save_model(model, &tmp)?;
     let st = opt.state();
     let pairs: Vec<(&str, &Tensor)> = st.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    Tensor::write_safetensors(&pairs, tmp.join("optimizer.safetensors")).map_err(|e| anyhow!("{}: cannot write optimiser state ({e})", tmp.display()))?;
+    Tensor::write_safetensors(&pairs, tmp.join("optimizer.safetensors"))
+        .map_err(|e| anyhow!("{}: cannot write optimiser state ({e})", tmp.display()))?;
     std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
     swap_dir(&tmp, &paths.checkpoint())
 }
@@ -212,7 +234,10 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
         warmup_steps: ((total as f64) * cfg.warmup).round() as i64,
         total_steps: total,
     };
-    let mut opt = AdamW::new(model.trainable(), AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay });
+    let mut opt = AdamW::new(
+        model.trainable(),
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay },
+    );
     if model.is_full() && cfg.layer_decay < 1.0 {
         let depth = model.bb.vit.cfg.depth;
         opt.set_lr_scales(|name| cfg.layer_decay.powi((depth + 1 - layer_id(name, depth)) as i32));
@@ -225,11 +250,15 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
         opt.load_state(&st, &st_path)?;
         let text = std::fs::read_to_string(dir.join("state.json"))?;
         state = serde_json::from_str(&text).with_context(|| format!("{}: corrupt state.json", dir.display()))?;
-        eprintln!("resuming after epoch {} (best {} = {:.4} at epoch {})", state.epochs_done, cfg.select, state.best_value, state.best_epoch);
+        eprintln!(
+            "resuming after epoch {} (best {} = {:.4} at epoch {})",
+            state.epochs_done, cfg.select, state.best_value, state.best_epoch
+        );
     }
     let loader = LoaderConfig { batch_size: bs, image_size: cfg.image_size, norm: cfg.norm, device, drop_last: false };
     let eval_loader = LoaderConfig { batch_size: bs.max(64), ..loader };
-    let pb = crate::train::pretrain::progress_bar((total - state.epochs_done * steps_per_epoch).max(0) as u64, "fine-tune");
+    let pb =
+        crate::train::pretrain::progress_bar((total - state.epochs_done * steps_per_epoch).max(0) as u64, "fine-tune");
     let mut step = state.epochs_done * steps_per_epoch;
     for epoch in state.epochs_done..cfg.epochs {
         if state.stopped_early {
@@ -262,7 +291,14 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
                 None => b.images.shallow_clone(),
             };
             let l = logits(model, &x, true);
-            let loss = loss_fn(ds.task, &l, &b.labels, ds.num_classes, cfg.label_smoothing, mix.as_ref().map(|(p, lam)| (p, *lam)));
+            let loss = loss_fn(
+                ds.task,
+                &l,
+                &b.labels,
+                ds.num_classes,
+                cfg.label_smoothing,
+                mix.as_ref().map(|(p, lam)| (p, *lam)),
+            );
             (&loss / cfg.accum as f64).backward();
             losses.push(loss.detach());
             seen += bsz;
@@ -290,7 +326,8 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
         let (probs, truth) = predict_split(model, &ds.val, ds.task, eval_loader)?;
         let val = metrics::classification(ds.task, &truth, &probs);
         let secs = t0.elapsed().as_secs_f64();
-        let rec = EpochRecord { epoch: epoch + 1, train_loss, lr, seconds: secs, images_per_s: seen as f64 / secs, val };
+        let rec =
+            EpochRecord { epoch: epoch + 1, train_loss, lr, seconds: secs, images_per_s: seen as f64 / secs, val };
         let v = selection_value(&rec.val, &cfg.select);
         pb.set_message(format!("epoch {} loss {:.4} val {} {:.4}", epoch + 1, train_loss, cfg.select, v));
         if v > state.best_value {
@@ -349,7 +386,13 @@ fn sample_beta(rng: &mut ChaCha8Rng, a: f64) -> f64 {
 
 /// `metrics.csv` (one row per epoch) and `history.json`.
 fn write_history(state: &State, out: &Path) -> Result<()> {
-    let keys: Vec<String> = state.history.iter().flat_map(|r| r.val.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let keys: Vec<String> = state
+        .history
+        .iter()
+        .flat_map(|r| r.val.keys().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let mut s = String::from("epoch,train_loss,lr,seconds,images_per_s");
     for k in &keys {
         s.push_str(&format!(",val_{k}"));
@@ -377,9 +420,20 @@ pub struct Evaluation {
     pub metrics: BTreeMap<String, f64>,
     pub ci95: BTreeMap<String, metrics::Interval>,
     pub confusion: Option<Vec<Vec<i64>>>,
+    #[serde(skip)]
+    pub probs: Vec<Vec<f64>>,
+    #[serde(skip)]
+    pub truth: Vec<Vec<f64>>,
 }
 
-pub fn evaluate(model: &PeftModel, split: &Split, task: Task, num_classes: i64, loader: LoaderConfig, name: &str) -> Result<Evaluation> {
+pub fn evaluate(
+    model: &PeftModel,
+    split: &Split,
+    task: Task,
+    num_classes: i64,
+    loader: LoaderConfig,
+    name: &str,
+) -> Result<Evaluation> {
     let (probs, truth) = predict_split(model, split, task, loader)?;
     let m = metrics::classification(task, &truth, &probs);
     let ci = metrics::bootstrap(probs.len(), 1000, 0, |idx| {
@@ -389,15 +443,32 @@ pub fn evaluate(model: &PeftModel, split: &Split, task: Task, num_classes: i64, 
     });
     let confusion = (task != Task::Multilabel).then(|| {
         let t: Vec<i64> = truth.iter().map(|v| v[0] as i64).collect();
-        let p: Vec<i64> = probs.iter().map(|p| (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0) as i64).collect();
+        let p: Vec<i64> =
+            probs.iter().map(|p| (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0) as i64).collect();
         metrics::confusion(&t, &p, num_classes as usize)
     });
-    Ok(Evaluation { split: name.into(), n: probs.len(), metrics: m, ci95: ci, confusion })
+    Ok(Evaluation { split: name.into(), n: probs.len(), metrics: m, ci95: ci, confusion, probs, truth })
 }
 
-pub fn write_evaluation(ev: &Evaluation, out: &Path) -> Result<()> {
+/// Cost of a run, reported beside its metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunStats {
+    pub trainable_params: i64,
+    pub total_params: i64,
+    pub seconds: f64,
+    pub images_per_s: f64,
+    pub peak_memory_bytes: Option<u64>,
+    pub best_epoch: i64,
+    pub best_val: f64,
+}
+
+/// `metrics.json`: the test metrics under their lower-case names, `ci95`, the confusion matrix, the run's
+/// cost, and the test predictions (for bootstrap statistics across runs).
+pub fn write_evaluation(ev: &Evaluation, out: &Path, stats: &RunStats) -> Result<()> {
     let mut v = serde_json::to_value(&ev.metrics)?;
     let obj = v.as_object_mut().expect("metrics serialise to an object");
+    obj.insert("run".into(), serde_json::to_value(stats)?);
+    obj.insert("predictions".into(), serde_json::json!({"probs": ev.probs, "truth": ev.truth}));
     obj.insert("ci95".into(), serde_json::to_value(&ev.ci95)?);
     obj.insert("split".into(), ev.split.clone().into());
     obj.insert("n".into(), ev.n.into());

@@ -42,8 +42,9 @@ pub struct PretrainSummary {
 
 pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len);
-    let style = indicatif::ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}} {{msg}} ETA {{eta}}"))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let style =
+        indicatif::ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}} {{msg}} ETA {{eta}}"))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     pb.set_style(style);
     pb
 }
@@ -74,7 +75,8 @@ pub fn train_mae(
         warmup_steps: ((total as f64) * cfg.warmup).round() as i64,
         total_steps: total,
     };
-    let mut opt = AdamW::new(params, AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: cfg.weight_decay });
+    let mut opt =
+        AdamW::new(params, AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: cfg.weight_decay });
     let loader = LoaderConfig { batch_size: bs, image_size: cfg.image_size, norm: cfg.norm, device, drop_last: true };
     let csv_path = out.join("loss.csv");
     let mut csv = std::io::BufWriter::new(
@@ -92,13 +94,15 @@ pub fn train_mae(
     let mut window = Instant::now();
     let mut window_imgs = 0i64;
     for epoch in 0..cfg.epochs {
-        for batch in epoch_batches(split, loader, Some(cfg.augment), cfg.seed.wrapping_add(epoch as u64 * 7919), false) {
+        for batch in epoch_batches(split, loader, Some(cfg.augment), cfg.seed.wrapping_add(epoch as u64 * 7919), false)
+        {
             let b = batch.images.size()[0];
             let noise: Vec<f32> = (0..b * n_patches).map(|_| noise_rng.random::<f32>()).collect();
             let noise = Tensor::from_slice(&noise).reshape([b, n_patches]).to_device(device);
             let lr = sched.lr(step);
             opt.zero_grad();
-            let out_mae = crate::device::autocast(device, || mae::forward(vit, dec, &batch.images, &cfg.mae, &noise, true));
+            let out_mae =
+                crate::device::autocast(device, || mae::forward(vit, dec, &batch.images, &cfg.mae, &noise, true));
             out_mae.loss.backward();
             if cfg.clip > 0.0 {
                 let _ = opt.clip_grad_norm(cfg.clip);
@@ -108,12 +112,18 @@ pub fn train_mae(
             window_imgs += b;
             step += 1;
             if pending.len() >= 20 || step == total {
-                let losses = Vec::<f64>::try_from(Tensor::stack(&pending.iter().map(|p| p.3.to_kind(Kind::Double)).collect::<Vec<_>>(), 0).to_device(Device::Cpu))?;
+                let losses = Vec::<f64>::try_from(
+                    Tensor::stack(&pending.iter().map(|p| p.3.to_kind(Kind::Double)).collect::<Vec<_>>(), 0)
+                        .to_device(Device::Cpu),
+                )?;
                 let ips = window_imgs as f64 / window.elapsed().as_secs_f64().max(1e-9);
                 for ((s, e, lr, _), l) in pending.drain(..).zip(losses) {
                     if !l.is_finite() {
                         pb.finish_and_clear();
-                        bail!("loss became {l} at step {s} (epoch {e}); stopping. The targets of the last finished epoch are kept in {}", out.display());
+                        bail!(
+                            "loss became {l} at step {s} (epoch {e}); stopping. The targets of the last finished epoch are kept in {}",
+                            out.display()
+                        );
                     }
                     if first_loss.is_nan() {
                         first_loss = l;
@@ -136,11 +146,24 @@ pub fn train_mae(
     pb.finish_and_clear();
     write_preview(vit, dec, split, cfg, device, &out.join("preview_final.png"))?;
     let seconds = start.elapsed().as_secs_f64();
-    Ok(PretrainSummary { steps: step, first_loss, final_loss: last_loss, seconds, images_per_s: (step * bs) as f64 / seconds })
+    Ok(PretrainSummary {
+        steps: step,
+        first_loss,
+        final_loss: last_loss,
+        seconds,
+        images_per_s: (step * bs) as f64 / seconds,
+    })
 }
 
 /// A PNG of up to 8 training images: original, masked input, reconstruction (rows).
-pub fn write_preview(vit: &crate::backbone::Vit, dec: &MaeDecoder, split: &Split, cfg: &PretrainConfig, device: Device, path: &Path) -> Result<()> {
+pub fn write_preview(
+    vit: &crate::backbone::Vit,
+    dec: &MaeDecoder,
+    split: &Split,
+    cfg: &PretrainConfig,
+    device: Device,
+    path: &Path,
+) -> Result<()> {
     let _g = tch::no_grad_guard();
     let k = split.len().min(8);
     let idx: Vec<i64> = (0..k).collect();

@@ -1,0 +1,434 @@
+//! `tpp compare`: the paper's experiment in one command. For every PEFT method: plain PEFT and PEFT + TPP
+//! (target parameters pre-trained with the pretext task on the downstream training images), plus the
+//! references linear probe and full fine-tuning, on the same splits and seeds. Cells that finished are
+//! not recomputed after an interruption; an interrupted fine-tuning cell resumes.
+use super::finetune::{default_select, execute};
+use super::pretrain::{Pretext, TppRecord, execute_targets};
+use super::run::RunRecord;
+use crate::backbone::Pool;
+use crate::data::transforms::{Augment, Norm};
+use crate::peft::{Method, PeftSpec};
+use crate::pretext::mae::MaeConfig;
+use crate::train::finetune::FinetuneConfig;
+use crate::train::pretrain::PretrainConfig;
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::Device;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TppSection {
+    pub epochs: i64,
+    pub batch_size: i64,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup: f64,
+    pub mask_ratio: f64,
+    /// auto, checkpoint or fresh
+    pub decoder: String,
+    pub decoder_dim: i64,
+    pub decoder_depth: i64,
+    pub decoder_heads: i64,
+}
+
+impl Default for TppSection {
+    fn default() -> Self {
+        TppSection {
+            epochs: 100,
+            batch_size: 256,
+            lr: 1.5e-3,
+            weight_decay: 0.05,
+            warmup: 0.05,
+            mask_ratio: 0.75,
+            decoder: "auto".into(),
+            decoder_dim: 128,
+            decoder_depth: 2,
+            decoder_heads: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneSection {
+    pub epochs: i64,
+    pub batch_size: i64,
+    pub lr: f64,
+    /// Learning rate of the full fine-tuning reference.
+    pub full_lr: f64,
+    pub weight_decay: f64,
+    pub warmup: f64,
+    pub label_smoothing: f64,
+    pub patience: i64,
+    pub crop_min_area: f64,
+    pub train_fraction: f64,
+}
+
+impl Default for FinetuneSection {
+    fn default() -> Self {
+        FinetuneSection {
+            epochs: 50,
+            batch_size: 64,
+            lr: 1e-3,
+            full_lr: 1e-4,
+            weight_decay: 0.05,
+            warmup: 0.05,
+            label_smoothing: 0.0,
+            patience: 0,
+            crop_min_area: 0.8,
+            train_fraction: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeftSection {
+    pub lora_rank: i64,
+    pub lora_alpha: f64,
+    pub lora_targets: Vec<String>,
+    pub adapter_dim: i64,
+    pub adapter_scale: f64,
+    pub prompt_len: i64,
+}
+
+impl Default for PeftSection {
+    fn default() -> Self {
+        let d = PeftSpec::default();
+        PeftSection {
+            lora_rank: d.lora_rank,
+            lora_alpha: d.lora_alpha,
+            lora_targets: d.lora_targets,
+            adapter_dim: d.adapter_dim,
+            adapter_scale: d.adapter_scale,
+            prompt_len: d.prompt_len,
+        }
+    }
+}
+
+/// The TOML config of a comparison (every field has a default but `backbone` and `data`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompareConfig {
+    pub backbone: PathBuf,
+    pub data: PathBuf,
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub heads: Option<i64>,
+    #[serde(default)]
+    pub img_size: Option<i64>,
+    #[serde(default)]
+    pub pool: Option<Pool>,
+    #[serde(default = "default_norm")]
+    pub norm: String,
+    /// PEFT methods to compare, each alone or combined ("lora+vpt-deep").
+    #[serde(default = "default_methods")]
+    pub methods: Vec<String>,
+    #[serde(default = "default_pretext")]
+    pub pretext: Pretext,
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    /// Reference baselines: linear and/or full.
+    #[serde(default = "default_refs")]
+    pub references: Vec<String>,
+    /// Validation metric for model selection (default: auc, kappa for ordinal).
+    #[serde(default)]
+    pub select: Option<String>,
+    /// Test metric of the report (default: the selection metric).
+    #[serde(default)]
+    pub metric: Option<String>,
+    #[serde(default)]
+    pub peft: PeftSection,
+    #[serde(default)]
+    pub tpp: TppSection,
+    #[serde(default)]
+    pub finetune: FinetuneSection,
+}
+
+fn default_norm() -> String {
+    "imagenet".into()
+}
+fn default_methods() -> Vec<String> {
+    vec!["lora".into()]
+}
+fn default_pretext() -> Pretext {
+    Pretext::Mae
+}
+fn default_seeds() -> Vec<u64> {
+    vec![0, 1, 2]
+}
+fn default_refs() -> Vec<String> {
+    vec!["linear".into(), "full".into()]
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// TOML config (see README); flags below override it
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub backbone: Option<PathBuf>,
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Comma-separated PEFT methods (each may combine with '+', e.g. lora+vpt-deep)
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Option<Vec<String>>,
+    /// Number of seeds (0, 1, ..., N-1)
+    #[arg(long)]
+    pub seeds: Option<u64>,
+    #[arg(long)]
+    pub norm: Option<String>,
+    #[arg(long)]
+    pub tpp_epochs: Option<i64>,
+    #[arg(long)]
+    pub ft_epochs: Option<i64>,
+    /// Report folder (report.md, results.json, plots, and every run)
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl CompareConfig {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow!("{}: invalid config: {}", path.display(), e.to_string().replace('\n', " ")))
+    }
+
+    fn spec(&self, label: &str) -> Result<PeftSpec> {
+        let methods = label
+            .split('+')
+            .map(|m| m.parse::<Method>().map_err(|e| anyhow!("methods: {e}")))
+            .collect::<Result<Vec<_>>>()?;
+        let p = &self.peft;
+        let spec = PeftSpec {
+            methods,
+            lora_rank: p.lora_rank,
+            lora_alpha: p.lora_alpha,
+            lora_dropout: 0.0,
+            lora_targets: p.lora_targets.clone(),
+            adapter_dim: p.adapter_dim,
+            adapter_scale: p.adapter_scale,
+            prompt_len: p.prompt_len,
+            prompt_dropout: 0.0,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+/// One fine-tuning cell of the grid.
+pub struct Cell {
+    pub variant: String,
+    pub method: String,
+    pub tpp: bool,
+    pub seed: u64,
+    pub dir: PathBuf,
+    pub record: RunRecord,
+}
+
+pub fn run(a: Args, device: Device) -> Result<()> {
+    let mut cfg = match &a.config {
+        Some(p) => CompareConfig::read(p)?,
+        None => {
+            let (Some(b), Some(d)) = (&a.backbone, &a.data) else {
+                bail!("tpp compare needs --config <file.toml>, or at least --backbone and --data");
+            };
+            CompareConfig {
+                backbone: b.clone(),
+                data: d.clone(),
+                format: None,
+                heads: None,
+                img_size: None,
+                pool: None,
+                norm: default_norm(),
+                methods: default_methods(),
+                pretext: default_pretext(),
+                seeds: default_seeds(),
+                references: default_refs(),
+                select: None,
+                metric: None,
+                peft: PeftSection::default(),
+                tpp: TppSection::default(),
+                finetune: FinetuneSection::default(),
+            }
+        }
+    };
+    if let Some(b) = a.backbone {
+        cfg.backbone = b;
+    }
+    if let Some(d) = a.data {
+        cfg.data = d;
+    }
+    if let Some(m) = a.methods {
+        cfg.methods = m;
+    }
+    if let Some(n) = a.seeds {
+        cfg.seeds = (0..n).collect();
+    }
+    if let Some(n) = a.norm {
+        cfg.norm = n;
+    }
+    if let Some(e) = a.tpp_epochs {
+        cfg.tpp.epochs = e;
+    }
+    if let Some(e) = a.ft_epochs {
+        cfg.finetune.epochs = e;
+    }
+    run_config(&cfg, &a.out, device)
+}
+
+/// Runs the whole grid of `cfg` into `out` and writes the report.
+pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()> {
+    if cfg.seeds.is_empty() {
+        bail!("compare: no seeds");
+    }
+    for r in &cfg.references {
+        if r != "linear" && r != "full" {
+            bail!("compare: unknown reference '{r}' (expected linear or full)");
+        }
+    }
+    let ds = crate::data::open(&cfg.data, cfg.format.as_deref())?;
+    let task = ds.task;
+    let num_classes = ds.num_classes;
+    drop(ds);
+    let select = cfg.select.clone().unwrap_or_else(|| default_select(task).into());
+    let norm = Norm::parse(&cfg.norm)?;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    std::fs::write(out.join("compare.toml"), toml::to_string_pretty(cfg)?)?;
+    let f = &cfg.finetune;
+    let ft_cfg = |seed: u64, full: bool| FinetuneConfig {
+        epochs: f.epochs,
+        batch_size: f.batch_size,
+        lr: if full { f.full_lr } else { f.lr },
+        min_lr: 0.0,
+        warmup: f.warmup,
+        weight_decay: f.weight_decay,
+        clip: 1.0,
+        seed,
+        label_smoothing: f.label_smoothing,
+        mixup: 0.0,
+        patience: f.patience,
+        accum: 1,
+        layer_decay: 1.0,
+        image_size: 0,
+        norm,
+        augment: Augment { hflip: true, crop_min_area: f.crop_min_area, ..Augment::NONE },
+        select: select.clone(),
+    };
+    let record = |spec: PeftSpec, seed: u64, init: Option<PathBuf>| {
+        let full = spec.has(Method::Full);
+        RunRecord {
+            backbone: cfg.backbone.clone(),
+            heads: cfg.heads,
+            img_size: cfg.img_size,
+            pool: cfg.pool,
+            peft: spec,
+            init_targets: init,
+            data: cfg.data.clone(),
+            format: cfg.format.clone(),
+            train_fraction: f.train_fraction,
+            task,
+            num_classes,
+            config: ft_cfg(seed, full),
+        }
+    };
+    let mut cells: Vec<Cell> = Vec::new();
+    let mut tpp_jobs: Vec<(TppRecord, PathBuf)> = Vec::new();
+    for m in &cfg.methods {
+        let spec = cfg.spec(m)?;
+        if spec.has(Method::Linear) || spec.has(Method::Full) {
+            bail!("compare: '{m}' is a reference, not a PEFT method (list it under references)");
+        }
+        for &seed in &cfg.seeds {
+            let tpp_dir = out.join("tpp").join(m).join(format!("seed{seed}"));
+            let t = &cfg.tpp;
+            tpp_jobs.push((
+                TppRecord {
+                    backbone: cfg.backbone.clone(),
+                    heads: cfg.heads,
+                    img_size: cfg.img_size,
+                    pool: cfg.pool,
+                    peft: spec.clone(),
+                    data: cfg.data.clone(),
+                    format: cfg.format.clone(),
+                    pretext: cfg.pretext,
+                    config: PretrainConfig {
+                        epochs: t.epochs,
+                        batch_size: t.batch_size,
+                        lr: t.lr,
+                        min_lr: 0.0,
+                        warmup: t.warmup,
+                        weight_decay: t.weight_decay,
+                        clip: 1.0,
+                        seed,
+                        image_size: 0,
+                        norm,
+                        augment: Augment { hflip: true, crop_min_area: 0.8, ..Augment::NONE },
+                        mae: MaeConfig {
+                            mask_ratio: t.mask_ratio,
+                            decoder_dim: t.decoder_dim,
+                            decoder_depth: t.decoder_depth,
+                            decoder_heads: t.decoder_heads,
+                            decoder_mlp_ratio: 4.0,
+                            norm_pix: true,
+                        },
+                        preview_every: 0,
+                    },
+                    decoder: t.decoder.clone(),
+                    freeze_decoder: false,
+                },
+                tpp_dir.clone(),
+            ));
+            for (tpp, init) in [(false, None), (true, Some(tpp_dir.clone()))] {
+                let variant = if tpp { format!("{m}+tpp") } else { m.clone() };
+                cells.push(Cell {
+                    dir: out.join("runs").join(&variant).join(format!("seed{seed}")),
+                    variant,
+                    method: m.clone(),
+                    tpp,
+                    seed,
+                    record: record(spec.clone(), seed, init),
+                });
+            }
+        }
+    }
+    for r in &cfg.references {
+        for &seed in &cfg.seeds {
+            cells.push(Cell {
+                variant: r.clone(),
+                method: r.clone(),
+                tpp: false,
+                seed,
+                dir: out.join("runs").join(r).join(format!("seed{seed}")),
+                record: record(cfg.spec(r)?, seed, None),
+            });
+        }
+    }
+    let total = tpp_jobs.len() + cells.len();
+    let mut k = 0;
+    for (rec, dir) in &tpp_jobs {
+        k += 1;
+        if dir.join("config.json").exists() {
+            eprintln!("[{k}/{total}] TPP {} seed {}: done before, kept", rec.peft.label(), rec.config.seed);
+            continue;
+        }
+        eprintln!("[{k}/{total}] TPP {} seed {}", rec.peft.label(), rec.config.seed);
+        execute_targets(rec, dir, device)?;
+    }
+    for c in &cells {
+        k += 1;
+        if c.dir.join("metrics.json").exists() {
+            eprintln!("[{k}/{total}] {} seed {}: done before, kept", c.variant, c.seed);
+            continue;
+        }
+        let resume = c.dir.join(super::run::RUN_JSON).exists();
+        eprintln!("[{k}/{total}] {} seed {}{}", c.variant, c.seed, if resume { " (resuming)" } else { "" });
+        execute(&c.record, &c.dir, resume, device)?;
+    }
+    let metric = cfg.metric.clone().unwrap_or(select);
+    let report = crate::eval::report::build(cfg, &cells, &metric, out)?;
+    println!("{report}");
+    Ok(())
+}

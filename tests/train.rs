@@ -1,0 +1,342 @@
+//! Training: the TPP stage trains only target parameters (+ pretext head) and lowers the MAE loss; TPP
+//! values reach fine-tuning exactly; fine-tuning resumes after SIGKILL to the same result; non-finite
+//! losses stop cleanly; metrics match scikit-learn; `compare` skips finished cells.
+mod common;
+
+use common::{fixture, tmp_dir};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::{Device, Kind, Tensor, nn};
+use tpp::backbone::{Backbone, Pool, VitConfig};
+use tpp::data::transforms::{Augment, Norm};
+use tpp::peft::{Method, PeftSpec, Targets};
+use tpp::pretext::mae::{MaeConfig, MaeDecoder};
+use tpp::train::pretrain::{PretrainConfig, train_mae};
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name)
+}
+
+fn tpp_bin(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tpp")).args(args).env("TPP_LOG", "warn").output().unwrap()
+}
+
+#[test]
+fn tpp_stage_trains_only_targets_and_lowers_mae_loss() {
+    let ds = tpp::data::open(&data("breastmnist.npz"), None).unwrap();
+    let split = ds.train.subset(&(0..64).collect::<Vec<i64>>());
+    let cfg = VitConfig {
+        img_size: 28,
+        patch_size: 4,
+        in_chans: 1,
+        embed_dim: 64,
+        depth: 4,
+        num_heads: 4,
+        mlp_hidden: 128,
+        pool: Pool::Cls,
+        ..VitConfig::preset("vit_tiny_patch16_224").unwrap()
+    };
+    tch::manual_seed(0);
+    let mut bb = Backbone::fresh(&cfg, Device::Cpu).unwrap();
+    let targets = Targets::attach(&mut bb.vit, &PeftSpec::with_methods(&[Method::Lora]), Device::Cpu).unwrap();
+    bb.freeze();
+    let before: Vec<(String, Tensor)> = bb.vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
+    let t_before: Vec<(String, Tensor)> = targets.vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
+    let dec_vs = nn::VarStore::new(Device::Cpu);
+    let mae = MaeConfig {
+        mask_ratio: 0.75,
+        decoder_dim: 64,
+        decoder_depth: 2,
+        decoder_heads: 4,
+        decoder_mlp_ratio: 4.0,
+        norm_pix: true,
+    };
+    let dec = MaeDecoder::new(&dec_vs.root(), &cfg, &mae, 1).unwrap();
+    let mut params: Vec<(String, Tensor)> = targets.vs.variables().into_iter().collect();
+    params.extend(dec_vs.variables().into_iter().map(|(k, v)| (format!("pretext.{k}"), v)));
+    let pcfg = PretrainConfig {
+        epochs: 250,
+        batch_size: 64,
+        lr: 3e-3,
+        min_lr: 0.0,
+        warmup: 0.05,
+        weight_decay: 0.05,
+        clip: 1.0,
+        seed: 0,
+        image_size: 28,
+        norm: Norm::HALF,
+        augment: Augment::NONE,
+        mae,
+        preview_every: 0,
+    };
+    let out = tmp_dir("tpp-stage");
+    let summary = train_mae(&bb.vit, &dec, params, &split, &pcfg, Device::Cpu, &out, &mut || Ok(())).unwrap();
+    assert_eq!(summary.steps, 250);
+    // The loss over the first and last 20 steps (loss.csv has one row per step).
+    let csv = std::fs::read_to_string(out.join("loss.csv")).unwrap();
+    let header = csv.lines().next().unwrap();
+    assert!(header.split(',').any(|c| c == "loss"), "{header}");
+    let losses: Vec<f64> = csv.lines().skip(1).map(|l| l.split(',').nth(2).unwrap().parse().unwrap()).collect();
+    assert_eq!(losses.len(), 250);
+    // Norm-pix targets have unit variance: predicting zeros scores ~1.0, the untrained model more.
+    let first = losses[0];
+    let last: f64 = losses[230..].iter().sum::<f64>() / 20.0;
+    eprintln!("MAE loss {first:.4} -> {last:.4}");
+    assert!(
+        first > 0.9 && last < 0.85 * first && last < 0.8,
+        "MAE loss did not decrease clearly: {first:.4} -> {last:.4}"
+    );
+    assert!(out.join("preview_final.png").exists());
+    for (k, v) in &before {
+        assert!(bb.vs.variables()[k].equal(v), "backbone tensor {k} changed");
+    }
+    let now = targets.vs.variables();
+    assert!(t_before.iter().all(|(k, v)| !now[k].equal(v)), "every LoRA factor should have trained");
+}
+
+/// A tiny backbone for CLI runs: the 1-channel timm fixture (patch 8) at 32 px, 3 heads.
+fn backbone() -> String {
+    fixture("timm_vit_avg_fcnorm.safetensors").to_str().unwrap().to_string()
+}
+
+fn finetune_args(out: &Path, epochs: &str) -> Vec<String> {
+    let b = data("breastmnist.npz");
+    [
+        "--threads",
+        "1",
+        "finetune",
+        "--backbone",
+        &backbone(),
+        "--heads",
+        "3",
+        "--img-size",
+        "32",
+        "--data",
+        b.to_str().unwrap(),
+        "--norm",
+        "half",
+        "--peft",
+        "lora",
+        "--epochs",
+        epochs,
+        "--batch-size",
+        "32",
+        "--seed",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn test_metrics(out: &Path) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    serde_json::json!({"auc": v["auc"], "accuracy": v["accuracy"], "f1": v["f1"], "best_epoch": v["run"]["best_epoch"]})
+}
+
+#[test]
+fn finetune_resume_after_sigkill_reaches_the_same_result() {
+    let dir = tmp_dir("resume");
+    let (a, b) = (dir.join("uninterrupted"), dir.join("killed"));
+    let args_a = finetune_args(&a, "6");
+    let o = Command::new(env!("CARGO_BIN_EXE_tpp")).args(&args_a).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let args_b = finetune_args(&b, "6");
+    let mut child =
+        Command::new(env!("CARGO_BIN_EXE_tpp")).args(&args_b).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // Kill it (SIGKILL) once at least two epochs are checkpointed, before it finishes.
+    let state = b.join("checkpoint").join("state.json");
+    let t0 = std::time::Instant::now();
+    loop {
+        let done = std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v["epochs_done"].as_i64());
+        if done.is_some_and(|d| d >= 2) || t0.elapsed().as_secs() > 120 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(
+        !b.join("metrics.json").exists(),
+        "the run finished before it could be killed; the test needs a slower run"
+    );
+    // Without --resume the run refuses to overwrite the folder.
+    let o = Command::new(env!("CARGO_BIN_EXE_tpp")).args(&args_b).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    let mut resumed = args_b.clone();
+    resumed.push("--resume".into());
+    let o = Command::new(env!("CARGO_BIN_EXE_tpp")).args(&resumed).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(test_metrics(&a), test_metrics(&b));
+    let wa = std::fs::read(a.join("adapter/adapter_model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(wa == wb, "final adapters differ");
+    // Resuming with other arguments is refused.
+    let mut other = finetune_args(&b, "7");
+    other.push("--resume".into());
+    let o = Command::new(env!("CARGO_BIN_EXE_tpp")).args(&other).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("differ"));
+}
+
+#[test]
+fn tpp_targets_reach_finetuning_exactly() {
+    let dir = tmp_dir("init-targets");
+    let tpp_out = dir.join("tpp");
+    let b = data("breastmnist.npz");
+    let o = tpp_bin(&[
+        "--threads",
+        "1",
+        "pretrain-targets",
+        "--backbone",
+        &backbone(),
+        "--heads",
+        "3",
+        "--img-size",
+        "32",
+        "--data",
+        b.to_str().unwrap(),
+        "--norm",
+        "half",
+        "--peft",
+        "lora",
+        "--pretext",
+        "mae",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--decoder-dim",
+        "32",
+        "--decoder-depth",
+        "1",
+        "--decoder-heads",
+        "2",
+        "--out",
+        tpp_out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "targets/adapter_model.safetensors",
+        "targets/adapter_config.json",
+        "pretext_head.safetensors",
+        "config.json",
+        "loss.csv",
+    ] {
+        assert!(tpp_out.join(f).exists(), "missing {f}");
+    }
+    let saved =
+        tpp::backbone::checkpoint::read_safetensors(&tpp_out.join("targets/adapter_model.safetensors")).unwrap();
+    let rec = tpp::cli::run::RunRecord {
+        backbone: backbone().into(),
+        heads: Some(3),
+        img_size: Some(32),
+        pool: None,
+        peft: PeftSpec::with_methods(&[Method::Lora]),
+        init_targets: Some(tpp_out.clone()),
+        data: b.clone(),
+        format: None,
+        train_fraction: 1.0,
+        task: tpp::data::Task::Binary,
+        num_classes: 2,
+        config: serde_json::from_value(serde_json::json!({
+            "epochs": 1, "batch_size": 32, "lr": 1e-3, "min_lr": 0.0, "warmup": 0.0, "weight_decay": 0.05, "clip": 1.0,
+            "seed": 9, "label_smoothing": 0.0, "mixup": 0.0, "patience": 0, "accum": 1, "layer_decay": 1.0, "image_size": 32,
+            "norm": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+            "augment": {"hflip": true, "vflip": false, "crop_min_area": 1.0, "rotate_deg": 0.0, "jitter": 0.0}, "select": "auc"
+        }))
+        .unwrap(),
+    };
+    let (model, _, _) = tpp::cli::finetune::prepare(&rec, Device::Cpu).unwrap();
+    let vars = model.targets.vs.variables();
+    let mut n = 0;
+    for (k, v) in &saved {
+        let name = k.strip_prefix("base_model.model.").unwrap();
+        assert!(vars[name].equal(v), "{name} differs from the TPP value at step 0");
+        n += 1;
+    }
+    assert_eq!(n, 4, "2 blocks x (lora_A, lora_B)");
+    // And LoRA B is no longer its usual zero init.
+    assert!(saved.iter().any(|(k, v)| k.contains("lora_B") && v.abs().sum(Kind::Float).double_value(&[]) > 0.0));
+}
+
+#[test]
+fn non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint() {
+    let dir = tmp_dir("nan");
+    let out = dir.join("run");
+    let mut args = finetune_args(&out, "4");
+    args.extend(["--lr".to_string(), "1e30".to_string(), "--clip".to_string(), "0".to_string()]);
+    let o = Command::new(env!("CARGO_BIN_EXE_tpp")).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.lines().last().unwrap().contains("loss became"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn metrics_match_scikit_learn() {
+    let text = std::fs::read_to_string(fixture("metrics_sklearn.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for case in v["cases"].as_array().unwrap() {
+        let task: tpp::data::Task = serde_json::from_value(case["task"].clone()).unwrap();
+        let grid = |k: &str| -> Vec<Vec<f64>> {
+            case[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+                .collect()
+        };
+        let got = tpp::eval::metrics::classification(task, &grid("truth"), &grid("probs"));
+        for (name, want) in case["expected"].as_object().unwrap() {
+            let want = want.as_f64().unwrap();
+            let g = got.get(name).unwrap_or_else(|| panic!("{task:?}: metric {name} missing"));
+            assert!((g - want).abs() < 1e-9, "{task:?} {name}: {g} vs sklearn {want}");
+        }
+    }
+}
+
+#[test]
+fn compare_keeps_finished_cells() {
+    let dir = tmp_dir("compare");
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backbone = {:?}\ndata = {:?}\nheads = 3\nimg_size = 32\nnorm = \"half\"\nseeds = [0]\nreferences = [\"linear\"]\n\
+             [tpp]\nepochs = 1\ndecoder_dim = 32\ndecoder_depth = 1\ndecoder_heads = 2\n[finetune]\nepochs = 1\n",
+            backbone(),
+            data("breastmnist.npz").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let run =
+        || tpp_bin(&["--threads", "1", "compare", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = run();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("| lora |") && report.contains("| lora+tpp |") && report.contains("| linear |"),
+        "{report}"
+    );
+    for f in ["results.json", "auc.png", "curves_lora.png"] {
+        assert!(out.join(f).exists(), "missing {f}");
+    }
+    let t = std::fs::metadata(out.join("runs/lora/seed0/metrics.json")).unwrap().modified().unwrap();
+    let o = run();
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("done before, kept").count(), 4, "{err}");
+    assert_eq!(std::fs::metadata(out.join("runs/lora/seed0/metrics.json")).unwrap().modified().unwrap(), t);
+    assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), report);
+    // A config error names the file.
+    std::fs::write(&cfg, "backbone = 3").unwrap();
+    let o = run();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("c.toml"));
+}
