@@ -284,3 +284,36 @@ fn trainable_counts() {
     let line = peft::count_line(t.numel(), t.numel() + small_cfg().param_count());
     assert!(line.starts_with(&format!("trainable {} / total", t.numel())), "{line}");
 }
+
+#[test]
+fn lora_on_q_and_v_inside_fused_qkv() {
+    let (x, y) = batch();
+    let mut bb = Backbone::fresh(&small_cfg(), Device::Cpu).unwrap();
+    let spec = PeftSpec { lora_targets: vec!["q".into(), "v".into()], ..PeftSpec::default() };
+    let t = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
+    t.add_head(&mut bb.vit, 3);
+    bb.freeze();
+    let mut opt = AdamW::new(t.vs.variables().into_iter().collect(), AdamWConfig::default());
+    for _ in 0..2 {
+        opt.zero_grad();
+        bb.vit.forward_t(&x, true).cross_entropy_for_logits(&y).backward();
+        opt.step(1e-2);
+    }
+    // Rows of B for k (the middle third) stay exactly zero; q and v rows trained.
+    let b = &t.vs.variables()["blocks.0.attn.qkv.lora_B.weight"];
+    let d = 32;
+    assert_eq!(b.narrow(0, d, d).abs().sum(Kind::Float).double_value(&[]), 0.0);
+    assert!(b.narrow(0, 0, d).abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    assert!(b.narrow(0, 2 * d, d).abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    // Saved as a PEFT `qkv` adapter.
+    let dir = tmp_dir("qv");
+    peft::io::save(&t, &dir).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["target_modules"], serde_json::json!(["qkv"]));
+    let e = PeftSpec { lora_targets: vec!["qkv".into(), "q".into()], ..PeftSpec::default() }
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already covers"), "{e}");
+}

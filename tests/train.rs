@@ -248,7 +248,7 @@ fn tpp_targets_reach_finetuning_exactly() {
             "epochs": 1, "batch_size": 32, "lr": 1e-3, "min_lr": 0.0, "warmup": 0.0, "weight_decay": 0.05, "clip": 1.0,
             "seed": 9, "label_smoothing": 0.0, "mixup": 0.0, "patience": 0, "accum": 1, "layer_decay": 1.0, "image_size": 32,
             "norm": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-            "augment": {"hflip": true, "vflip": false, "crop_min_area": 1.0, "rotate_deg": 0.0, "jitter": 0.0}, "select": "auc"
+            "augment": {"hflip": true, "vflip": false, "crop_min_area": 1.0, "crop_max_area": 1.0, "rotate_deg": 0.0, "jitter": 0.0}, "select": "auc"
         }))
         .unwrap(),
     };
@@ -339,4 +339,100 @@ fn compare_keeps_finished_cells() {
     std::fs::write(&cfg, "backbone = 3").unwrap();
     let o = run();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("c.toml"));
+}
+
+#[test]
+fn dino_tpp_stage_student_learns_to_match_the_ema_teacher() {
+    use tpp::pretext::dino::{self, DinoConfig, DinoHead};
+    let ds = tpp::data::open(&data("breastmnist.npz"), None).unwrap();
+    let split = ds.train.subset(&(0..64).collect::<Vec<i64>>());
+    let opts = tpp::backbone::LoadOptions { num_heads: Some(3), img_size: Some(32), pool: None };
+    let (bb, _) = Backbone::load(&fixture("timm_vit_avg_fcnorm.safetensors"), &opts, Device::Cpu).unwrap();
+    let frozen: Vec<(String, Tensor)> = bb.vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
+    let mut teacher = bb.vit.share_backbone();
+    let spec = PeftSpec::with_methods(&[Method::Lora]);
+    let student = tpp::model::PeftModel::from_backbone(bb, &spec, Device::Cpu, 0).unwrap();
+    let mut t_targets = Targets::attach(&mut teacher, &spec, Device::Cpu).unwrap();
+    t_targets.vs.copy(&student.targets.vs).unwrap();
+    t_targets.vs.freeze();
+    let cfg = DinoConfig { out_dim: 64, hidden_dim: 128, bottleneck_dim: 32, local_crops: 2, ..Default::default() };
+    let s_vs = nn::VarStore::new(Device::Cpu);
+    let s_head = DinoHead::new(&s_vs.root(), 48, &cfg);
+    let mut t_vs = nn::VarStore::new(Device::Cpu);
+    let t_head = DinoHead::new(&t_vs.root(), 48, &cfg);
+    t_vs.copy(&s_vs).unwrap();
+    t_vs.freeze();
+    // KL(teacher || student) on a fixed batch of global views, with the same temperatures as training.
+    let x = Norm::HALF.apply(&split.images.narrow(0, 0, 32));
+    let x = tpp::data::transforms::resize(&x, 32);
+    // The training target: the centred, sharpened teacher (centre as at the end of training).
+    let kl = |center: &Tensor| {
+        let _g = tch::no_grad_guard();
+        let t = ((dino::project(&teacher, &t_head, &x, false) - center) / cfg.teacher_temp).softmax(-1, Kind::Float);
+        let s = (dino::project(&student.bb.vit, &s_head, &x, false) / cfg.student_temp).log_softmax(-1, Kind::Float);
+        (&t * (t.clamp_min(1e-12).log() - s))
+            .sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[])
+    };
+    let mut params: Vec<(String, Tensor)> = student.targets.vs.variables().into_iter().collect();
+    params.extend(s_vs.variables().into_iter().map(|(k, v)| (format!("pretext.{k}"), v)));
+    let pcfg = PretrainConfig {
+        epochs: 15,
+        batch_size: 32,
+        lr: 1e-3,
+        min_lr: 0.0,
+        warmup: 0.1,
+        weight_decay: 0.04,
+        clip: 3.0,
+        seed: 0,
+        image_size: 32,
+        norm: Norm::HALF,
+        augment: Augment::NONE,
+        mae: MaeConfig::default(),
+        preview_every: 0,
+    };
+    let out = tmp_dir("dino-stage");
+    let t_before: Vec<(String, Tensor)> = t_targets.vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
+    let s_before: Vec<(String, Tensor)> =
+        student.targets.vs.variables().into_iter().chain(s_vs.variables()).map(|(k, v)| (k, v.copy())).collect();
+    let parts = tpp::train::pretrain::DinoParts {
+        student: &student.bb.vit,
+        teacher: &teacher,
+        s_head: &s_head,
+        t_head: &t_head,
+        ema: vec![(&t_targets.vs, &student.targets.vs), (&t_vs, &s_vs)],
+    };
+    let summary =
+        tpp::train::pretrain::train_dino(&parts, params, &split, &pcfg, &cfg, Device::Cpu, &out, &mut || Ok(()))
+            .unwrap();
+    let center = summary.center.expect("DINO reports its centre");
+    let kl1 = kl(&center);
+    // The same target against the student as it was before training.
+    let trained: Vec<(String, Tensor)> =
+        student.targets.vs.variables().into_iter().chain(s_vs.variables()).map(|(k, v)| (k, v.copy())).collect();
+    tch::no_grad(|| {
+        let vars: std::collections::HashMap<String, Tensor> =
+            student.targets.vs.variables().into_iter().chain(s_vs.variables()).collect();
+        for (k, v) in &s_before {
+            vars[k].shallow_clone().copy_(v);
+        }
+    });
+    let kl0 = kl(&center);
+    tch::no_grad(|| {
+        let vars: std::collections::HashMap<String, Tensor> =
+            student.targets.vs.variables().into_iter().chain(s_vs.variables()).collect();
+        for (k, v) in &trained {
+            vars[k].shallow_clone().copy_(v);
+        }
+    });
+    eprintln!("KL(teacher || student): untrained {kl0:.4}, trained {kl1:.4}");
+    assert_eq!(summary.steps, 30);
+    assert!(kl1 < 0.5 * kl0, "the student did not learn to match the teacher: KL {kl0:.4} -> {kl1:.4}");
+    assert!(std::fs::read_to_string(out.join("loss.csv")).unwrap().lines().count() == 31);
+    // The teacher moved (EMA of a moving student) but the shared backbone did not.
+    let now = t_targets.vs.variables();
+    assert!(t_before.iter().any(|(k, v)| !now[k].equal(v)));
+    let bbv = student.bb.vs.variables();
+    assert!(frozen.iter().all(|(k, v)| bbv[k].equal(v)), "backbone changed");
 }

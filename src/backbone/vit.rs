@@ -24,12 +24,22 @@ pub struct Lora {
     pub scale: f64,
     pub dropout: f64,
     pub magnitude: Option<Tensor>,
+    /// [out, 1] of 0/1: which output rows the update may touch (q/k/v targeting inside a fused qkv).
+    pub row_mask: Option<Tensor>,
 }
 
 impl Lora {
+    /// B with the rows outside the mask zeroed (they then get no gradient either).
+    pub fn b_eff(&self) -> Tensor {
+        match &self.row_mask {
+            Some(m) => &self.b * m,
+            None => self.b.shallow_clone(),
+        }
+    }
+
     /// The dense update `scale * B A` [out, in].
     pub fn delta(&self) -> Tensor {
-        self.b.matmul(&self.a) * self.scale
+        self.b_eff().matmul(&self.a) * self.scale
     }
 }
 
@@ -66,7 +76,7 @@ impl Linear {
             None => x.linear(&self.weight, self.bias.as_ref()),
             Some(l) => {
                 let xd = if train && l.dropout > 0.0 { x.dropout(l.dropout, true) } else { x.shallow_clone() };
-                let up = xd.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None) * l.scale;
+                let up = xd.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b_eff(), None) * l.scale;
                 match &l.magnitude {
                     None => x.linear(&self.weight, self.bias.as_ref()) + up,
                     Some(m) => {
@@ -517,5 +527,59 @@ impl Vit {
             lin(&mut put, "head", h)?;
         }
         Ok(out)
+    }
+}
+
+impl Linear {
+    /// The same weights (shared tensors), without PEFT hooks.
+    pub fn share(&self) -> Linear {
+        Linear {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            lora: None,
+            ssf: None,
+        }
+    }
+}
+
+impl LayerNorm {
+    pub fn share(&self) -> LayerNorm {
+        LayerNorm { weight: self.weight.shallow_clone(), bias: self.bias.shallow_clone(), eps: self.eps, ssf: None }
+    }
+}
+
+impl Vit {
+    /// A second view of the same backbone weights (shared tensors, not copies) with no PEFT modules and no
+    /// head: DINO's teacher gets its own target parameters on top of the student's frozen backbone.
+    /// Call before attaching PEFT methods that replace backbone tensors (BitFit).
+    pub fn share_backbone(&self) -> Vit {
+        let opt = |t: &Option<Tensor>| t.as_ref().map(Tensor::shallow_clone);
+        Vit {
+            cfg: self.cfg.clone(),
+            patch_w: self.patch_w.shallow_clone(),
+            patch_b: self.patch_b.shallow_clone(),
+            cls_token: opt(&self.cls_token),
+            reg_token: opt(&self.reg_token),
+            pos_embed: self.pos_embed.shallow_clone(),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| Block {
+                    norm1: b.norm1.share(),
+                    attn: Attention { qkv: b.attn.qkv.share(), proj: b.attn.proj.share(), num_heads: b.attn.num_heads },
+                    ls1: opt(&b.ls1),
+                    norm2: b.norm2.share(),
+                    mlp: Mlp { fc1: b.mlp.fc1.share(), fc2: b.mlp.fc2.share() },
+                    ls2: opt(&b.ls2),
+                    adapt_mlp: None,
+                    houlsby_attn: None,
+                    houlsby_mlp: None,
+                })
+                .collect(),
+            norm: self.norm.as_ref().map(LayerNorm::share),
+            fc_norm: self.fc_norm.as_ref().map(LayerNorm::share),
+            head: None,
+            prompts: None,
+        }
     }
 }

@@ -378,6 +378,7 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
                     },
                     decoder: t.decoder.clone(),
                     freeze_decoder: false,
+                    dino: crate::pretext::dino::DinoConfig::default(),
                 },
                 tpp_dir.clone(),
             ));

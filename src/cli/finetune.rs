@@ -89,6 +89,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
             hflip: !a.no_hflip,
             vflip: false,
             crop_min_area: a.crop_min_area,
+            crop_max_area: 1.0,
             rotate_deg: a.rotate,
             jitter: a.jitter,
         },

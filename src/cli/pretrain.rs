@@ -57,6 +57,44 @@ impl MaeArgs {
     }
 }
 
+/// DINO pretext options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DinoArgs {
+    /// Prototypes of the DINO head
+    #[arg(long, default_value_t = 4096)]
+    pub dino_out_dim: i64,
+    #[arg(long, default_value_t = 4)]
+    pub dino_local_crops: i64,
+    /// Local crop size in pixels (default: 0.43 x image size, a multiple of the patch size)
+    #[arg(long, default_value_t = 0)]
+    pub dino_local_size: i64,
+    #[arg(long, default_value_t = 0.04)]
+    pub dino_teacher_temp: f64,
+    /// Teacher temperature at the start of the warm-up
+    #[arg(long, default_value_t = 0.04)]
+    pub dino_warmup_teacher_temp: f64,
+    #[arg(long, default_value_t = 0)]
+    pub dino_warmup_teacher_epochs: i64,
+    /// EMA momentum at the start (cosine to 1)
+    #[arg(long, default_value_t = 0.996)]
+    pub dino_momentum: f64,
+}
+
+impl DinoArgs {
+    fn config(&self) -> crate::pretext::dino::DinoConfig {
+        crate::pretext::dino::DinoConfig {
+            out_dim: self.dino_out_dim,
+            local_crops: self.dino_local_crops,
+            local_size: self.dino_local_size,
+            teacher_temp: self.dino_teacher_temp,
+            warmup_teacher_temp: self.dino_warmup_teacher_temp,
+            warmup_teacher_epochs: self.dino_warmup_teacher_epochs,
+            momentum: self.dino_momentum,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct TargetsArgs {
     #[command(flatten)]
@@ -71,6 +109,8 @@ pub struct TargetsArgs {
     pub pretext: Pretext,
     #[command(flatten)]
     pub mae: MaeArgs,
+    #[command(flatten)]
+    pub dino: DinoArgs,
     /// Output folder: targets/, pretext_head.safetensors, config.json, loss.csv, previews
     #[arg(long)]
     pub out: PathBuf,
@@ -176,6 +216,8 @@ pub struct TppRecord {
     /// auto, checkpoint or fresh
     pub decoder: String,
     pub freeze_decoder: bool,
+    #[serde(default)]
+    pub dino: crate::pretext::dino::DinoConfig,
 }
 
 pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
@@ -192,15 +234,13 @@ pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
         config: cfg,
         decoder: a.mae.decoder.clone(),
         freeze_decoder: a.mae.freeze_decoder,
+        dino: a.dino.config(),
     };
     execute_targets(&rec, &a.out, device)
 }
 
 /// Runs the TPP stage of `rec` into `out` (targets/, pretext_head.safetensors, config.json, loss.csv).
 pub fn execute_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<()> {
-    if rec.pretext == Pretext::Dino {
-        bail!("--pretext dino is not available yet in this version; use --pretext mae");
-    }
     let spec = &rec.peft;
     if spec.has(crate::peft::Method::Linear) || spec.has(crate::peft::Method::Full) {
         bail!(
@@ -216,6 +256,10 @@ pub fn execute_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<()
     model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow::anyhow!("{}: {e}", rec.data.display()))?;
     let cfg = PretrainConfig { image_size: img, ..rec.config.clone() };
     create_out(out)?;
+    if rec.pretext == Pretext::Dino {
+        drop(model);
+        return execute_dino(rec, &cfg, &ds, &opts, out, device);
+    }
     // The pretext head: the checkpoint's MAE decoder when it has one (unless --decoder fresh), else new.
     let mut dec_vs = nn::VarStore::new(device);
     let use_ck = match rec.decoder.as_str() {
@@ -280,6 +324,88 @@ pub fn execute_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<()
     write_json(&out.join("config.json"), &record)?;
     eprintln!(
         "done: {} steps, loss {:.4} -> {:.4}, {:.0} img/s; target parameters in {}",
+        summary.steps,
+        summary.first_loss,
+        summary.final_loss,
+        summary.images_per_s,
+        targets_dir.display()
+    );
+    Ok(())
+}
+
+/// The DINO variant of the TPP stage: the teacher's (EMA) target parameters are saved, as DINO evaluates
+/// its teacher; the pretext head saved is the teacher's head.
+fn execute_dino(
+    rec: &TppRecord,
+    cfg: &PretrainConfig,
+    ds: &crate::data::Dataset,
+    opts: &crate::backbone::LoadOptions,
+    out: &Path,
+    device: Device,
+) -> Result<()> {
+    use crate::pretext::dino::DinoHead;
+    let spec = &rec.peft;
+    let seed = cfg.seed;
+    let (bb, ck) = Backbone::load(&rec.backbone, opts, device)?;
+    let mut teacher = bb.vit.share_backbone();
+    let student = PeftModel::from_backbone(bb, spec, device, seed)?;
+    let mut t_targets = crate::peft::Targets::attach(&mut teacher, spec, device)?;
+    t_targets.vs.copy(&student.targets.vs)?;
+    t_targets.vs.freeze();
+    let d = student.bb.vit.cfg.embed_dim;
+    let s_head_vs = nn::VarStore::new(device);
+    tch::manual_seed(seed as i64 + 1);
+    let s_head = DinoHead::new(&s_head_vs.root(), d, &rec.dino);
+    let mut t_head_vs = nn::VarStore::new(device);
+    let t_head = DinoHead::new(&t_head_vs.root(), d, &rec.dino);
+    t_head_vs.copy(&s_head_vs)?;
+    t_head_vs.freeze();
+    let mut params: Vec<(String, Tensor)> = student.targets.vs.variables().into_iter().collect();
+    params.extend(s_head_vs.variables().into_iter().map(|(k, v)| (format!("pretext.{k}"), v)));
+    params.sort_by(|x, y| x.0.cmp(&y.0));
+    let (trainable, total) = student.counts();
+    eprintln!(
+        "TPP (dino) on {} ({} train images, labels unused): {} {}; DINO head {} prototypes, {} local crops",
+        ds.name,
+        ds.train.len(),
+        spec.label(),
+        crate::peft::count_line(trainable, total),
+        rec.dino.out_dim,
+        rec.dino.local_crops
+    );
+    let targets_dir = out.join("targets");
+    let head_path = out.join("pretext_head.safetensors");
+    let mut save = || -> Result<()> {
+        crate::peft::io::save(&t_targets, &targets_dir)?;
+        let mut named: Vec<(String, Tensor)> =
+            t_head_vs.variables().into_iter().map(|(k, v)| (format!("dino_head.{k}"), v)).collect();
+        named.sort_by(|x, y| x.0.cmp(&y.0));
+        save_tensors(&head_path, &named)
+    };
+    let parts = crate::train::pretrain::DinoParts {
+        student: &student.bb.vit,
+        teacher: &teacher,
+        s_head: &s_head,
+        t_head: &t_head,
+        ema: vec![(&t_targets.vs, &student.targets.vs), (&t_head_vs, &s_head_vs)],
+    };
+    let summary =
+        crate::train::pretrain::train_dino(&parts, params, &ds.train, cfg, &rec.dino, device, out, &mut save)?;
+    let record = json!({
+        "command": "pretrain-targets",
+        "record": TppRecord { config: cfg.clone(), ..rec.clone() },
+        "backbone_format": ck.format.to_string(),
+        "dataset": ds.name, "train_images": ds.train.len(),
+        "saved_targets": "teacher (EMA)",
+        "device": format!("{device:?}"),
+        "trainable_params": trainable, "total_params": total,
+        "steps": summary.steps, "first_loss": summary.first_loss, "final_loss": summary.final_loss,
+        "seconds": summary.seconds, "images_per_s": summary.images_per_s,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    write_json(&out.join("config.json"), &record)?;
+    eprintln!(
+        "done: {} steps, DINO loss {:.4} -> {:.4}, {:.0} img/s; target parameters (teacher) in {}",
         summary.steps,
         summary.first_loss,
         summary.final_loss,

@@ -13,20 +13,28 @@ pub struct Augment {
     pub vflip: bool,
     /// Random resized crop: minimum area fraction (1.0: no crop).
     pub crop_min_area: f64,
+    /// Random resized crop: maximum area fraction.
+    #[serde(default = "one")]
+    pub crop_max_area: f64,
     /// Maximum rotation in degrees.
     pub rotate_deg: f64,
     /// Brightness / contrast jitter amplitude (0: none).
     pub jitter: f64,
 }
 
+fn one() -> f64 {
+    1.0
+}
+
 impl Default for Augment {
     fn default() -> Self {
-        Augment { hflip: true, vflip: false, crop_min_area: 0.8, rotate_deg: 0.0, jitter: 0.0 }
+        Augment { hflip: true, vflip: false, crop_min_area: 0.8, crop_max_area: 1.0, rotate_deg: 0.0, jitter: 0.0 }
     }
 }
 
 impl Augment {
-    pub const NONE: Augment = Augment { hflip: false, vflip: false, crop_min_area: 1.0, rotate_deg: 0.0, jitter: 0.0 };
+    pub const NONE: Augment =
+        Augment { hflip: false, vflip: false, crop_min_area: 1.0, crop_max_area: 1.0, rotate_deg: 0.0, jitter: 0.0 };
 
     fn is_identity_warp(&self) -> bool {
         !self.hflip && !self.vflip && self.crop_min_area >= 1.0 && self.rotate_deg == 0.0
@@ -36,7 +44,8 @@ impl Augment {
     fn thetas(&self, b: i64, rng: &mut ChaCha8Rng) -> Vec<f32> {
         let mut th = Vec::with_capacity(b as usize * 6);
         for _ in 0..b {
-            let area = if self.crop_min_area < 1.0 { rng.random_range(self.crop_min_area..=1.0) } else { 1.0 };
+            let max_area = self.crop_max_area.clamp(self.crop_min_area, 1.0);
+            let area = if self.crop_min_area < 1.0 { rng.random_range(self.crop_min_area..=max_area) } else { 1.0 };
             let log_r = rng.random_range((3f64 / 4.0).ln()..=(4f64 / 3.0).ln());
             let r = if self.crop_min_area < 1.0 { log_r.exp() } else { 1.0 };
             let sx = (area * r).sqrt().min(1.0);
@@ -65,10 +74,23 @@ impl Augment {
 
     /// Warps images (float [B, C, H, W]) and, when given, masks (int64 [B, H, W]) identically.
     pub fn apply(&self, x: &Tensor, masks: Option<&Tensor>, rng: &mut ChaCha8Rng) -> (Tensor, Option<Tensor>) {
-        let (b, c, h, w) = x.size4().expect("images are [B, C, H, W]");
+        let (_, _, h, w) = x.size4().expect("images are [B, C, H, W]");
+        self.warp(x, masks, (h, w), rng)
+    }
+
+    /// As [`Self::apply`], sampling the output directly at `out` = (height, width) (multi-crop).
+    pub fn warp(
+        &self,
+        x: &Tensor,
+        masks: Option<&Tensor>,
+        out: (i64, i64),
+        rng: &mut ChaCha8Rng,
+    ) -> (Tensor, Option<Tensor>) {
+        let (b, c, h0, w0) = x.size4().expect("images are [B, C, H, W]");
+        let (h, w) = out;
         let mut x = x.shallow_clone();
         let mut m = masks.map(Tensor::shallow_clone);
-        if !self.is_identity_warp() {
+        if !self.is_identity_warp() || (h, w) != (h0, w0) {
             let theta =
                 Tensor::from_slice(&self.thetas(b, rng)).reshape([b, 2, 3]).to_device(x.device()).to_kind(x.kind());
             let grid = Tensor::affine_grid_generator(&theta, [b, c, h, w], false);

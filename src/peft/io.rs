@@ -46,7 +46,8 @@ pub fn save(t: &Targets, dir: &Path) -> Result<()> {
             "r": t.spec.lora_rank,
             "lora_alpha": t.spec.lora_alpha,
             "lora_dropout": t.spec.lora_dropout,
-            "target_modules": t.spec.lora_targets,
+            // q/k/v targeting is stored as PEFT's fused `qkv` (the other rows of B are zero).
+            "target_modules": peft_modules(&t.spec.lora_targets),
             "use_dora": t.spec.has(Method::Dora),
             "bias": "none",
             "fan_in_fan_out": false,
@@ -64,6 +65,17 @@ pub fn save(t: &Targets, dir: &Path) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+fn peft_modules(targets: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for t in targets {
+        let m = if matches!(t.as_str(), "q" | "k" | "v") { "qkv".to_string() } else { t.clone() };
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    out
 }
 
 /// The spec of a saved folder: `tpp_peft.json`, or else an HF PEFT LoRA `adapter_config.json`.

@@ -4,6 +4,7 @@ use super::{Method, PeftMethod, PeftSpec, block_linears, kaiming_uniform_a5};
 use crate::backbone::Vit;
 use crate::backbone::vit::Lora;
 use anyhow::Result;
+use tch::Tensor;
 use tch::nn::{self, Init};
 
 pub struct LoraMethod {
@@ -21,7 +22,23 @@ impl PeftMethod for LoraMethod {
         for (i, blk) in vit.blocks.iter_mut().enumerate() {
             for (name, lin) in block_linears(blk) {
                 let short = name.rsplit('.').next().unwrap_or(name);
-                if !self.spec.lora_targets.iter().any(|t| t == short) {
+                let has = |t: &str| self.spec.lora_targets.iter().any(|x| x == t);
+                // q/k/v: LoRA on the fused qkv whose update is restricted to those thirds of the output. The
+                // factors keep PEFT's qkv shapes (masked rows of B stay exactly zero), so the file is a
+                // valid HF PEFT `qkv` adapter.
+                let parts: Vec<usize> =
+                    ["q", "k", "v"].iter().enumerate().filter(|(_, p)| has(p)).map(|(i, _)| i).collect();
+                let row_mask = if short == "qkv" && !has("qkv") && !parts.is_empty() {
+                    let d = lin.out_dim() / 3;
+                    let mut m = vec![0f32; (3 * d) as usize];
+                    for &i in &parts {
+                        m[i * d as usize..(i + 1) * d as usize].fill(1.0);
+                    }
+                    Some(Tensor::from_slice(&m).reshape([3 * d, 1]).to_device(p.device()))
+                } else {
+                    None
+                };
+                if !has(short) && row_mask.is_none() {
                     continue;
                 }
                 let lp = super::sub_path(&(p / "blocks" / i), name);
@@ -41,6 +58,7 @@ impl PeftMethod for LoraMethod {
                     scale: self.spec.lora_alpha / r as f64,
                     dropout: self.spec.lora_dropout,
                     magnitude,
+                    row_mask,
                 });
             }
         }

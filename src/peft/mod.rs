@@ -82,8 +82,8 @@ impl std::str::FromStr for Method {
     }
 }
 
-/// Which linears of a block LoRA/DoRA adapt.
-pub const LORA_TARGETS: &[&str] = &["qkv", "proj", "fc1", "fc2"];
+/// Which linears of a block LoRA/DoRA adapt; `q`, `k`, `v` select parts of the fused `qkv` projection.
+pub const LORA_TARGETS: &[&str] = &["qkv", "proj", "fc1", "fc2", "q", "k", "v"];
 
 /// Everything that defines the target parameters: methods and their options. Saved with them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -164,6 +164,11 @@ impl PeftSpec {
             if !LORA_TARGETS.contains(&t.as_str()) {
                 bail!("--lora-targets: unknown layer '{t}' (expected some of {})", LORA_TARGETS.join(", "));
             }
+        }
+        if self.lora_targets.iter().any(|t| t == "qkv")
+            && self.lora_targets.iter().any(|t| matches!(t.as_str(), "q" | "k" | "v"))
+        {
+            bail!("--lora-targets: 'qkv' already covers q, k and v; give either qkv or some of q, k, v");
         }
         if (self.has(Method::Adaptformer) || self.has(Method::Houlsby)) && self.adapter_dim <= 0 {
             bail!("--adapter-dim must be positive");

@@ -74,12 +74,7 @@ fn logits(model: &PeftModel, x: &Tensor, train: bool) -> Tensor {
 pub type Rows = Vec<Vec<f64>>;
 
 /// Class (or label) probabilities and truths of a whole split, in order. No gradient, eval mode.
-pub fn predict_split(
-    model: &PeftModel,
-    split: &Split,
-    task: Task,
-    loader: LoaderConfig,
-) -> Result<(Rows, Rows)> {
+pub fn predict_split(model: &PeftModel, split: &Split, task: Task, loader: LoaderConfig) -> Result<(Rows, Rows)> {
     let _g = tch::no_grad_guard();
     let mut probs = Vec::new();
     let mut truth = Vec::new();
