@@ -5,6 +5,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod heads;
 pub mod model;
 pub mod peft;
 pub mod pretext;

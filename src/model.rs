@@ -9,6 +9,8 @@ pub struct PeftModel {
     pub bb: Backbone,
     pub targets: Targets,
     pub device: Device,
+    /// Segmentation head (target parameters), for segmentation tasks.
+    pub seg_head: Option<crate::heads::segmentation::SegHead>,
 }
 
 impl PeftModel {
@@ -38,7 +40,7 @@ impl PeftModel {
                 bb.vs.set_kind(Kind::BFloat16);
             }
         }
-        Ok(PeftModel { bb, targets, device })
+        Ok(PeftModel { bb, targets, device, seg_head: None })
     }
 
     pub fn is_full(&self) -> bool {
@@ -48,6 +50,20 @@ impl PeftModel {
     /// Adds a fresh task head (a target parameter).
     pub fn add_head(&mut self, num_classes: i64) {
         self.targets.add_head(&mut self.bb.vit, num_classes);
+    }
+
+    /// Adds a fresh segmentation head (`seg_head.*`, target parameters) with `num_classes` outputs.
+    pub fn add_seg_head(&mut self, num_classes: i64) {
+        self.seg_head =
+            Some(crate::heads::segmentation::SegHead::new(&self.targets.vs.root(), &self.bb.vit, num_classes, 128));
+    }
+
+    /// Task output: class logits [B, K], or per-pixel logits [B, K, H, W] with a segmentation head.
+    pub fn forward_task(&self, x: &Tensor, train: bool) -> Tensor {
+        match &self.seg_head {
+            Some(h) => h.forward(&self.bb.vit, x, train),
+            None => self.bb.vit.forward_t(x, train),
+        }
     }
 
     /// Named parameters to optimise: the target store (and the backbone for full fine-tuning).

@@ -390,9 +390,16 @@ impl Vit {
     /// Runs the blocks and the final norm on a token sequence [B, prefix + N, D] (no prompts yet); VPT
     /// prompts are inserted after the prefix tokens and stay in the output.
     pub fn forward_tokens(&self, x: Tensor, train: bool) -> Tensor {
+        self.run_blocks(x, train, &[]).0
+    }
+
+    /// As [`Self::forward_tokens`], also returning the token sequences after the blocks in `levels`
+    /// (0-based; the last block's entry is taken after the final norm).
+    pub fn run_blocks(&self, x: Tensor, train: bool, levels: &[usize]) -> (Tensor, Vec<Tensor>) {
         let np = self.cfg.num_prefix_tokens();
         let b = x.size()[0];
         let mut x = x;
+        let mut taken = Vec::new();
         for (i, blk) in self.blocks.iter().enumerate() {
             if let Some(p) = &self.prompts
                 && (i == 0 || p.deep)
@@ -407,11 +414,18 @@ impl Vit {
                 x = Tensor::cat(&[x.narrow(1, 0, np), tok, x.narrow(1, np + skip, n - np - skip)], 1);
             }
             x = blk.forward(&x, train);
+            if levels.contains(&i) && i + 1 < self.blocks.len() {
+                taken.push(x.shallow_clone());
+            }
         }
-        match &self.norm {
+        let x = match &self.norm {
             Some(n) => n.forward(&x),
             None => x,
+        };
+        if levels.contains(&(self.blocks.len() - 1)) {
+            taken.push(x.shallow_clone());
         }
+        (x, taken)
     }
 
     /// timm `forward_features`: all tokens after the final norm (VPT prompts included).

@@ -50,10 +50,11 @@ impl PeftArgs {
 /// Dataset and how batches are made.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
-    /// Dataset: a MedMNIST .npz (format inferred from the path)
+    /// Dataset: a MedMNIST .npz, an image folder (root/<class>/*), a CSV manifest (path,label...), or a
+    /// segmentation folder (images/ + masks/); the format is inferred from the path
     #[arg(long)]
     pub data: PathBuf,
-    /// Force the dataset format (medmnist)
+    /// Force the dataset format: medmnist, folder, csv, segpairs
     #[arg(long)]
     pub format: Option<String>,
     /// Pixel normalisation: imagenet (pre-trained RGB backbones) or half ([-1, 1])
@@ -64,6 +65,12 @@ pub struct DataArgs {
     /// Keep a stratified, seeded fraction of the training labels (low-data studies)
     #[arg(long, default_value_t = 1.0)]
     pub train_fraction: f64,
+    /// Skip unreadable or inconsistent files (listed on stderr) instead of stopping
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Segmentation masks: number of classes (2: binarised at 127; more: pixel values are class ids)
+    #[arg(long, default_value_t = 2)]
+    pub mask_classes: i64,
 }
 
 /// Optimisation options shared by the TPP stage and fine-tuning.

@@ -289,10 +289,10 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
             bail!("compare: unknown reference '{r}' (expected linear or full)");
         }
     }
-    let ds = crate::data::open(&cfg.data, cfg.format.as_deref())?;
-    let task = ds.task;
-    let num_classes = ds.num_classes;
-    drop(ds);
+    // Task and classes only; each run reads the data at its model's size.
+    let probe =
+        crate::data::DataOptions { format: cfg.format.clone(), image_size: Some(16), grey: true, ..Default::default() };
+    let (task, num_classes) = crate::data::describe(&cfg.data, &probe)?;
     let select = cfg.select.clone().unwrap_or_else(|| default_select(task).into());
     let norm = Norm::parse(&cfg.norm)?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
@@ -329,6 +329,8 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
             data: cfg.data.clone(),
             format: cfg.format.clone(),
             train_fraction: f.train_fraction,
+            skip_bad: false,
+            mask_classes: 2,
             task,
             num_classes,
             config: ft_cfg(seed, full),

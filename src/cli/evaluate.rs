@@ -21,9 +21,13 @@ pub struct Args {
 }
 
 pub fn run(a: Args, device: Device) -> Result<()> {
-    let rec = RunRecord::read(&a.run)?;
+    let mut rec = RunRecord::read(&a.run)?;
     let data = a.data.clone().unwrap_or_else(|| rec.data.clone());
-    let ds = crate::data::open(&data, a.format.as_deref().or(rec.format.as_deref()))?;
+    if a.format.is_some() {
+        rec.format = a.format.clone();
+    }
+    let model = rec.load_trained(&a.run, device)?;
+    let (ds, _) = rec.open_data(&model, Some(&data))?;
     if ds.task != rec.task || ds.num_classes != rec.num_classes {
         bail!(
             "{}: task {:?} with {} classes, but the run was trained for {:?} with {}",
@@ -34,7 +38,6 @@ pub fn run(a: Args, device: Device) -> Result<()> {
             rec.num_classes
         );
     }
-    let model = rec.load_trained(&a.run, device)?;
     let loader = LoaderConfig {
         batch_size: 128,
         image_size: model.bb.vit.cfg.img_size,

@@ -65,8 +65,16 @@ pub struct Args {
 }
 
 pub fn run(a: Args, device: Device) -> Result<()> {
-    let ds = crate::data::open(&a.data.data, a.data.format.as_deref())?;
-    let select = a.select.clone().unwrap_or_else(|| default_select(ds.task).into());
+    // The task and class count (no decoding); the data is read at the model's size in `execute`.
+    let probe = crate::data::DataOptions {
+        format: a.data.format.clone(),
+        image_size: Some(16),
+        grey: true,
+        skip_bad: a.data.skip_bad,
+        mask_classes: a.data.mask_classes,
+    };
+    let (task, num_classes) = crate::data::describe(&a.data.data, &probe)?;
+    let select = a.select.clone().unwrap_or_else(|| default_select(task).into());
     let is_full = a.peft.peft.contains(&crate::peft::Method::Full);
     let cfg = FinetuneConfig {
         epochs: a.optim.epochs,
@@ -105,11 +113,12 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         data: a.data.data.clone(),
         format: a.data.format.clone(),
         train_fraction: a.data.train_fraction,
-        task: ds.task,
-        num_classes: ds.num_classes,
+        skip_bad: a.data.skip_bad,
+        mask_classes: a.data.mask_classes,
+        task,
+        num_classes,
         config: cfg,
     };
-    drop(ds);
     let (state, ev) = execute(&record, &a.out, a.resume, device)?;
     let show: Vec<String> = ev.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
     eprintln!(
@@ -124,24 +133,26 @@ pub fn run(a: Args, device: Device) -> Result<()> {
 }
 
 pub fn default_select(task: Task) -> &'static str {
-    if task == Task::Ordinal { "kappa" } else { "auc" }
+    match task {
+        Task::Ordinal => "kappa",
+        Task::Segmentation => "dice",
+        _ => "auc",
+    }
 }
 
 /// Runs (or resumes) one fine-tuning run described by `rec` in `out`: train with selection on
 /// validation, then one evaluation of the best weights on the test split. Writes the run folder.
 /// The model of a run before training: backbone, target parameters (from `init_targets` when given,
 /// their usual init otherwise) and a fresh head; with the (label-subsetted) dataset.
+#[allow(clippy::type_complexity)]
 pub fn prepare(
     rec: &RunRecord,
     device: Device,
-) -> Result<(PeftModel, crate::data::Dataset, crate::backbone::Checkpoint)> {
-    let ds = crate::data::open(&rec.data, rec.format.as_deref())?
-        .with_train_fraction(rec.train_fraction, rec.config.seed)?;
-    if ds.task == Task::Segmentation {
-        bail!("{}: segmentation fine-tuning is not available yet in this version", rec.data.display());
-    }
+) -> Result<(PeftModel, crate::data::Dataset, crate::backbone::Checkpoint, Option<(Vec<PathBuf>, [Vec<i64>; 3])>)> {
     let spec = &rec.peft;
     let (mut model, ck) = PeftModel::build(&rec.backbone, &rec.load_options(), spec, device, rec.config.seed)?;
+    let (ds, files) = rec.open_data(&model, None)?;
+    let ds = ds.with_train_fraction(rec.train_fraction, rec.config.seed)?;
     let img = model.bb.vit.cfg.img_size;
     model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow!("{}: {e}", rec.data.display()))?;
     if let Some(init) = &rec.init_targets {
@@ -152,14 +163,18 @@ pub fn prepare(
         }
         peft::io::load_values(&model.targets, &dir, false)?;
     }
-    model.add_head(ds.num_classes);
-    Ok((model, ds, ck))
+    if ds.task == Task::Segmentation {
+        model.add_seg_head(ds.num_classes);
+    } else {
+        model.add_head(ds.num_classes);
+    }
+    Ok((model, ds, ck, files))
 }
 
 /// Runs (or resumes) one fine-tuning run described by `rec` in `out`: train with selection on
 /// validation, then one evaluation of the best weights on the test split. Writes the run folder.
 pub fn execute(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Result<(State, Evaluation)> {
-    let (model, ds, ck) = prepare(rec, device)?;
+    let (model, ds, ck, files) = prepare(rec, device)?;
     let spec = &rec.peft;
     let img = model.bb.vit.cfg.img_size;
     let mut rec = rec.clone();
@@ -180,6 +195,9 @@ pub fn execute(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Res
     }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     rec.write(out)?;
+    if let Some((f, parts)) = &files {
+        crate::data::folder::write_splits(&out.join("splits.csv"), f, parts)?;
+    }
     let (trainable, total) = model.counts();
     eprintln!(
         "fine-tuning {} ({:?}, {} classes; train/val/test {}/{}/{}) from {} [{}]: {} {}{}",

@@ -14,7 +14,8 @@ pub struct Args {
     /// An image, a folder of images, or a float32 .npy [N, C, H, W] already normalised
     #[arg(long)]
     pub input: PathBuf,
-    /// CSV: input, predicted label, one probability column per class
+    /// CSV: input, predicted label, one probability column per class; for segmentation runs, a folder of
+    /// PNG masks (same names; 0/255 for binary, class ids otherwise) at each image's own size
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -39,6 +40,9 @@ pub fn run(a: Args, device: Device) -> Result<()> {
     model.bb.check_input(&x.size()).map_err(|e| anyhow!("{}: {e}", a.input.display()))?;
     let _g = tch::no_grad_guard();
     let x = resize(&x.to_device(device), size);
+    if rec.task == crate::data::Task::Segmentation {
+        return write_masks(&model, &x, &names, &a, device);
+    }
     let logits = crate::device::autocast(device, || model.bb.vit.forward_t(&x, false)).to_kind(Kind::Float);
     let probs =
         if rec.task == crate::data::Task::Multilabel { logits.sigmoid() } else { logits.softmax(-1, Kind::Float) };
@@ -64,5 +68,41 @@ pub fn run(a: Args, device: Device) -> Result<()> {
     }
     std::fs::write(&a.out, csv).with_context(|| format!("{}: cannot write", a.out.display()))?;
     eprintln!("wrote {} predictions to {}", names.len(), a.out.display());
+    Ok(())
+}
+
+fn write_masks(model: &crate::model::PeftModel, x: &Tensor, names: &[String], a: &Args, device: Device) -> Result<()> {
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create folder", a.out.display()))?;
+    let n = x.size()[0];
+    let mut k = 0;
+    for i in (0..n).step_by(16) {
+        let b = 16.min(n - i);
+        let logits =
+            crate::device::autocast(device, || model.forward_task(&x.narrow(0, i, b), false)).to_kind(Kind::Float);
+        for j in 0..b {
+            let name = &names[(i + j) as usize];
+            let src = std::path::Path::new(name);
+            // Back to the image's own size when it is a file.
+            let l = logits.get(j).unsqueeze(0);
+            let l = match image::image_dimensions(src) {
+                Ok((w, h)) => l.upsample_bilinear2d([h as i64, w as i64], false, None, None),
+                Err(_) => l,
+            };
+            let m = l.argmax(1, false).squeeze_dim(0).to_kind(Kind::Uint8).to_device(Device::Cpu);
+            let classes = logits.size()[1];
+            let m = if classes == 2 { m * 255 } else { m };
+            let (h, w) = (m.size()[0] as u32, m.size()[1] as u32);
+            let px = Vec::<u8>::try_from(m.flatten(0, -1))?;
+            let stem =
+                src.file_stem().and_then(|s| s.to_str()).map(str::to_string).unwrap_or_else(|| format!("{}", i + j));
+            let path = a.out.join(format!("{stem}.png"));
+            image::GrayImage::from_raw(w, h, px)
+                .ok_or_else(|| anyhow!("mask buffer"))?
+                .save(&path)
+                .with_context(|| format!("{}: cannot write", path.display()))?;
+            k += 1;
+        }
+    }
+    eprintln!("wrote {k} masks to {}", a.out.display());
     Ok(())
 }

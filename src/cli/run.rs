@@ -21,12 +21,21 @@ pub struct RunRecord {
     pub data: PathBuf,
     pub format: Option<String>,
     pub train_fraction: f64,
+    #[serde(default)]
+    pub skip_bad: bool,
+    /// Segmentation masks: classes (2: binarised).
+    #[serde(default = "two")]
+    pub mask_classes: i64,
     pub task: Task,
     pub num_classes: i64,
     pub config: FinetuneConfig,
 }
 
 pub const RUN_JSON: &str = "run.json";
+
+fn two() -> i64 {
+    2
+}
 
 impl RunRecord {
     pub fn read(run: &Path) -> Result<Self> {
@@ -51,8 +60,28 @@ impl RunRecord {
     /// The model with fresh targets and head (weights to be loaded by the caller).
     pub fn build_model(&self, device: Device) -> Result<PeftModel> {
         let (mut m, _) = PeftModel::build(&self.backbone, &self.load_options(), &self.peft, device, self.config.seed)?;
-        m.add_head(self.num_classes);
+        if self.task == Task::Segmentation {
+            m.add_seg_head(self.num_classes);
+        } else {
+            m.add_head(self.num_classes);
+        }
         Ok(m)
+    }
+
+    /// Reads the run's dataset the way the model needs it (size and channels for file-based formats).
+    pub fn open_data(
+        &self,
+        model: &PeftModel,
+        data: Option<&Path>,
+    ) -> Result<(crate::data::Dataset, Option<(Vec<PathBuf>, [Vec<i64>; 3])>)> {
+        let o = crate::data::DataOptions {
+            format: self.format.clone(),
+            image_size: Some(model.bb.vit.cfg.img_size),
+            grey: model.bb.vit.cfg.in_chans == 1,
+            skip_bad: self.skip_bad,
+            mask_classes: self.mask_classes,
+        };
+        crate::data::open_with(data.unwrap_or(&self.data), &o)
     }
 
     /// The model with the run's final (best-on-validation) weights from `<run>/adapter`.

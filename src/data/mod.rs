@@ -1,28 +1,99 @@
 //! Data formats and loading. Each format is one module producing a [`Dataset`]; errors name the file.
 pub mod dataset;
+pub mod decode;
+pub mod folder;
 pub mod images;
 pub mod loader;
 pub mod medmnist;
 pub mod npy;
+pub mod segpairs;
 pub mod transforms;
 
 pub use dataset::{Dataset, Split, Task};
 
 use anyhow::{Result, bail};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-/// Opens a dataset, inferring the format from the path (`--format` overrides): a `.npz` (MedMNIST).
-pub fn open(path: &Path, format: Option<&str>) -> Result<Dataset> {
-    let fmt = match format {
-        Some(f) => f.to_string(),
-        None => match path.extension().and_then(|e| e.to_str()) {
-            Some("npz") => "medmnist".into(),
-            _ if !path.exists() => bail!("{}: no such file or folder", path.display()),
-            _ => bail!("{}: cannot infer the dataset format (supported: .npz MedMNIST); use --format", path.display()),
-        },
+/// How a dataset is read. `image_size` and `grey` apply to formats decoded from files (MedMNIST keeps its
+/// own size; batches are resized to the model's input anyway).
+#[derive(Debug, Clone, Default)]
+pub struct DataOptions {
+    pub format: Option<String>,
+    pub image_size: Option<i64>,
+    pub grey: bool,
+    pub skip_bad: bool,
+    /// Segmentation masks: number of classes (2: binarised at 127).
+    pub mask_classes: i64,
+}
+
+/// The format name for a path: `.npz` -> medmnist, `.csv` -> csv, a folder with images/ and masks/ ->
+/// segpairs, another folder -> folder.
+pub fn infer_format(path: &Path) -> Result<&'static str> {
+    if !path.exists() {
+        bail!("{}: no such file or folder", path.display());
+    }
+    Ok(match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("npz") => "medmnist",
+        Some("csv") => "csv",
+        _ if path.is_dir() && segpairs::is_segpairs(path) => "segpairs",
+        _ if path.is_dir() => "folder",
+        _ => bail!(
+            "{}: cannot infer the dataset format (.npz MedMNIST, .csv manifest, image folder, or images/ + masks/); use --format",
+            path.display()
+        ),
+    })
+}
+
+/// The task and number of classes of a dataset, without decoding any image of file-based formats.
+pub fn describe(path: &Path, o: &DataOptions) -> Result<(Task, i64)> {
+    let fmt = match &o.format {
+        Some(f) => f.as_str(),
+        None => infer_format(path)?,
     };
-    match fmt.as_str() {
-        "medmnist" | "npz" => medmnist::open(path),
-        other => bail!("unknown --format '{other}' (supported: medmnist)"),
+    Ok(match fmt {
+        "folder" => {
+            let i = folder::folder_items(path)?;
+            (i.task, i.class_names.len() as i64)
+        }
+        "csv" => {
+            let i = folder::csv_items(path)?;
+            (i.task, i.class_names.len() as i64)
+        }
+        "segpairs" => (Task::Segmentation, o.mask_classes.max(2)),
+        _ => {
+            let d = open_with(path, o)?.0;
+            (d.task, d.num_classes)
+        }
+    })
+}
+
+/// Opens a dataset, inferring the format from the path (`--format` overrides).
+pub fn open(path: &Path, format: Option<&str>) -> Result<Dataset> {
+    open_with(path, &DataOptions { format: format.map(str::to_string), ..Default::default() }).map(|(d, _)| d)
+}
+
+/// Opens a dataset; for file-based formats also returns (files, split indices) to record the split.
+pub fn open_with(path: &Path, o: &DataOptions) -> Result<(Dataset, Option<(Vec<PathBuf>, [Vec<i64>; 3])>)> {
+    let fmt = match &o.format {
+        Some(f) => f.as_str(),
+        None => infer_format(path)?,
+    };
+    let fo = folder::FileOptions { image_size: o.image_size.unwrap_or(224), grey: o.grey, skip_bad: o.skip_bad };
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("data").to_string();
+    match fmt {
+        "medmnist" | "npz" => Ok((medmnist::open(path)?, None)),
+        "folder" => {
+            let (d, f, p) = folder::build(&name, folder::folder_items(path)?, fo)?;
+            Ok((d, Some((f, p))))
+        }
+        "csv" => {
+            let (d, f, p) = folder::build(&name, folder::csv_items(path)?, fo)?;
+            Ok((d, Some((f, p))))
+        }
+        "segpairs" => {
+            let (d, f, p) = segpairs::open(path, fo, o.mask_classes)?;
+            Ok((d, Some((f, p))))
+        }
+        other => bail!("unknown --format '{other}' (supported: medmnist, folder, csv, segpairs)"),
     }
 }

@@ -67,7 +67,26 @@ pub struct State {
 
 /// Logits of a batch.
 fn logits(model: &PeftModel, x: &Tensor, train: bool) -> Tensor {
-    crate::device::autocast(model.device, || model.bb.vit.forward_t(x, train)).to_kind(Kind::Float)
+    crate::device::autocast(model.device, || model.forward_task(x, train)).to_kind(Kind::Float)
+}
+
+/// Segmentation: per-image, per-class pixel counts of a whole split (eval mode, no gradient).
+pub fn seg_counts(model: &PeftModel, split: &Split, loader: LoaderConfig) -> Result<Vec<metrics::SegCounts>> {
+    let _g = tch::no_grad_guard();
+    let mut out = Vec::new();
+    for b in epoch_batches(split, LoaderConfig { drop_last: false, ..loader }, None, 0, true) {
+        out.extend(crate::heads::segmentation::counts(&logits(model, &b.images, false), &b.labels));
+    }
+    Ok(out)
+}
+
+/// Validation (or test) metrics of a split for the task.
+fn split_metrics(model: &PeftModel, split: &Split, task: Task, loader: LoaderConfig) -> Result<BTreeMap<String, f64>> {
+    if task == Task::Segmentation {
+        return Ok(metrics::segmentation(&seg_counts(model, split, loader)?));
+    }
+    let (probs, truth) = predict_split(model, split, task, loader)?;
+    Ok(metrics::classification(task, &truth, &probs))
 }
 
 /// One row of numbers per image.
@@ -101,6 +120,9 @@ fn loss_fn(
     smoothing: f64,
     mix: Option<(&Tensor, f64)>,
 ) -> Tensor {
+    if task == Task::Segmentation {
+        return crate::heads::segmentation::loss(logits, labels);
+    }
     if task == Task::Multilabel {
         let y = labels.to_kind(Kind::Float);
         let y = match mix {
@@ -267,11 +289,12 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
         let mut seen = 0i64;
         let mut lr = sched.lr(step);
         opt.zero_grad();
-        let batches: Vec<_> = epoch_batches(&ds.train, loader, Some(cfg.augment), epoch_seed, false).collect();
+        let seg = ds.task == Task::Segmentation;
+        let batches: Vec<_> = epoch_batches(&ds.train, loader, Some(cfg.augment), epoch_seed, seg).collect();
         let nb = batches.len();
         for (i, b) in batches.into_iter().enumerate() {
             let bsz = b.images.size()[0];
-            let mix = if cfg.mixup > 0.0 && bsz > 1 {
+            let mix = if cfg.mixup > 0.0 && bsz > 1 && ds.task != Task::Segmentation {
                 let lam = sample_beta(&mut rng, cfg.mixup);
                 let mut perm: Vec<i64> = (0..bsz).collect();
                 for k in (1..perm.len()).rev() {
@@ -318,8 +341,7 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
                 paths.checkpoint().display()
             );
         }
-        let (probs, truth) = predict_split(model, &ds.val, ds.task, eval_loader)?;
-        let val = metrics::classification(ds.task, &truth, &probs);
+        let val = split_metrics(model, &ds.val, ds.task, eval_loader)?;
         let secs = t0.elapsed().as_secs_f64();
         let rec =
             EpochRecord { epoch: epoch + 1, train_loss, lr, seconds: secs, images_per_s: seen as f64 / secs, val };
@@ -429,6 +451,26 @@ pub fn evaluate(
     loader: LoaderConfig,
     name: &str,
 ) -> Result<Evaluation> {
+    if task == Task::Segmentation {
+        let counts = seg_counts(model, split, loader)?;
+        let m = metrics::segmentation(&counts);
+        let ci = metrics::bootstrap(counts.len(), 1000, 0, |idx| {
+            let c: Vec<metrics::SegCounts> = idx.iter().map(|&i| counts[i].clone()).collect();
+            metrics::segmentation(&c)
+        });
+        // Per-image Dice stands in for predictions (statistics across runs).
+        let per_image: Vec<Vec<f64>> =
+            counts.iter().map(|c| vec![metrics::segmentation(std::slice::from_ref(c))["dice"]]).collect();
+        return Ok(Evaluation {
+            split: name.into(),
+            n: counts.len(),
+            metrics: m,
+            ci95: ci,
+            confusion: None,
+            probs: per_image,
+            truth: vec![],
+        });
+    }
     let (probs, truth) = predict_split(model, split, task, loader)?;
     let m = metrics::classification(task, &truth, &probs);
     let ci = metrics::bootstrap(probs.len(), 1000, 0, |idx| {

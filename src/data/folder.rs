@@ -1,0 +1,187 @@
+//! Classification from files: an image folder (`root/<class>/*.png|jpg|tif|bmp`) or a CSV manifest
+//! (`path,label` or `path,label1,label2,...` for multi-label; paths relative to the CSV). Without official
+//! splits, a seeded stratified 70/10/20 train/val/test split is made (seed fixed, so every run and variant
+//! of a comparison sees the same split) and written beside the run as `splits.csv`.
+use super::dataset::{Dataset, Split, Task, stratified_subset};
+use super::decode::{decode_all, stack};
+use super::images::is_image;
+use anyhow::{Context, Result, anyhow, bail};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// How files become tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct FileOptions {
+    pub image_size: i64,
+    pub grey: bool,
+    pub skip_bad: bool,
+}
+
+/// Items (file, label row) before decoding.
+pub struct Items {
+    pub files: Vec<PathBuf>,
+    pub labels: Vec<Vec<f64>>,
+    pub class_names: Vec<String>,
+    pub task: Task,
+}
+
+pub fn folder_items(root: &Path) -> Result<Items> {
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(root)
+        .with_context(|| format!("{}: cannot list folder", root.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    classes.sort();
+    if classes.len() < 2 {
+        bail!("{}: an image-folder dataset needs one sub-folder per class (found {})", root.display(), classes.len());
+    }
+    let mut files = Vec::new();
+    let mut labels = Vec::new();
+    let mut names = Vec::new();
+    for (k, dir) in classes.iter().enumerate() {
+        let mut f: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("{}: cannot list folder", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && is_image(p))
+            .collect();
+        if f.is_empty() {
+            bail!("{}: class folder has no images", dir.display());
+        }
+        f.sort();
+        labels.extend(std::iter::repeat_n(vec![k as f64], f.len()));
+        files.extend(f);
+        names.push(dir.file_name().and_then(|s| s.to_str()).unwrap_or("?").to_string());
+    }
+    let task = if names.len() == 2 { Task::Binary } else { Task::Multiclass };
+    Ok(Items { files, labels, class_names: names, task })
+}
+
+pub fn csv_items(csv: &Path) -> Result<Items> {
+    let text = std::fs::read_to_string(csv).with_context(|| format!("{}: cannot read", csv.display()))?;
+    let base = csv.parent().unwrap_or(Path::new("."));
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header = lines.next().ok_or_else(|| anyhow!("{}: empty manifest", csv.display()))?;
+    let cols: Vec<&str> = header.split(',').map(str::trim).collect();
+    if cols.len() < 2 {
+        bail!("{}: header must be `path,label` or `path,<label1>,<label2>,...`", csv.display());
+    }
+    let multilabel = cols.len() > 2;
+    let mut files = Vec::new();
+    let mut raw: Vec<Vec<String>> = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        if f.len() != cols.len() {
+            bail!("{}: line {} has {} fields, the header has {}", csv.display(), i + 2, f.len(), cols.len());
+        }
+        files.push(base.join(f[0]));
+        raw.push(f[1..].iter().map(|s| s.to_string()).collect());
+    }
+    if files.is_empty() {
+        bail!("{}: no rows", csv.display());
+    }
+    if multilabel {
+        let labels = raw
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.iter()
+                    .map(|v| match v.as_str() {
+                        "0" => Ok(0.0),
+                        "1" => Ok(1.0),
+                        _ => Err(anyhow!(
+                            "{}: line {}: multi-label values must be 0 or 1, got '{v}'",
+                            csv.display(),
+                            i + 2
+                        )),
+                    })
+                    .collect::<Result<Vec<f64>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let names = cols[1..].iter().map(|s| s.to_string()).collect();
+        return Ok(Items { files, labels, class_names: names, task: Task::Multilabel });
+    }
+    let mut names: Vec<String> = raw.iter().map(|r| r[0].clone()).collect();
+    names.sort();
+    names.dedup();
+    // Integer labels keep their numeric order; names are sorted.
+    if names.iter().all(|n| n.parse::<i64>().is_ok()) {
+        names.sort_by_key(|n| n.parse::<i64>().unwrap_or(0));
+    }
+    let labels = raw.iter().map(|r| vec![names.iter().position(|n| *n == r[0]).unwrap_or(0) as f64]).collect();
+    let task = if names.len() == 2 { Task::Binary } else { Task::Multiclass };
+    Ok(Items { files, labels, class_names: names, task })
+}
+
+/// Seeded stratified split of `n` items: 70% train, 10% val, 20% test per stratum (at least one test
+/// and one val item per class when the class has three or more).
+pub fn split_indices(keys: &[i64], seed: u64) -> [Vec<i64>; 3] {
+    let split = Split {
+        images: Tensor::zeros([keys.len() as i64, 1, 1, 1], (Kind::Uint8, tch::Device::Cpu)),
+        labels: Tensor::from_slice(keys),
+    };
+    let test = stratified_subset(&split, Task::Multiclass, 0.2, seed);
+    let rest: Vec<i64> = (0..keys.len() as i64).filter(|i| test.binary_search(i).is_err()).collect();
+    let rest_keys: Vec<i64> = rest.iter().map(|&i| keys[i as usize]).collect();
+    let rsplit = Split {
+        images: Tensor::zeros([rest.len() as i64, 1, 1, 1], (Kind::Uint8, tch::Device::Cpu)),
+        labels: Tensor::from_slice(&rest_keys),
+    };
+    let val_local = stratified_subset(&rsplit, Task::Multiclass, 0.125, seed + 1);
+    let val: Vec<i64> = val_local.iter().map(|&j| rest[j as usize]).collect();
+    let train: Vec<i64> = rest.iter().copied().filter(|i| val.binary_search(i).is_err()).collect();
+    [train, val, test]
+}
+
+/// Decodes items into a dataset with a seeded split; `bad` files (with --skip-bad) are reported.
+pub fn build(name: &str, items: Items, opts: FileOptions) -> Result<(Dataset, Vec<PathBuf>, [Vec<i64>; 3])> {
+    let size = opts.image_size;
+    let (decoded, bad) = decode_all(&items.files, size as u32, opts.grey, false, opts.skip_bad)?;
+    for (i, e) in &bad {
+        eprintln!("skipped bad file {}: {e}", items.files[*i].display());
+    }
+    let keep: Vec<usize> = (0..items.files.len()).filter(|i| !bad.iter().any(|(b, _)| b == i)).collect();
+    let files: Vec<PathBuf> = keep.iter().map(|&i| items.files[i].clone()).collect();
+    let labels: Vec<Vec<f64>> = keep.iter().map(|&i| items.labels[i].clone()).collect();
+    let channels = if opts.grey { 1 } else { 3 };
+    let images = stack(&decoded, channels, size)?;
+    let width = labels[0].len() as i64;
+    let flat: Vec<f64> = labels.concat();
+    let lab = Tensor::from_slice(&flat).reshape([labels.len() as i64, width]);
+    let (lab, keys): (Tensor, Vec<i64>) = if items.task == Task::Multilabel {
+        let keys = Vec::<i64>::try_from(lab.argmax(1, false)).unwrap_or_default();
+        (lab.to_kind(Kind::Float), keys)
+    } else {
+        let l = lab.squeeze_dim(1).to_kind(Kind::Int64);
+        (l.shallow_clone(), Vec::<i64>::try_from(&l).unwrap_or_default())
+    };
+    let parts = split_indices(&keys, 0);
+    let take = |idx: &[i64]| Split {
+        images: images.index_select(0, &Tensor::from_slice(idx)),
+        labels: lab.index_select(0, &Tensor::from_slice(idx)),
+    };
+    let ds = Dataset {
+        name: name.to_string(),
+        task: items.task,
+        num_classes: items.class_names.len() as i64,
+        train: take(&parts[0]),
+        val: take(&parts[1]),
+        test: take(&parts[2]),
+    };
+    for (s, n) in [(&ds.train, "train"), (&ds.val, "val"), (&ds.test, "test")] {
+        if s.is_empty() {
+            bail!("{name}: the {n} split is empty (too few images per class)");
+        }
+    }
+    Ok((ds, files, parts))
+}
+
+/// Writes `splits.csv` (file, split) so a run's split is on record.
+pub fn write_splits(path: &Path, files: &[PathBuf], parts: &[Vec<i64>; 3]) -> Result<()> {
+    let mut s = String::from("file,split\n");
+    for (name, idx) in ["train", "val", "test"].iter().zip(parts) {
+        for &i in idx {
+            s.push_str(&format!("{},{name}\n", files[i as usize].display()));
+        }
+    }
+    std::fs::write(path, s).with_context(|| format!("{}: cannot write", path.display()))
+}

@@ -1,0 +1,138 @@
+//! A multi-level progressive-upsampling segmentation head (SETR-PUP style, fed by several blocks): patch
+//! tokens of 4 evenly spaced blocks are concatenated, projected (1x1 conv), then upsampled x2 per stage
+//! with conv3x3 + GroupNorm + ReLU until the patch size is undone; a 1x1 conv gives class logits at input
+//! resolution. Its parameters are target parameters (`seg_head.*`).
+use crate::backbone::Vit;
+use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
+
+pub struct Conv {
+    pub w: Tensor,
+    pub b: Tensor,
+}
+
+impl Conv {
+    fn new(p: nn::Path, cin: i64, cout: i64, k: i64) -> Self {
+        let fan_in = (cin * k * k) as f64;
+        let bound = (1.0 / fan_in).sqrt();
+        Conv {
+            w: p.var("weight", &[cout, cin, k, k], Init::Uniform { lo: -bound, up: bound }),
+            b: p.var("bias", &[cout], Init::Const(0.0)),
+        }
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let k = self.w.size()[2];
+        x.conv2d(&self.w, Some(&self.b), [1, 1], [k / 2, k / 2], [1, 1], 1)
+    }
+}
+
+pub struct GroupNorm {
+    pub w: Tensor,
+    pub b: Tensor,
+    pub groups: i64,
+}
+
+pub struct SegHead {
+    pub levels: Vec<usize>,
+    pub proj: Conv,
+    pub stages: Vec<(Conv, GroupNorm)>,
+    pub cls: Conv,
+}
+
+/// 4 evenly spaced blocks ending with the last one (fewer for shallow models).
+pub fn default_levels(depth: usize) -> Vec<usize> {
+    let n = depth.min(4);
+    let mut v: Vec<usize> = (1..=n).map(|i| i * depth / n - 1).collect();
+    v.dedup();
+    v
+}
+
+impl SegHead {
+    pub fn new(p: &nn::Path, vit: &Vit, num_classes: i64, channels: i64) -> Self {
+        let levels = default_levels(vit.blocks.len());
+        let d = vit.cfg.embed_dim;
+        let ups = (vit.cfg.patch_size as f64).log2().ceil() as i64;
+        let hp = p / "seg_head";
+        let stages = (0..ups)
+            .map(|i| {
+                let sp = &hp / "up" / i;
+                let conv = Conv::new(&sp / "conv", channels, channels, 3);
+                let gn = GroupNorm {
+                    w: (&sp / "norm").var("weight", &[channels], Init::Const(1.0)),
+                    b: (&sp / "norm").var("bias", &[channels], Init::Const(0.0)),
+                    groups: 8.min(channels),
+                };
+                (conv, gn)
+            })
+            .collect();
+        SegHead {
+            proj: Conv::new(&hp / "proj", d * levels.len() as i64, channels, 1),
+            stages,
+            cls: Conv::new(&hp / "cls", channels, num_classes, 1),
+            levels,
+        }
+    }
+
+    /// Class logits [B, K, H, W] for images [B, C, H, W].
+    pub fn forward(&self, vit: &Vit, x: &Tensor, train: bool) -> Tensor {
+        let (b, _, h, w) = x.size4().expect("images are [B, C, H, W]");
+        let p = vit.cfg.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let (_, feats) = vit.run_blocks(vit.embed_tokens(x), train, &self.levels);
+        let maps: Vec<Tensor> =
+            feats.iter().map(|f| vit.patch_tokens(f).transpose(1, 2).reshape([b, vit.cfg.embed_dim, gh, gw])).collect();
+        let mut y = self.proj.forward(&Tensor::cat(&maps, 1));
+        for (conv, gn) in &self.stages {
+            let (hh, ww) = (y.size()[2] * 2, y.size()[3] * 2);
+            y = y.upsample_bilinear2d([hh, ww], false, None, None);
+            y = conv.forward(&y).group_norm(gn.groups, Some(&gn.w), Some(&gn.b), 1e-5, true).relu();
+        }
+        let y = self.cls.forward(&y);
+        if y.size()[2] != h || y.size()[3] != w { y.upsample_bilinear2d([h, w], false, None, None) } else { y }
+    }
+}
+
+/// Cross-entropy plus soft Dice over the foreground classes (all classes when K = 1).
+pub fn loss(logits: &Tensor, masks: &Tensor) -> Tensor {
+    let logits = logits.to_kind(Kind::Float);
+    let k = logits.size()[1];
+    let ce = logits.cross_entropy_loss::<Tensor>(masks, None, tch::Reduction::Mean, -100, 0.0);
+    let probs = logits.softmax(1, Kind::Float);
+    let onehot = masks.one_hot(k).permute([0, 3, 1, 2]).to_kind(Kind::Float);
+    let first = if k > 1 { 1 } else { 0 };
+    let p = probs.narrow(1, first, k - first);
+    let y = onehot.narrow(1, first, k - first);
+    let dims = [0i64, 2, 3];
+    let inter = (&p * &y).sum_dim_intlist(dims.as_slice(), false, Kind::Float);
+    let denom =
+        p.sum_dim_intlist(dims.as_slice(), false, Kind::Float) + y.sum_dim_intlist(dims.as_slice(), false, Kind::Float);
+    let dice = (inter * 2.0 + 1.0) / (denom + 1.0);
+    ce + (1.0 - dice.mean(Kind::Float))
+}
+
+/// Per-image, per-class (intersection, predicted, true) pixel counts of argmax predictions.
+pub fn counts(logits: &Tensor, masks: &Tensor) -> Vec<Vec<[f64; 3]>> {
+    let k = logits.size()[1];
+    let pred = logits.argmax(1, false);
+    let b = pred.size()[0];
+    let mut out = vec![vec![[0.0; 3]; k as usize]; b as usize];
+    for c in 0..k {
+        let pc = pred.eq(c).to_kind(Kind::Float);
+        let tc = masks.eq(c).to_kind(Kind::Float);
+        let dims = [1i64, 2];
+        let i = Vec::<f64>::try_from(
+            (&pc * &tc).sum_dim_intlist(dims.as_slice(), false, Kind::Double).to_device(tch::Device::Cpu),
+        )
+        .unwrap_or_default();
+        let pp =
+            Vec::<f64>::try_from(pc.sum_dim_intlist(dims.as_slice(), false, Kind::Double).to_device(tch::Device::Cpu))
+                .unwrap_or_default();
+        let tt =
+            Vec::<f64>::try_from(tc.sum_dim_intlist(dims.as_slice(), false, Kind::Double).to_device(tch::Device::Cpu))
+                .unwrap_or_default();
+        for j in 0..b as usize {
+            out[j][c as usize] = [i[j], pp[j], tt[j]];
+        }
+    }
+    out
+}
