@@ -148,7 +148,7 @@ pub fn default_select(task: Task) -> &'static str {
 pub fn prepare(
     rec: &RunRecord,
     device: Device,
-) -> Result<(PeftModel, crate::data::Dataset, crate::backbone::Checkpoint, Option<(Vec<PathBuf>, [Vec<i64>; 3])>)> {
+) -> Result<(PeftModel, crate::data::Dataset, crate::backbone::Checkpoint, Option<crate::data::SplitRecord>)> {
     let spec = &rec.peft;
     let (mut model, ck) = PeftModel::build(&rec.backbone, &rec.load_options(), spec, device, rec.config.seed)?;
     let (ds, files) = rec.open_data(&model, None)?;

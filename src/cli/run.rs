@@ -73,7 +73,7 @@ impl RunRecord {
         &self,
         model: &PeftModel,
         data: Option<&Path>,
-    ) -> Result<(crate::data::Dataset, Option<(Vec<PathBuf>, [Vec<i64>; 3])>)> {
+    ) -> Result<(crate::data::Dataset, Option<crate::data::SplitRecord>)> {
         let o = crate::data::DataOptions {
             format: self.format.clone(),
             image_size: Some(model.bb.vit.cfg.img_size),

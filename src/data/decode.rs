@@ -25,15 +25,12 @@ pub fn decode(path: &Path, size: u32, grey: bool, nearest: bool) -> Result<Vec<u
     Ok(out)
 }
 
+/// Decoded images, and (index, error) of the files skipped.
+pub type Decoded = (Vec<Vec<u8>>, Vec<(usize, String)>);
+
 /// Decodes `files` in parallel. With `skip_bad`, undecodable files are dropped and returned in the second
 /// list; otherwise the first bad file is the error.
-pub fn decode_all(
-    files: &[PathBuf],
-    size: u32,
-    grey: bool,
-    nearest: bool,
-    skip_bad: bool,
-) -> Result<(Vec<Vec<u8>>, Vec<(usize, String)>)> {
+pub fn decode_all(files: &[PathBuf], size: u32, grey: bool, nearest: bool, skip_bad: bool) -> Result<Decoded> {
     let results: Vec<Result<Vec<u8>>> = files.par_iter().map(|f| decode(f, size, grey, nearest)).collect();
     let mut ok = Vec::with_capacity(files.len());
     let mut bad = Vec::new();

@@ -11,6 +11,9 @@ pub mod transforms;
 
 pub use dataset::{Dataset, Split, Task};
 
+/// The files of a file-based dataset and its split (train, val, test indices into them).
+pub type SplitRecord = (Vec<PathBuf>, [Vec<i64>; 3]);
+
 use anyhow::{Result, bail};
 use std::path::{Path, PathBuf};
 
@@ -73,7 +76,7 @@ pub fn open(path: &Path, format: Option<&str>) -> Result<Dataset> {
 }
 
 /// Opens a dataset; for file-based formats also returns (files, split indices) to record the split.
-pub fn open_with(path: &Path, o: &DataOptions) -> Result<(Dataset, Option<(Vec<PathBuf>, [Vec<i64>; 3])>)> {
+pub fn open_with(path: &Path, o: &DataOptions) -> Result<(Dataset, Option<SplitRecord>)> {
     let fmt = match &o.format {
         Some(f) => f.as_str(),
         None => infer_format(path)?,
