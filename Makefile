@@ -20,6 +20,17 @@ $(TORCH_STAMP):
 	.venv/bin/pip install --quiet torch==2.11.0 numpy
 	touch $@
 
+# Real medical sample files for the tests: DICOM from PyPI (pydicom-data, into .venv) and NIfTI from
+# Debian (mricron-data; needs root and apt, else those tests skip with a message).
+TEST_DATA_STAMP := .venv/.test-data
+$(TEST_DATA_STAMP): $(TORCH_STAMP)
+	.venv/bin/pip install --quiet pydicom-data
+	@if [ -d /usr/share/mricron/templates ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q mricron-data >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q mricron-data >/dev/null) || echo "mricron-data not installed: NIfTI tests will skip"; \
+	else echo "mricron-data not installed (needs root + apt): NIfTI tests will skip"; fi
+	touch $@
+
 .PHONY: demo test build fixtures
 build: $(TORCH_STAMP)
 	cargo build --release
@@ -27,7 +38,7 @@ build: $(TORCH_STAMP)
 demo: build
 	./target/release/tpp demo
 
-test: $(TORCH_STAMP)
+test: $(TORCH_STAMP) $(TEST_DATA_STAMP)
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
 	cargo test --release

@@ -244,6 +244,7 @@ fn tpp_targets_reach_finetuning_exactly() {
         train_fraction: 1.0,
         skip_bad: false,
         mask_classes: 2,
+        labels: None,
         task: tpp::data::Task::Binary,
         num_classes: 2,
         config: serde_json::from_value(serde_json::json!({

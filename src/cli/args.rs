@@ -71,6 +71,9 @@ pub struct DataArgs {
     /// Segmentation masks: number of classes (2: binarised at 127; more: pixel values are class ids)
     #[arg(long, default_value_t = 2)]
     pub mask_classes: i64,
+    /// NIfTI: the label volume giving each axial slice's mask
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
 }
 
 /// Optimisation options shared by the TPP stage and fine-tuning.

@@ -331,6 +331,7 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
             train_fraction: f.train_fraction,
             skip_bad: false,
             mask_classes: 2,
+            labels: None,
             task,
             num_classes,
             config: ft_cfg(seed, full),

@@ -72,6 +72,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         grey: true,
         skip_bad: a.data.skip_bad,
         mask_classes: a.data.mask_classes,
+        labels: a.data.labels.clone(),
     };
     let (task, num_classes) = crate::data::describe(&a.data.data, &probe)?;
     let select = a.select.clone().unwrap_or_else(|| default_select(task).into());
@@ -115,6 +116,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         train_fraction: a.data.train_fraction,
         skip_bad: a.data.skip_bad,
         mask_classes: a.data.mask_classes,
+        labels: a.data.labels.clone(),
         task,
         num_classes,
         config: cfg,

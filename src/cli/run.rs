@@ -26,6 +26,9 @@ pub struct RunRecord {
     /// Segmentation masks: classes (2: binarised).
     #[serde(default = "two")]
     pub mask_classes: i64,
+    /// NIfTI: the label volume.
+    #[serde(default)]
+    pub labels: Option<PathBuf>,
     pub task: Task,
     pub num_classes: i64,
     pub config: FinetuneConfig,
@@ -80,6 +83,7 @@ impl RunRecord {
             grey: model.bb.vit.cfg.in_chans == 1,
             skip_bad: self.skip_bad,
             mask_classes: self.mask_classes,
+            labels: self.labels.clone(),
         };
         crate::data::open_with(data.unwrap_or(&self.data), &o)
     }

@@ -8,7 +8,11 @@ use tch::Tensor;
 
 /// One decoded image: C x size x size bytes, channel-planar.
 pub fn decode(path: &Path, size: u32, grey: bool, nearest: bool) -> Result<Vec<u8>> {
-    let img = image::open(path).map_err(|e| anyhow!("{}: cannot decode image ({e})", path.display()))?;
+    let img = if super::dicom::is_dicom(path) {
+        image::DynamicImage::ImageLuma8(super::dicom::decode(path, size, None)?)
+    } else {
+        image::open(path).map_err(|e| anyhow!("{}: cannot decode image ({e})", path.display()))?
+    };
     let filter = if nearest { FilterType::Nearest } else { FilterType::Triangle };
     let img = img.resize_exact(size, size, filter);
     if grey {

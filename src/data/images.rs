@@ -27,7 +27,7 @@ impl Normalize {
     }
 }
 
-const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "tif", "tiff", "bmp"];
+const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm"];
 
 pub fn is_image(p: &Path) -> bool {
     p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
@@ -58,7 +58,11 @@ pub fn list_images(path: &Path) -> Result<Vec<PathBuf>> {
 
 /// Loads one image as [C, size, size] (C = 3, or 1 when `grey`), resized bilinearly and normalised.
 pub fn load_image(path: &Path, size: u32, grey: bool, norm: &Normalize) -> Result<Tensor> {
-    let img = image::open(path).map_err(|e| anyhow!("{}: cannot decode image ({e})", path.display()))?;
+    let img = if super::dicom::is_dicom(path) {
+        image::DynamicImage::ImageLuma8(super::dicom::decode(path, size, None)?)
+    } else {
+        image::open(path).map_err(|e| anyhow!("{}: cannot decode image ({e})", path.display()))?
+    };
     let img = img.resize_exact(size, size, FilterType::Triangle);
     let (c, data): (usize, Vec<u8>) = if grey { (1, img.to_luma8().into_raw()) } else { (3, img.to_rgb8().into_raw()) };
     let hw = (size * size) as usize;

@@ -1,10 +1,12 @@
 //! Data formats and loading. Each format is one module producing a [`Dataset`]; errors name the file.
 pub mod dataset;
 pub mod decode;
+pub mod dicom;
 pub mod folder;
 pub mod images;
 pub mod loader;
 pub mod medmnist;
+pub mod nifti;
 pub mod npy;
 pub mod segpairs;
 pub mod transforms;
@@ -27,10 +29,13 @@ pub struct DataOptions {
     pub skip_bad: bool,
     /// Segmentation masks: number of classes (2: binarised at 127).
     pub mask_classes: i64,
+    /// NIfTI: the label volume.
+    pub labels: Option<PathBuf>,
 }
 
-/// The format name for a path: `.npz` -> medmnist, `.csv` -> csv, a folder with images/ and masks/ ->
-/// segpairs, another folder -> folder.
+/// The format name for a path: `.npz` -> medmnist, `.csv` -> csv, `.nii(.gz)` -> nifti, a folder with
+/// images/ and masks/ -> segpairs, another folder -> folder (DICOM files count as images in folders and
+/// manifests).
 pub fn infer_format(path: &Path) -> Result<&'static str> {
     if !path.exists() {
         bail!("{}: no such file or folder", path.display());
@@ -38,6 +43,7 @@ pub fn infer_format(path: &Path) -> Result<&'static str> {
     Ok(match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
         Some("npz") => "medmnist",
         Some("csv") => "csv",
+        _ if nifti::is_nifti(path) => "nifti",
         _ if path.is_dir() && segpairs::is_segpairs(path) => "segpairs",
         _ if path.is_dir() => "folder",
         _ => bail!(
@@ -62,7 +68,7 @@ pub fn describe(path: &Path, o: &DataOptions) -> Result<(Task, i64)> {
             let i = folder::csv_items(path)?;
             (i.task, i.class_names.len() as i64)
         }
-        "segpairs" => (Task::Segmentation, o.mask_classes.max(2)),
+        "segpairs" | "nifti" => (Task::Segmentation, o.mask_classes.max(2)),
         _ => {
             let d = open_with(path, o)?.0;
             (d.task, d.num_classes)
@@ -97,6 +103,12 @@ pub fn open_with(path: &Path, o: &DataOptions) -> Result<(Dataset, Option<SplitR
             let (d, f, p) = segpairs::open(path, fo, o.mask_classes)?;
             Ok((d, Some((f, p))))
         }
-        other => bail!("unknown --format '{other}' (supported: medmnist, folder, csv, segpairs)"),
+        "nifti" => {
+            let Some(labels) = &o.labels else {
+                bail!("{}: a NIfTI volume needs its label volume (--labels <file.nii.gz>)", path.display());
+            };
+            Ok((nifti::open(path, labels, fo.image_size, o.mask_classes)?, None))
+        }
+        other => bail!("unknown --format '{other}' (supported: medmnist, folder, csv, segpairs, nifti)"),
     }
 }

@@ -1,0 +1,63 @@
+//! DICOM images (dicom-rs): single- and multi-frame, native or compressed (JPEG, RLE, deflate) transfer
+//! syntaxes. The modality LUT (rescale slope/intercept, e.g. to Hounsfield units) is applied, then a
+//! window: the one given (`--window center,width`), else the file's first WindowCenter/WindowWidth, else the
+//! frame's min-max. Multi-frame files give their middle frame (one image per file in a manifest).
+use anyhow::{Result, anyhow};
+use dicom_object::open_file;
+use dicom_pixeldata::{ConvertOptions, PixelDecoder, VoiLutOption};
+use std::path::Path;
+
+pub fn is_dicom(path: &Path) -> bool {
+    if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("dcm")) {
+        return true;
+    }
+    // Extension-less DICOM: "DICM" at offset 128.
+    let mut buf = [0u8; 132];
+    std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf)).is_ok()
+        && &buf[128..] == b"DICM"
+}
+
+/// Rescaled values of one frame (row-major), with rows, columns and the file's first window if any.
+pub fn read_frame(path: &Path) -> Result<(Vec<f32>, u32, u32, Option<(f64, f64)>)> {
+    let obj = open_file(path).map_err(|e| anyhow!("{}: cannot read DICOM ({e})", path.display()))?;
+    let window = (|| {
+        let c = obj.element(dicom_object::Tag(0x0028, 0x1050)).ok()?.to_multi_float64().ok()?;
+        let w = obj.element(dicom_object::Tag(0x0028, 0x1051)).ok()?.to_multi_float64().ok()?;
+        Some((*c.first()?, *w.first()?))
+    })();
+    let whole = obj.decode_pixel_data().map_err(|e| anyhow!("{}: cannot decode pixel data ({e})", path.display()))?;
+    let frames = whole.number_of_frames().max(1);
+    let (rows, cols, spp) = (whole.rows(), whole.columns(), whole.samples_per_pixel() as usize);
+    let opts = ConvertOptions::new().with_voi_lut(VoiLutOption::Identity);
+    let v: Vec<f32> = whole
+        .to_vec_frame_with_options(frames / 2, &opts)
+        .map_err(|e| anyhow!("{}: cannot convert pixel data ({e})", path.display()))?;
+    // Colour DICOM (e.g. ultrasound captures): average the samples to grey.
+    let v = if spp > 1 { v.chunks(spp).map(|c| c.iter().sum::<f32>() / spp as f32).collect() } else { v };
+    if v.len() != (rows * cols) as usize {
+        return Err(anyhow!("{}: pixel data has {} values for {rows}x{cols}", path.display(), v.len()));
+    }
+    Ok((v, rows, cols, window))
+}
+
+/// Maps values to 0..255 through a window (center, width), or min-max when none.
+pub fn window_u8(v: &[f32], window: Option<(f64, f64)>) -> Vec<u8> {
+    let (lo, hi) = match window {
+        Some((c, w)) if w > 0.0 => (c - w / 2.0, c + w / 2.0),
+        _ => {
+            let lo = v.iter().copied().fold(f32::INFINITY, f32::min) as f64;
+            let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            (lo, hi.max(lo + 1e-6))
+        }
+    };
+    v.iter().map(|&x| (((x as f64 - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0).round() as u8).collect()
+}
+
+/// A DICOM file as a grey image of `size` x `size` bytes (bilinear resize).
+pub fn decode(path: &Path, size: u32, window: Option<(f64, f64)>) -> Result<image::GrayImage> {
+    let (v, rows, cols, file_window) = read_frame(path)?;
+    let px = window_u8(&v, window.or(file_window));
+    let img =
+        image::GrayImage::from_raw(cols, rows, px).ok_or_else(|| anyhow!("{}: bad image size", path.display()))?;
+    Ok(image::imageops::resize(&img, size, size, image::imageops::FilterType::Triangle))
+}
