@@ -24,6 +24,7 @@ $(TORCH_STAMP):
 # Debian (mricron-data; needs root and apt, else those tests skip with a message).
 TEST_DATA_STAMP := .venv/.test-data
 $(TEST_DATA_STAMP): $(TORCH_STAMP)
+	[ -x .venv/bin/pip ] || $(PYTHON) -m venv .venv
 	.venv/bin/pip install --quiet pydicom-data
 	@if [ -d /usr/share/mricron/templates ]; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

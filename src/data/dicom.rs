@@ -18,7 +18,9 @@ pub fn is_dicom(path: &Path) -> bool {
 }
 
 /// Rescaled values of one frame (row-major), with rows, columns and the file's first window if any.
-pub fn read_frame(path: &Path) -> Result<(Vec<f32>, u32, u32, Option<(f64, f64)>)> {
+pub type Frame = (Vec<f32>, u32, u32, Option<(f64, f64)>);
+
+pub fn read_frame(path: &Path) -> Result<Frame> {
     let obj = open_file(path).map_err(|e| anyhow!("{}: cannot read DICOM ({e})", path.display()))?;
     let window = (|| {
         let c = obj.element(dicom_object::Tag(0x0028, 0x1050)).ok()?.to_multi_float64().ok()?;
