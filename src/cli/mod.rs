@@ -2,6 +2,7 @@
 pub mod args;
 mod bench;
 pub mod compare;
+mod data;
 mod demo;
 mod embed;
 mod evaluate;
@@ -34,6 +35,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Data sets: `tpp data fetch medmnist <flag> [--size N] [--dir D]`
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Print a checkpoint's detected format, architecture, parameter count and unused keys
     Inspect(inspect::Args),
     /// Write pooled backbone features of images (or a float32 NCHW .npy) to a .npy file
@@ -86,6 +90,7 @@ pub fn run(cli: Cli) -> Result<()> {
     let device = crate::device::parse_device(&cli.device)?;
     match cli.cmd {
         Command::Inspect(a) => inspect::run(a),
+        Command::Data(c) => data::run(c),
         Command::Embed(a) => embed::run(a, device),
         Command::PretrainTargets(a) => pretrain::run_targets(a, device),
         Command::PretrainBackbone(a) => pretrain::run_backbone(a, device),
