@@ -25,6 +25,40 @@ pub struct Args {
     /// Comma-separated: lora_ft, tpp_mae, full_ft
     #[arg(long, value_delimiter = ',', default_value = "lora_ft,tpp_mae,full_ft")]
     pub work: Vec<String>,
+    /// Data-loading benchmark instead: decode (all cores) and augment this data set (folder, CSV,
+    /// images/ + masks/, or .npz), reporting images/s
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+    /// Image size for the data-loading benchmark
+    #[arg(long, default_value_t = 224)]
+    pub size: i64,
+}
+
+fn bench_data(path: &std::path::Path, size: i64, batch: i64, device: Device) -> Result<()> {
+    use crate::data::loader::{LoaderConfig, epoch_batches};
+    use crate::data::transforms::{Augment, Norm};
+    let t = Instant::now();
+    let o = crate::data::DataOptions { image_size: Some(size), mask_classes: 2, ..Default::default() };
+    let (ds, _) = crate::data::open_with(path, &o)?;
+    let n = ds.train.len() + ds.val.len() + ds.test.len();
+    let decode_s = t.elapsed().as_secs_f64();
+    let seg = ds.task == crate::data::Task::Segmentation;
+    let loader = LoaderConfig { batch_size: batch, image_size: size, norm: Norm::IMAGENET, device, drop_last: false };
+    let aug = Augment { hflip: true, crop_min_area: 0.5, rotate_deg: 10.0, jitter: 0.1, ..Augment::NONE };
+    let t = Instant::now();
+    let mut seen = 0;
+    for b in epoch_batches(&ds.train, loader, Some(aug), 0, seg) {
+        seen += b.images.size()[0];
+        let _ = b.images.sum(Kind::Float).double_value(&[]);
+    }
+    let aug_s = t.elapsed().as_secs_f64();
+    let r = json!({
+        "work": "data", "data": path, "size": size, "images": n, "threads": rayon::current_num_threads(),
+        "decode_img_per_s": (n as f64 / decode_s * 10.0).round() / 10.0,
+        "augment_img_per_s": (seen as f64 / aug_s * 10.0).round() / 10.0, "device": format!("{device:?}"),
+    });
+    println!("RESULT {r}");
+    Ok(())
 }
 
 fn sync(device: Device) {
@@ -49,6 +83,9 @@ fn time_steps(device: Device, steps: usize, mut step: impl FnMut()) -> f64 {
 }
 
 pub fn run(a: Args, device: Device) -> Result<()> {
+    if let Some(d) = &a.data {
+        return bench_data(d, a.size, a.batch, device);
+    }
     let mut cfg = VitConfig::preset(&a.model).ok_or_else(|| {
         anyhow::anyhow!("--model '{}': unknown preset (known: {})", a.model, VitConfig::PRESETS.join(", "))
     })?;
