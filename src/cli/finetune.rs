@@ -235,5 +235,19 @@ pub fn execute(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Res
         best_val: state.best_value,
     };
     write_evaluation(&ev, out, &extra)?;
+    // Training curves and the confusion matrix as pictures.
+    let loss: Vec<(f64, f64)> = state.history.iter().map(|r| (r.epoch as f64, r.train_loss)).collect();
+    let val: Vec<(f64, f64)> =
+        state.history.iter().filter_map(|r| Some((r.epoch as f64, *r.val.get(&cfg.select)?))).collect();
+    crate::eval::plots::lines(
+        &out.join("curves.png"),
+        "training loss and validation metric",
+        "epoch",
+        "value",
+        &[("train loss".to_string(), loss), (format!("val {}", cfg.select), val)],
+    )?;
+    if let Some(cm) = &ev.confusion {
+        crate::eval::plots::confusion(&out.join("confusion.png"), cm)?;
+    }
     Ok((state, ev))
 }
