@@ -309,28 +309,46 @@ pub fn execute_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<()
         save_tensors(&head_path, &decoder_tensors(&dec_vs, &dec))
     };
     let summary = train_mae(&model.bb.vit, &dec, params, &ds.train, &cfg, device, out, &mut save)?;
-    let record = json!({
-        "command": "pretrain-targets",
-        "record": TppRecord { config: cfg.clone(), ..rec.clone() },
-        "backbone_format": ck.format.to_string(),
-        "dataset": ds.name, "train_images": ds.train.len(),
-        "decoder_used": if use_ck { "checkpoint" } else { "fresh" },
-        "device": format!("{device:?}"),
-        "trainable_params": trainable, "total_params": total,
-        "steps": summary.steps, "first_loss": summary.first_loss, "final_loss": summary.final_loss,
-        "seconds": summary.seconds, "images_per_s": summary.images_per_s,
-        "version": env!("CARGO_PKG_VERSION"),
-    });
-    write_json(&out.join("config.json"), &record)?;
-    eprintln!(
-        "done: {} steps, loss {:.4} -> {:.4}, {:.0} img/s; target parameters in {}",
-        summary.steps,
-        summary.first_loss,
-        summary.final_loss,
-        summary.images_per_s,
-        targets_dir.display()
-    );
-    Ok(())
+    let run = TppRun { rec, cfg: &cfg, format: ck.format, ds: &ds, device, trainable, total };
+    run.finish(out, &summary, ("decoder_used", if use_ck { "checkpoint" } else { "fresh" }))
+}
+
+/// What a finished TPP stage records in `config.json` and prints.
+struct TppRun<'a> {
+    rec: &'a TppRecord,
+    cfg: &'a PretrainConfig,
+    format: crate::backbone::Format,
+    ds: &'a crate::data::Dataset,
+    device: Device,
+    trainable: i64,
+    total: i64,
+}
+
+impl TppRun<'_> {
+    fn finish(&self, out: &Path, summary: &crate::train::pretrain::PretrainSummary, extra: (&str, &str)) -> Result<()> {
+        let mut record = json!({
+            "command": "pretrain-targets",
+            "record": TppRecord { config: self.cfg.clone(), ..self.rec.clone() },
+            "backbone_format": self.format.to_string(),
+            "dataset": self.ds.name, "train_images": self.ds.train.len(),
+            "device": format!("{:?}", self.device),
+            "trainable_params": self.trainable, "total_params": self.total,
+            "steps": summary.steps, "first_loss": summary.first_loss, "final_loss": summary.final_loss,
+            "seconds": summary.seconds, "images_per_s": summary.images_per_s,
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        record[extra.0] = extra.1.into();
+        write_json(&out.join("config.json"), &record)?;
+        eprintln!(
+            "done: {} steps, loss {:.4} -> {:.4}, {:.0} img/s; target parameters in {}",
+            summary.steps,
+            summary.first_loss,
+            summary.final_loss,
+            summary.images_per_s,
+            out.join("targets").display()
+        );
+        Ok(())
+    }
 }
 
 /// The DINO variant of the TPP stage: the teacher's (EMA) target parameters are saved, as DINO evaluates
@@ -391,28 +409,8 @@ fn execute_dino(
     };
     let summary =
         crate::train::pretrain::train_dino(&parts, params, &ds.train, cfg, &rec.dino, device, out, &mut save)?;
-    let record = json!({
-        "command": "pretrain-targets",
-        "record": TppRecord { config: cfg.clone(), ..rec.clone() },
-        "backbone_format": ck.format.to_string(),
-        "dataset": ds.name, "train_images": ds.train.len(),
-        "saved_targets": "teacher (EMA)",
-        "device": format!("{device:?}"),
-        "trainable_params": trainable, "total_params": total,
-        "steps": summary.steps, "first_loss": summary.first_loss, "final_loss": summary.final_loss,
-        "seconds": summary.seconds, "images_per_s": summary.images_per_s,
-        "version": env!("CARGO_PKG_VERSION"),
-    });
-    write_json(&out.join("config.json"), &record)?;
-    eprintln!(
-        "done: {} steps, DINO loss {:.4} -> {:.4}, {:.0} img/s; target parameters (teacher) in {}",
-        summary.steps,
-        summary.first_loss,
-        summary.final_loss,
-        summary.images_per_s,
-        targets_dir.display()
-    );
-    Ok(())
+    let run = TppRun { rec, cfg, format: ck.format, ds, device, trainable, total };
+    run.finish(out, &summary, ("saved_targets", "teacher (EMA)"))
 }
 
 pub fn run_backbone(a: BackboneTrainArgs, device: Device) -> Result<()> {

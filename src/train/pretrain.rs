@@ -130,6 +130,43 @@ impl StepLog {
     }
 }
 
+/// What a pretext run derives from its config: batch size, step count, schedule, optimiser, loader.
+struct Plan {
+    bs: i64,
+    total: i64,
+    sched: WarmupCosine,
+    opt: AdamW,
+    loader: LoaderConfig,
+}
+
+impl Plan {
+    /// AdamW with betas (0.9, `beta2`): MAE's recipe uses 0.95, DINO's 0.999.
+    fn new(
+        split: &Split,
+        cfg: &PretrainConfig,
+        params: Vec<(String, Tensor)>,
+        beta2: f64,
+        device: Device,
+    ) -> Result<Self> {
+        let n = split.len();
+        if n == 0 {
+            bail!("no training images");
+        }
+        let bs = cfg.batch_size.min(n);
+        let total = (n / bs).max(1) * cfg.epochs;
+        let sched = WarmupCosine {
+            base_lr: cfg.lr,
+            min_lr: cfg.min_lr,
+            warmup_steps: ((total as f64) * cfg.warmup).round() as i64,
+            total_steps: total,
+        };
+        let opt = AdamW::new(params, AdamWConfig { beta1: 0.9, beta2, eps: 1e-8, weight_decay: cfg.weight_decay });
+        let loader =
+            LoaderConfig { batch_size: bs, image_size: cfg.image_size, norm: cfg.norm, device, drop_last: true };
+        Ok(Plan { bs, total, sched, opt, loader })
+    }
+}
+
 /// Trains `params` with the MAE loss of `vit` + `dec` on the images of `split` (labels unused).
 /// `save` is called after every epoch (atomic writes of whatever the caller keeps).
 #[allow(clippy::too_many_arguments)]
@@ -143,22 +180,7 @@ pub fn train_mae(
     out: &Path,
     save: &mut dyn FnMut() -> Result<()>,
 ) -> Result<PretrainSummary> {
-    let n = split.len();
-    if n == 0 {
-        bail!("no training images");
-    }
-    let bs = cfg.batch_size.min(n);
-    let steps_per_epoch = (n / bs).max(1);
-    let total = steps_per_epoch * cfg.epochs;
-    let sched = WarmupCosine {
-        base_lr: cfg.lr,
-        min_lr: cfg.min_lr,
-        warmup_steps: ((total as f64) * cfg.warmup).round() as i64,
-        total_steps: total,
-    };
-    let mut opt =
-        AdamW::new(params, AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: cfg.weight_decay });
-    let loader = LoaderConfig { batch_size: bs, image_size: cfg.image_size, norm: cfg.norm, device, drop_last: true };
+    let Plan { bs, total, sched, mut opt, loader } = Plan::new(split, cfg, params, 0.95, device)?;
     let n_patches = (cfg.image_size / vit.cfg.patch_size).pow(2);
     let mut noise_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6d61_6500);
     let mut log = StepLog::new(out, total, "TPP")?;
@@ -254,22 +276,7 @@ pub fn train_dino(
     save: &mut dyn FnMut() -> Result<()>,
 ) -> Result<PretrainSummary> {
     use crate::pretext::dino;
-    let n = split.len();
-    if n == 0 {
-        bail!("no training images");
-    }
-    let bs = cfg.batch_size.min(n);
-    let steps_per_epoch = (n / bs).max(1);
-    let total = steps_per_epoch * cfg.epochs;
-    let sched = WarmupCosine {
-        base_lr: cfg.lr,
-        min_lr: cfg.min_lr,
-        warmup_steps: ((total as f64) * cfg.warmup).round() as i64,
-        total_steps: total,
-    };
-    let mut opt =
-        AdamW::new(params, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay });
-    let loader = LoaderConfig { batch_size: bs, image_size: cfg.image_size, norm: cfg.norm, device, drop_last: true };
+    let Plan { bs, total, sched, mut opt, loader } = Plan::new(split, cfg, params, 0.999, device)?;
     let p = parts.student.cfg.patch_size;
     let g = cfg.image_size;
     let local =
