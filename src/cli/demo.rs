@@ -42,7 +42,7 @@ fn data_dir(given: Option<PathBuf>) -> Result<PathBuf> {
 
 pub fn run(a: Args, device: Device) -> Result<()> {
     let data = data_dir(a.data_dir)?;
-    let (bb_epochs, tpp_epochs, ft_epochs) = if a.quick { (1, 2, 2) } else { (15, 40, 25) };
+    let (bb_epochs, tpp_epochs, ft_epochs) = if a.quick { (1, 2, 2) } else { (12, 30, 20) };
     // A small ViT for 28x28 grey images: patch 4 (7x7 grid), width 128, depth 4, 4 heads.
     let arch = VitConfig {
         img_size: 28,
