@@ -24,13 +24,17 @@ pub struct Batch {
 }
 
 /// The batches of one epoch. `augment` None: evaluation order and no augmentation.
-pub fn epoch_batches<'a>(
-    split: &'a Split,
+///
+/// A background thread gathers the next batches (uint8, on the host; pinned for a GPU) while the caller
+/// computes; the device part (copy, normalisation, resize, augmentation) runs on the caller's thread with
+/// the epoch's seeded generator, so results do not depend on timing.
+pub fn epoch_batches(
+    split: &Split,
     cfg: LoaderConfig,
     augment: Option<Augment>,
     seed: u64,
     segmentation: bool,
-) -> impl Iterator<Item = Batch> + 'a {
+) -> impl Iterator<Item = Batch> + use<> {
     let n = split.len();
     let mut order: Vec<i64> = (0..n).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -39,12 +43,29 @@ pub fn epoch_batches<'a>(
     }
     let bs = cfg.batch_size.max(1);
     let nb = if cfg.drop_last && n >= bs { n / bs } else { (n + bs - 1) / bs };
-    (0..nb).map(move |i| {
-        let lo = i * bs;
-        let hi = (lo + bs).min(n);
-        let idx = Tensor::from_slice(&order[lo as usize..hi as usize]);
-        let imgs = split.images.index_select(0, &idx).to_device(cfg.device);
-        let mut labels = split.labels.index_select(0, &idx).to_device(cfg.device);
+    let chunks: Vec<Vec<i64>> =
+        (0..nb).map(|i| order[(i * bs) as usize..((i + 1) * bs).min(n) as usize].to_vec()).collect();
+    let (images, labels) = (split.images.shallow_clone(), split.labels.shallow_clone());
+    let pin = cfg.device.is_cuda();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Tensor, Tensor, Tensor)>(2);
+    std::thread::spawn(move || {
+        for c in chunks {
+            let idx = Tensor::from_slice(&c);
+            let mut im = images.index_select(0, &idx);
+            let mut lb = labels.index_select(0, &idx);
+            if pin {
+                im = im.pin_memory(cfg.device);
+                lb = lb.pin_memory(cfg.device);
+            }
+            // The receiver is gone when the caller stopped early: stop too.
+            if tx.send((idx, im, lb)).is_err() {
+                break;
+            }
+        }
+    });
+    rx.into_iter().map(move |(idx, imgs, labels)| {
+        let imgs = imgs.to_device(cfg.device);
+        let mut labels = labels.to_device(cfg.device);
         let mut x = cfg.norm.apply(&imgs);
         x = resize(&x, cfg.image_size);
         if segmentation {
