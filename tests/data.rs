@@ -114,3 +114,14 @@ fn kvasir_seg_from_shared_loads() {
     let frac = ds.test.labels.to_kind(tch::Kind::Float).mean(tch::Kind::Float).double_value(&[]);
     assert!(frac > 0.05 && frac < 0.4, "polyp pixel fraction {frac}");
 }
+
+#[test]
+fn dataset_normalisation_uses_training_statistics() {
+    use tpp::data::transforms::Norm;
+    let x = tch::Tensor::from_slice(&[0u8, 255, 0, 255]).reshape([4, 1, 1, 1]);
+    let n = Norm::DATASET.resolve(&x);
+    assert!((n.mean[0] - 0.5).abs() < 1e-9 && (n.mean[2] - 0.5).abs() < 1e-9);
+    assert!((n.std[0] - 0.5).abs() < 1e-9, "population std of {{0, 1}} is 0.5: {:?}", n.std);
+    assert_eq!(Norm::IMAGENET.resolve(&x), Norm::IMAGENET);
+    assert_eq!(Norm::parse("dataset").unwrap(), Norm::DATASET);
+}

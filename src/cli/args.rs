@@ -57,7 +57,8 @@ pub struct DataArgs {
     /// Force the dataset format: medmnist, folder, csv, segpairs
     #[arg(long)]
     pub format: Option<String>,
-    /// Pixel normalisation: imagenet (pre-trained RGB backbones) or half ([-1, 1])
+    /// Pixel normalisation: imagenet (pre-trained RGB backbones), half ([-1, 1]) or dataset (the training
+    /// split's own mean and std, recorded in the run)
     #[arg(long, default_value = "imagenet")]
     pub norm: String,
     #[arg(long, default_value_t = 64)]

@@ -181,6 +181,7 @@ pub fn execute(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Res
     let img = model.bb.vit.cfg.img_size;
     let mut rec = rec.clone();
     rec.config.image_size = img;
+    rec.config.norm = rec.config.norm.resolve(&ds.train.images);
     let cfg = &rec.config;
     if cfg.epochs <= 0 || cfg.batch_size <= 0 {
         bail!("--epochs and --batch-size must be positive");

@@ -254,7 +254,7 @@ pub fn execute_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<()
     let (model, ck) = PeftModel::build(&rec.backbone, &opts, spec, device, seed)?;
     let img = model.bb.vit.cfg.img_size;
     model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow::anyhow!("{}: {e}", rec.data.display()))?;
-    let cfg = PretrainConfig { image_size: img, ..rec.config.clone() };
+    let cfg = PretrainConfig { image_size: img, norm: rec.config.norm.resolve(&ds.train.images), ..rec.config.clone() };
     create_out(out)?;
     if rec.pretext == Pretext::Dino {
         drop(model);

@@ -123,12 +123,32 @@ impl Norm {
     /// [-1, 1], as MedMNIST baselines and the pilot protocol use.
     pub const HALF: Norm = Norm { mean: [0.5; 3], std: [0.5; 3] };
 
+    /// Placeholder for "the training split's own statistics", resolved by [`Norm::resolve`] once the data
+    /// set is read (the resolved values are what run records keep).
+    pub const DATASET: Norm = Norm { mean: [0.0; 3], std: [0.0; 3] };
+
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         match s {
             "imagenet" => Ok(Self::IMAGENET),
             "half" => Ok(Self::HALF),
-            _ => anyhow::bail!("unknown normalisation '{s}' (expected imagenet or half)"),
+            "dataset" => Ok(Self::DATASET),
+            _ => anyhow::bail!("unknown normalisation '{s}' (expected imagenet, half or dataset)"),
         }
+    }
+
+    /// This normalisation, or for [`Norm::DATASET`] the per-channel mean and std of `train` (uint8 NCHW;
+    /// grey images give the same value on all three channels).
+    pub fn resolve(self, train: &Tensor) -> Norm {
+        if self != Self::DATASET {
+            return self;
+        }
+        let x = train.to_kind(Kind::Double) / 255.0;
+        let c = x.size()[1];
+        let dims = [0i64, 2, 3];
+        let mean = Vec::<f64>::try_from(x.mean_dim(dims.as_slice(), false, Kind::Double)).unwrap_or_default();
+        let std = Vec::<f64>::try_from(x.std_dim(dims.as_slice(), false, false)).unwrap_or_default();
+        let pick = |v: &[f64], i: usize| v.get(if c == 3 { i } else { 0 }).copied().unwrap_or(0.5).max(1e-6);
+        Norm { mean: [0, 1, 2].map(|i| pick(&mean, i)), std: [0, 1, 2].map(|i| pick(&std, i)) }
     }
 
     /// uint8 [B, C, H, W] -> normalised float; grey images use the channel-mean statistics.
