@@ -504,3 +504,41 @@ fn segmentation_finetuning_learns_and_reports_dice() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read_dir(&pred).unwrap().count(), 60);
 }
+
+#[test]
+fn compare_on_segmentation_reports_dice() {
+    let root = tmp_dir("segcompare");
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    std::fs::create_dir_all(root.join("masks")).unwrap();
+    for i in 0..30u32 {
+        let (cx, cy) = (10.0 + (i % 5) as f32 * 3.0, 10.0 + (i / 6) as f32 * 3.0);
+        let inside = |x: u32, y: u32| ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt() < 6.0;
+        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([if inside(x, y) { 220 } else { 20 }]))
+            .save(root.join("images").join(format!("{i}.png")))
+            .unwrap();
+        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]))
+            .save(root.join("masks").join(format!("{i}.png")))
+            .unwrap();
+    }
+    let cfg = root.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backbone = {:?}\ndata = {:?}\nheads = 3\nimg_size = 32\nnorm = \"half\"\nseeds = [0]\nreferences = []\n\
+             [tpp]\nepochs = 1\ndecoder_dim = 32\ndecoder_depth = 1\ndecoder_heads = 2\n[finetune]\nepochs = 2\nbatch_size = 8\n",
+            backbone(),
+            root.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = root.join("out");
+    let o = tpp_bin(&["--threads", "1", "compare", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("test metric `dice`") && report.contains("test iou"), "{report}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let m = r["variants"]["lora"]["mean"].as_f64().unwrap();
+    let per = r["variants"]["lora"]["per_seed"][0]["metrics"]["dice"].as_f64().unwrap();
+    assert!((m - per).abs() < 1e-12 && m > 0.0);
+}

@@ -248,11 +248,19 @@ pub fn execute_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<()
             spec.label()
         );
     }
-    let ds = crate::data::open(&rec.data, rec.format.as_deref())?;
     let opts = crate::backbone::LoadOptions { num_heads: rec.heads, img_size: rec.img_size, pool: rec.pool };
     let seed = rec.config.seed;
     let (model, ck) = PeftModel::build(&rec.backbone, &opts, spec, device, seed)?;
     let img = model.bb.vit.cfg.img_size;
+    // File-based data is decoded at the model's size and channels (labels are not used here).
+    let data_opts = crate::data::DataOptions {
+        format: rec.format.clone(),
+        image_size: Some(img),
+        grey: model.bb.vit.cfg.in_chans == 1,
+        mask_classes: 2,
+        ..Default::default()
+    };
+    let (ds, _) = crate::data::open_with(&rec.data, &data_opts)?;
     model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow::anyhow!("{}: {e}", rec.data.display()))?;
     let cfg = PretrainConfig { image_size: img, norm: rec.config.norm.resolve(&ds.train.images), ..rec.config.clone() };
     create_out(out)?;

@@ -78,6 +78,11 @@ pub fn build(cfg: &CompareConfig, cells: &[Cell], metric: &str, out: &Path) -> R
         let vals: Vec<f64> = rs
             .iter()
             .filter_map(|(_, r)| {
+                if task == crate::data::Task::Segmentation {
+                    // Segmentation runs store per-image Dice as their "predictions": the metric is their mean.
+                    let v: f64 = idx.iter().map(|&i| r.probs[i][0]).sum();
+                    return Some(v / idx.len().max(1) as f64);
+                }
                 let t: Vec<Vec<f64>> = idx.iter().map(|&i| r.truth[i].clone()).collect();
                 let p: Vec<Vec<f64>> = idx.iter().map(|&i| r.probs[i].clone()).collect();
                 metrics::classification(task, &t, &p).get(metric).copied()
@@ -89,13 +94,15 @@ pub fn build(cfg: &CompareConfig, cells: &[Cell], metric: &str, out: &Path) -> R
         let b = metrics::bootstrap(n_test, 1000, 7, |idx| BTreeMap::from([("x".to_string(), f(idx))]));
         b.get("x").copied()
     };
+    // The second column: accuracy for classification, IoU for segmentation.
+    let second = if task == crate::data::Task::Segmentation { "iou" } else { "accuracy" };
     let mut results = json!({"metric": metric, "select": select, "seeds": cfg.seeds, "data": cfg.data, "backbone": cfg.backbone, "variants": {}});
     let mut summary: BTreeMap<String, (f64, f64, Option<metrics::Interval>)> = BTreeMap::new();
     let mut rows = String::new();
     for v in &variants {
         let rs = &by[v];
         let vals: Vec<f64> = rs.iter().filter_map(|(_, r)| r.metrics.get(metric).copied()).collect();
-        let accs: Vec<f64> = rs.iter().filter_map(|(_, r)| r.metrics.get("accuracy").copied()).collect();
+        let accs: Vec<f64> = rs.iter().filter_map(|(_, r)| r.metrics.get(second).copied()).collect();
         let (m, s) = mean_std(&vals);
         let (am, asd) = mean_std(&accs);
         let ci = ci_of(&|idx| seed_mean(rs, idx));
@@ -150,7 +157,7 @@ pub fn build(cfg: &CompareConfig, cells: &[Cell], metric: &str, out: &Path) -> R
     let _ = writeln!(md, "## All variants\n");
     let _ = writeln!(
         md,
-        "| variant | trainable params | test {metric} | 95% CI (seed mean) | test accuracy | time / run | img/s (train) | peak GPU memory |"
+        "| variant | trainable params | test {metric} | 95% CI (seed mean) | test {second} | time / run | img/s (train) | peak GPU memory |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     md.push_str(&rows);
