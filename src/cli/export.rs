@@ -3,7 +3,7 @@
 use super::run::RunRecord;
 use anyhow::{Result, anyhow, bail};
 use std::path::PathBuf;
-use tch::{Device, Tensor};
+use tch::Device;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -28,10 +28,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut model = rec.load_trained(&a.run, Device::Cpu)?;
     crate::peft::merge(&mut model.bb.vit, &rec.peft).map_err(|e| anyhow!("{}: {e}", a.run.display()))?;
     let named = model.bb.vit.state_dict().map_err(|e| anyhow!("{}: {e}", a.run.display()))?;
-    let pairs: Vec<(&str, &Tensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    crate::peft::io::write_atomic(&a.out, |p| {
-        Tensor::write_safetensors(&pairs, p).map_err(|e| anyhow!("{}: cannot write ({e})", p.display()))
-    })?;
+    crate::peft::io::write_safetensors_atomic(&a.out, &named)?;
     eprintln!("wrote merged timm checkpoint ({} tensors) to {}", named.len(), a.out.display());
     Ok(())
 }

@@ -179,18 +179,11 @@ fn create_out(out: &Path) -> Result<()> {
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v)?;
-    crate::peft::io::write_atomic(path, |p| {
-        std::fs::write(p, &text).with_context(|| format!("{}: cannot write", p.display()))
-    })
+    crate::peft::io::write_text_atomic(path, &text)
 }
 
 fn save_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
-    let cpu: Vec<(String, Tensor)> =
-        named.iter().map(|(k, v)| (k.clone(), v.detach().to_kind(tch::Kind::Float).to_device(Device::Cpu))).collect();
-    let pairs: Vec<(&str, &Tensor)> = cpu.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    crate::peft::io::write_atomic(path, |p| {
-        Tensor::write_safetensors(&pairs, p).map_err(|e| anyhow::anyhow!("{}: cannot write ({e})", p.display()))
-    })
+    crate::peft::io::write_safetensors_atomic(path, named)
 }
 
 /// The decoder's tensors under the original MAE names, plus its (fixed) position table.

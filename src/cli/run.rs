@@ -51,9 +51,7 @@ impl RunRecord {
     pub fn write(&self, run: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)?;
         let p = run.join(RUN_JSON);
-        crate::peft::io::write_atomic(&p, |q| {
-            std::fs::write(q, &text).with_context(|| format!("{}: cannot write", q.display()))
-        })
+        crate::peft::io::write_text_atomic(&p, &text)
     }
 
     pub fn load_options(&self) -> LoadOptions {

@@ -23,21 +23,31 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot move into place", path.display()))
 }
 
+/// Writes text atomically, naming the file on failure.
+pub fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
+    write_atomic(path, |p| std::fs::write(p, text).with_context(|| format!("{}: cannot write", p.display())))
+}
+
+/// Writes named tensors (as fp32, on the CPU) to a safetensors file atomically.
+pub fn write_safetensors_atomic(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
+    let cpu: Vec<(&str, Tensor)> = named
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.detach().to_kind(tch::Kind::Float).to_device(tch::Device::Cpu)))
+        .collect();
+    write_atomic(path, |p| {
+        Tensor::write_safetensors(&cpu, p).map_err(|e| anyhow!("{}: cannot write ({e})", p.display()))
+    })
+}
+
 pub fn save(t: &Targets, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
     let vars = t.vs.variables();
-    let named: BTreeMap<String, Tensor> = vars
-        .iter()
-        .map(|(k, v)| (format!("{PREFIX}{k}"), v.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu)))
-        .collect();
-    let pairs: Vec<(&str, &Tensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    write_atomic(&dir.join(WEIGHTS), |p| {
-        Tensor::write_safetensors(&pairs, p).map_err(|e| anyhow!("{}: cannot write ({e})", p.display()))
-    })?;
+    let mut named: Vec<(String, Tensor)> =
+        vars.iter().map(|(k, v)| (format!("{PREFIX}{k}"), v.shallow_clone())).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    write_safetensors_atomic(&dir.join(WEIGHTS), &named)?;
     let spec = serde_json::to_string_pretty(&t.spec)?;
-    write_atomic(&dir.join(SPEC), |p| {
-        std::fs::write(p, &spec).with_context(|| format!("{}: cannot write", p.display()))
-    })?;
+    write_text_atomic(&dir.join(SPEC), &spec)?;
     let is_lora = t.spec.methods.iter().all(|m| matches!(m, Method::Lora | Method::Dora));
     if is_lora {
         let has_head = vars.keys().any(|k| k.starts_with("head."));
@@ -60,9 +70,7 @@ pub fn save(t: &Targets, dir: &Path) -> Result<()> {
             "revision": null,
         });
         let text = serde_json::to_string_pretty(&cfg)?;
-        write_atomic(&dir.join(PEFT_CONFIG), |p| {
-            std::fs::write(p, &text).with_context(|| format!("{}: cannot write", p.display()))
-        })?;
+        write_text_atomic(&dir.join(PEFT_CONFIG), &text)?;
     }
     Ok(())
 }

@@ -176,11 +176,7 @@ pub fn save_model(model: &PeftModel, dir: &Path) -> Result<()> {
     peft::io::save(&model.targets, dir)?;
     if model.is_full() {
         let named = model.bb.vit.state_dict().map_err(|e| anyhow!(e))?;
-        let pairs: Vec<(&str, &Tensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let p = dir.join("backbone.safetensors");
-        peft::io::write_atomic(&p, |q| {
-            Tensor::write_safetensors(&pairs, q).map_err(|e| anyhow!("{}: cannot write ({e})", q.display()))
-        })?;
+        peft::io::write_safetensors_atomic(&dir.join("backbone.safetensors"), &named)?;
     }
     Ok(())
 }
@@ -423,10 +419,10 @@ fn write_history(state: &State, out: &Path) -> Result<()> {
         s.push('\n');
     }
     let p = out.join("metrics.csv");
-    peft::io::write_atomic(&p, |q| std::fs::write(q, &s).with_context(|| format!("{}: cannot write", q.display())))?;
+    peft::io::write_text_atomic(&p, &s)?;
     let h = serde_json::to_string_pretty(&state.history)?;
     let p = out.join("history.json");
-    peft::io::write_atomic(&p, |q| std::fs::write(q, &h).with_context(|| format!("{}: cannot write", q.display())))
+    peft::io::write_text_atomic(&p, &h)
 }
 
 /// Test-split evaluation of the current model: metrics, 95% bootstrap intervals, confusion matrix.
@@ -523,5 +519,5 @@ pub fn write_evaluation(ev: &Evaluation, out: &Path, stats: &RunStats) -> Result
     }
     let text = serde_json::to_string_pretty(&v)?;
     let p = out.join("metrics.json");
-    peft::io::write_atomic(&p, |q| std::fs::write(q, &text).with_context(|| format!("{}: cannot write", q.display())))
+    peft::io::write_text_atomic(&p, &text)
 }
