@@ -125,3 +125,38 @@ fn dataset_normalisation_uses_training_statistics() {
     assert_eq!(Norm::IMAGENET.resolve(&x), Norm::IMAGENET);
     assert_eq!(Norm::parse("dataset").unwrap(), Norm::DATASET);
 }
+
+/// The pad-crop augmentation (the pilot protocol's): every output is a crop of the reflect-padded input,
+/// flipped or not, masks move exactly with their images, and the offsets are seeded yet vary.
+#[test]
+fn pad_crop_augmentation_crops_the_reflect_padded_image_and_moves_masks_along() {
+    use rand::SeedableRng;
+    use tch::{Kind, Tensor};
+    use tpp::data::transforms::Augment;
+    let (b, s, p) = (3i64, 8i64, 2i64);
+    let m = Tensor::randint(5, [b, s, s], (Kind::Int64, tch::Device::Cpu));
+    let x = m.unsqueeze(1).to_kind(Kind::Float);
+    let aug = Augment { hflip: true, pad_crop: p, ..Augment::NONE };
+    let padded = x.reflection_pad2d([p, p, p, p]);
+    let mut offsets = std::collections::HashSet::new();
+    for seed in 0..12u64 {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let (y, ym) = aug.apply(&x, Some(&m), &mut rng);
+        let ym = ym.unwrap();
+        assert_eq!(y.size(), x.size());
+        // Flips through grid_sample are exact at pixel centres, so image and mask still agree everywhere.
+        assert!(y.squeeze_dim(1).to_kind(Kind::Int64).equal(&ym), "mask and image moved differently");
+        let mut rng2 = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        assert!(aug.apply(&x, Some(&m), &mut rng2).0.equal(&y), "not reproducible from the seed");
+        // One offset per batch: find it from the first sample, then every sample must be that crop.
+        let found = (0..=2 * p).flat_map(|dy| (0..=2 * p).map(move |dx| (dy, dx))).find(|&(dy, dx)| {
+            let c = padded.narrow(2, dy, s).narrow(3, dx, s);
+            (0..b).all(|i| {
+                let (yi, ci) = (y.get(i), c.get(i));
+                yi.equal(&ci) || yi.equal(&ci.flip([2]))
+            })
+        });
+        offsets.insert(found.unwrap_or_else(|| panic!("seed {seed}: output is no flipped/unflipped crop")));
+    }
+    assert!(offsets.len() > 3, "offsets do not vary: {offsets:?}");
+}

@@ -462,16 +462,24 @@ pub fn load_into(vs: &tch::nn::VarStore, tensors: &BTreeMap<String, Tensor>, pre
         let src = tensors
             .get(key)
             .ok_or_else(|| anyhow!("{}: missing key '{key}' (model expects shape {:?})", file.display(), var.size()))?;
-        if src.size() != var.size() {
-            bail!(
-                "{}: key '{key}' has shape {:?} in the checkpoint but the model expects {:?}",
-                file.display(),
-                src.size(),
-                var.size()
-            );
-        }
-        let mut v = var.shallow_clone();
-        v.copy_(&src.to_kind(var.kind()).to_device(var.device()));
+        copy_checked(var, src, file, &format!("key '{key}'"))?;
     }
+    Ok(())
+}
+
+/// Copies a stored tensor into a model tensor (its dtype and device) after checking the shape; the one
+/// place every loader (backbone, adapters, optimiser state) reports a mismatch, naming file and tensor.
+pub fn copy_checked(dst: &Tensor, src: &Tensor, file: &Path, what: &str) -> Result<()> {
+    if src.size() != dst.size() {
+        bail!(
+            "{}: {what} has shape {:?} in the file but the model expects {:?}",
+            file.display(),
+            src.size(),
+            dst.size()
+        );
+    }
+    let _guard = tch::no_grad_guard();
+    let mut d = dst.shallow_clone();
+    d.copy_(&src.to_kind(dst.kind()).to_device(dst.device()));
     Ok(())
 }

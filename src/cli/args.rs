@@ -1,4 +1,5 @@
 //! Option groups shared by several subcommands.
+use crate::data::transforms::Augment;
 use crate::peft::{Method, PeftSpec};
 use std::path::PathBuf;
 
@@ -75,6 +76,54 @@ pub struct DataArgs {
     /// NIfTI: the label volume giving each axial slice's mask
     #[arg(long)]
     pub labels: Option<PathBuf>,
+}
+
+/// Training-time augmentation, shared by the TPP stage, backbone pre-training and fine-tuning.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AugArgs {
+    /// Augmentation: random resized crop min area (1: none; default 0.8, or 1 with --pad-crop)
+    #[arg(long)]
+    pub crop_min_area: Option<f64>,
+    /// Augmentation: reflect-pad N pixels and crop back at a random offset per batch (0: none), as the
+    /// MedMNIST pilot protocol does
+    #[arg(long, default_value_t = 0)]
+    pub pad_crop: i64,
+    /// Augmentation: max rotation in degrees
+    #[arg(long, default_value_t = 0.0)]
+    pub rotate: f64,
+    /// Augmentation: brightness/contrast jitter
+    #[arg(long, default_value_t = 0.0)]
+    pub jitter: f64,
+    #[arg(long)]
+    pub no_hflip: bool,
+}
+
+impl AugArgs {
+    pub fn augment(&self) -> anyhow::Result<Augment> {
+        augment(self.crop_min_area, self.pad_crop, !self.no_hflip, self.rotate, self.jitter)
+    }
+}
+
+/// Builds a training augmentation; `crop_min_area` defaults to 0.8 without a pad-crop and to 1 (none) with
+/// one, so the two crops are not stacked by accident.
+pub fn augment(
+    crop_min_area: Option<f64>,
+    pad_crop: i64,
+    hflip: bool,
+    rotate: f64,
+    jitter: f64,
+) -> anyhow::Result<Augment> {
+    let crop = crop_min_area.unwrap_or(if pad_crop > 0 { 1.0 } else { 0.8 });
+    if !(crop > 0.0 && crop <= 1.0) {
+        anyhow::bail!("crop_min_area must be in (0, 1], got {crop}");
+    }
+    if pad_crop < 0 {
+        anyhow::bail!("pad_crop must be >= 0, got {pad_crop}");
+    }
+    if rotate < 0.0 || jitter < 0.0 {
+        anyhow::bail!("rotate and jitter must be >= 0");
+    }
+    Ok(Augment { hflip, vflip: false, crop_min_area: crop, crop_max_area: 1.0, rotate_deg: rotate, jitter, pad_crop })
 }
 
 /// Optimisation options shared by the TPP stage and fine-tuning.

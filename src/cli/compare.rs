@@ -2,11 +2,12 @@
 //! (target parameters pre-trained with the pretext task on the downstream training images), plus the
 //! references linear probe and full fine-tuning, on the same splits and seeds. Cells that finished are
 //! not recomputed after an interruption; an interrupted fine-tuning cell resumes.
+use super::args::augment;
 use super::finetune::{default_select, execute};
 use super::pretrain::{Pretext, TppRecord, execute_targets};
 use super::run::RunRecord;
 use crate::backbone::Pool;
-use crate::data::transforms::{Augment, Norm};
+use crate::data::transforms::Norm;
 use crate::peft::{Method, PeftSpec};
 use crate::pretext::mae::MaeConfig;
 use crate::train::finetune::FinetuneConfig;
@@ -30,6 +31,10 @@ pub struct TppSection {
     pub decoder_dim: i64,
     pub decoder_depth: i64,
     pub decoder_heads: i64,
+    /// Random resized crop min area (default 0.8, or 1 with `pad_crop`).
+    pub crop_min_area: Option<f64>,
+    /// Reflect-pad + random crop, pixels (0: none).
+    pub pad_crop: i64,
 }
 
 impl Default for TppSection {
@@ -45,6 +50,8 @@ impl Default for TppSection {
             decoder_dim: 128,
             decoder_depth: 2,
             decoder_heads: 4,
+            crop_min_area: None,
+            pad_crop: 0,
         }
     }
 }
@@ -61,7 +68,10 @@ pub struct FinetuneSection {
     pub warmup: f64,
     pub label_smoothing: f64,
     pub patience: i64,
-    pub crop_min_area: f64,
+    /// Random resized crop min area (default 0.8, or 1 with `pad_crop`).
+    pub crop_min_area: Option<f64>,
+    /// Reflect-pad + random crop, pixels (0: none).
+    pub pad_crop: i64,
     pub train_fraction: f64,
 }
 
@@ -76,7 +86,8 @@ impl Default for FinetuneSection {
             warmup: 0.05,
             label_smoothing: 0.0,
             patience: 0,
-            crop_min_area: 0.8,
+            crop_min_area: None,
+            pad_crop: 0,
             train_fraction: 1.0,
         }
     }
@@ -298,6 +309,8 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     std::fs::write(out.join("compare.toml"), toml::to_string_pretty(cfg)?)?;
     let f = &cfg.finetune;
+    let ft_aug = augment(f.crop_min_area, f.pad_crop, true, 0.0, 0.0).context("[finetune]")?;
+    let tpp_aug = augment(cfg.tpp.crop_min_area, cfg.tpp.pad_crop, true, 0.0, 0.0).context("[tpp]")?;
     let ft_cfg = |seed: u64, full: bool| FinetuneConfig {
         epochs: f.epochs,
         batch_size: f.batch_size,
@@ -314,7 +327,7 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
         layer_decay: 1.0,
         image_size: 0,
         norm,
-        augment: Augment { hflip: true, crop_min_area: f.crop_min_area, ..Augment::NONE },
+        augment: ft_aug,
         select: select.clone(),
     };
     let record = |spec: PeftSpec, seed: u64, init: Option<PathBuf>| {
@@ -368,7 +381,7 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
                         seed,
                         image_size: 0,
                         norm,
-                        augment: Augment { hflip: true, crop_min_area: 0.8, ..Augment::NONE },
+                        augment: tpp_aug,
                         mae: MaeConfig {
                             mask_ratio: t.mask_ratio,
                             decoder_dim: t.decoder_dim,

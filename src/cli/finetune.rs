@@ -1,10 +1,10 @@
 //! `tpp finetune`: PEFT fine-tuning, optionally starting the target parameters from a TPP run.
 use super::BackboneArgs;
-use super::args::{DataArgs, OptimArgs, PeftArgs};
+use super::args::{AugArgs, DataArgs, OptimArgs, PeftArgs};
 use super::run::{RunRecord, targets_dir};
 use crate::data::Task;
 use crate::data::loader::LoaderConfig;
-use crate::data::transforms::{Augment, Norm};
+use crate::data::transforms::Norm;
 use crate::model::PeftModel;
 use crate::peft;
 use crate::train::finetune::{
@@ -42,17 +42,8 @@ pub struct Args {
     /// Layer-wise lr decay (full fine-tuning)
     #[arg(long, default_value_t = 1.0)]
     pub layer_decay: f64,
-    /// Augmentation: random resized crop min area (1: none)
-    #[arg(long, default_value_t = 0.8)]
-    pub crop_min_area: f64,
-    /// Augmentation: max rotation in degrees
-    #[arg(long, default_value_t = 0.0)]
-    pub rotate: f64,
-    /// Augmentation: brightness/contrast jitter
-    #[arg(long, default_value_t = 0.0)]
-    pub jitter: f64,
-    #[arg(long)]
-    pub no_hflip: bool,
+    #[command(flatten)]
+    pub aug: AugArgs,
     /// Validation metric for best-epoch selection (default: auc; kappa for ordinal tasks)
     #[arg(long)]
     pub select: Option<String>,
@@ -94,14 +85,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         // The backbone's size unless --img-size; filled in by `execute`.
         image_size: 0,
         norm: Norm::parse(&a.data.norm)?,
-        augment: Augment {
-            hflip: !a.no_hflip,
-            vflip: false,
-            crop_min_area: a.crop_min_area,
-            crop_max_area: 1.0,
-            rotate_deg: a.rotate,
-            jitter: a.jitter,
-        },
+        augment: a.aug.augment()?,
         select,
     };
     let record = RunRecord {

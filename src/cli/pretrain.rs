@@ -1,8 +1,8 @@
 //! `tpp pretrain-targets` (the TPP stage) and `tpp pretrain-backbone` (MAE from scratch).
 use super::BackboneArgs;
-use super::args::{DataArgs, OptimArgs, PeftArgs};
+use super::args::{AugArgs, DataArgs, OptimArgs, PeftArgs};
 use crate::backbone::{Backbone, Pool, VitConfig};
-use crate::data::transforms::{Augment, Norm};
+use crate::data::transforms::Norm;
 use crate::model::PeftModel;
 use crate::pretext::mae::{MaeConfig, MaeDecoder};
 use crate::train::pretrain::{PretrainConfig, train_mae};
@@ -105,6 +105,8 @@ pub struct TargetsArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub optim: OptimArgs,
+    #[command(flatten)]
+    pub aug: AugArgs,
     #[arg(long, value_enum, default_value = "mae")]
     pub pretext: Pretext,
     #[command(flatten)]
@@ -140,6 +142,8 @@ pub struct BackboneTrainArgs {
     #[command(flatten)]
     pub optim: OptimArgs,
     #[command(flatten)]
+    pub aug: AugArgs,
+    #[command(flatten)]
     pub mae: MaeArgs,
     /// Output folder: backbone.safetensors (timm encoder + MAE decoder), config.json, loss.csv, previews
     #[arg(long)]
@@ -149,6 +153,7 @@ pub struct BackboneTrainArgs {
 fn pretrain_config(
     data: &DataArgs,
     optim: &OptimArgs,
+    aug: &AugArgs,
     mae: &MaeArgs,
     image_size: i64,
     default_lr: f64,
@@ -167,7 +172,7 @@ fn pretrain_config(
         seed: optim.seed,
         image_size,
         norm: Norm::parse(&data.norm)?,
-        augment: Augment { hflip: true, crop_min_area: 0.8, ..Augment::NONE },
+        augment: aug.augment()?,
         mae: mae.config(),
         preview_every: mae.preview_every,
     })
@@ -214,7 +219,7 @@ pub struct TppRecord {
 }
 
 pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
-    let cfg = pretrain_config(&a.data, &a.optim, &a.mae, 0, 1.5e-3)?;
+    let cfg = pretrain_config(&a.data, &a.optim, &a.aug, &a.mae, 0, 1.5e-3)?;
     let rec = TppRecord {
         backbone: a.backbone.backbone.clone(),
         heads: a.backbone.heads,
@@ -431,7 +436,7 @@ pub fn run_backbone(a: BackboneTrainArgs, device: Device) -> Result<()> {
     cfg.in_chans = a.in_chans.unwrap_or(ds.channels());
     cfg.pool = Pool::Cls;
     cfg.validate().map_err(|e| anyhow::anyhow!("--arch/--patch-size/...: {e}"))?;
-    let pcfg = pretrain_config(&a.data, &a.optim, &a.mae, cfg.img_size, 1.5e-3)?;
+    let pcfg = pretrain_config(&a.data, &a.optim, &a.aug, &a.mae, cfg.img_size, 1.5e-3)?;
     drop(ds);
     execute_backbone(&cfg, &a.data.data, a.data.format.as_deref(), &pcfg, &a.out, device)
 }

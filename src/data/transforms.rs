@@ -1,5 +1,6 @@
-//! Batch transforms on the compute device: one affine warp per sample (random resized crop, flip,
-//! rotation) through `affine_grid` + `grid_sample`, intensity jitter, resize and normalisation.
+//! Batch transforms on the compute device: an optional reflect-pad + random crop, one affine warp per
+//! sample (random resized crop, flip, rotation) through `affine_grid` + `grid_sample`, intensity jitter,
+//! resize and normalisation.
 //! Masks follow the same warp with nearest-neighbour sampling. Random draws come from a seeded ChaCha
 //! generator on the host, so runs repeat exactly on any device.
 use rand::Rng;
@@ -20,6 +21,10 @@ pub struct Augment {
     pub rotate_deg: f64,
     /// Brightness / contrast jitter amplitude (0: none).
     pub jitter: f64,
+    /// Reflect-pad this many pixels, then crop back to the input size at a random offset, one offset
+    /// per batch (the MedMNIST pilot protocol's augmentation; 0: none).
+    #[serde(default)]
+    pub pad_crop: i64,
 }
 
 fn one() -> f64 {
@@ -28,13 +33,28 @@ fn one() -> f64 {
 
 impl Default for Augment {
     fn default() -> Self {
-        Augment { hflip: true, vflip: false, crop_min_area: 0.8, crop_max_area: 1.0, rotate_deg: 0.0, jitter: 0.0 }
+        Augment {
+            hflip: true,
+            vflip: false,
+            crop_min_area: 0.8,
+            crop_max_area: 1.0,
+            rotate_deg: 0.0,
+            jitter: 0.0,
+            pad_crop: 0,
+        }
     }
 }
 
 impl Augment {
-    pub const NONE: Augment =
-        Augment { hflip: false, vflip: false, crop_min_area: 1.0, crop_max_area: 1.0, rotate_deg: 0.0, jitter: 0.0 };
+    pub const NONE: Augment = Augment {
+        hflip: false,
+        vflip: false,
+        crop_min_area: 1.0,
+        crop_max_area: 1.0,
+        rotate_deg: 0.0,
+        jitter: 0.0,
+        pad_crop: 0,
+    };
 
     fn is_identity_warp(&self) -> bool {
         !self.hflip && !self.vflip && self.crop_min_area >= 1.0 && self.rotate_deg == 0.0
@@ -90,6 +110,15 @@ impl Augment {
         let (h, w) = out;
         let mut x = x.shallow_clone();
         let mut m = masks.map(Tensor::shallow_clone);
+        // Reflection padding needs a pad smaller than the image side.
+        let p = self.pad_crop.min(h0 - 1).min(w0 - 1);
+        if p > 0 {
+            let dy = rng.random_range(0..=2 * p);
+            let dx = rng.random_range(0..=2 * p);
+            let crop = |t: &Tensor| t.reflection_pad2d([p, p, p, p]).narrow(2, dy, h0).narrow(3, dx, w0);
+            x = crop(&x);
+            m = m.map(|m| crop(&m.unsqueeze(1).to_kind(Kind::Float)).squeeze_dim(1).to_kind(Kind::Int64));
+        }
         if !self.is_identity_warp() || (h, w) != (h0, w0) {
             let theta =
                 Tensor::from_slice(&self.thetas(b, rng)).reshape([b, 2, 3]).to_device(x.device()).to_kind(x.kind());

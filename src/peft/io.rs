@@ -153,16 +153,7 @@ pub fn load_values(t: &Targets, dir: &Path, head: bool) -> Result<()> {
             }
             bail!("{}: missing target parameter '{name}' (model expects shape {:?})", file.display(), var.size());
         };
-        if src.size() != var.size() {
-            bail!(
-                "{}: '{name}' has shape {:?} in the file but the model expects {:?}",
-                file.display(),
-                src.size(),
-                var.size()
-            );
-        }
-        let mut v = var.shallow_clone();
-        v.copy_(&src.to_kind(var.kind()).to_device(var.device()));
+        crate::backbone::checkpoint::copy_checked(var, &src, &file, &format!("'{name}'"))?;
     }
     let extra: Vec<&String> = stored.keys().filter(|k| head || !k.starts_with("head.")).collect();
     if !extra.is_empty() {

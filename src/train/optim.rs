@@ -1,7 +1,7 @@
 //! AdamW (decoupled weight decay, PyTorch's formula) over an explicit list of named tensors, with
 //! per-parameter decay (none on biases, norms, prompts, LoRA magnitudes, tokens) and a state that can be
 //! saved and restored exactly (for `--resume`). Frozen tensors are never handed to it.
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -134,19 +134,11 @@ impl AdamW {
     pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, file: &Path) -> Result<()> {
         let step = state.get("step").ok_or_else(|| anyhow!("{}: optimiser step missing", file.display()))?;
         let _g = tch::no_grad_guard();
-        for p in &mut self.params {
-            for (prefix, dst) in [("m", &mut p.m), ("v", &mut p.v)] {
+        for p in &self.params {
+            for (prefix, dst) in [("m", &p.m), ("v", &p.v)] {
                 let k = format!("{prefix}.{}", p.name);
                 let src = state.get(&k).ok_or_else(|| anyhow!("{}: optimiser state '{k}' missing", file.display()))?;
-                if src.size() != dst.size() {
-                    bail!(
-                        "{}: optimiser state '{k}' has shape {:?}, expected {:?}",
-                        file.display(),
-                        src.size(),
-                        dst.size()
-                    );
-                }
-                dst.copy_(&src.to_device(dst.device()));
+                crate::backbone::checkpoint::copy_checked(dst, src, file, &format!("optimiser state '{k}'"))?;
             }
         }
         self.step = step.int64_value(&[]);

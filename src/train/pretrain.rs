@@ -286,6 +286,7 @@ pub fn train_dino(
         crop_min_area: dino.global_scale_min,
         crop_max_area: 1.0,
         jitter: cfg.augment.jitter,
+        pad_crop: cfg.augment.pad_crop,
         ..Augment::NONE
     };
     let local_aug = Augment {
@@ -293,6 +294,7 @@ pub fn train_dino(
         crop_min_area: 0.05,
         crop_max_area: dino.local_scale_max,
         jitter: cfg.augment.jitter,
+        pad_crop: cfg.augment.pad_crop,
         ..Augment::NONE
     };
     let mut center = Tensor::zeros([1, dino.out_dim], (Kind::Float, device));
