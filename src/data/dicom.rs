@@ -1,10 +1,13 @@
-//! DICOM images (dicom-rs): single- and multi-frame, native or compressed (JPEG, RLE, deflate) transfer
-//! syntaxes. The modality LUT (rescale slope/intercept, e.g. to Hounsfield units) is applied, then a
+//! DICOM images (dicom-rs): single- and multi-frame, native or compressed (JPEG, JPEG 2000, RLE, deflate)
+//! transfer syntaxes; 32-bit integer and planar colour samples, which dicom-pixeldata's converter refuses,
+//! are read from the decoded bytes here. The modality LUT (rescale slope/intercept, e.g. to Hounsfield units) is applied, then a
 //! window: the one given (`--window center,width`), else the file's first WindowCenter/WindowWidth, else the
 //! frame's min-max. Multi-frame files give their middle frame (one image per file in a manifest).
 use anyhow::{Result, anyhow};
 use dicom_object::open_file;
-use dicom_pixeldata::{ConvertOptions, PixelDecoder, VoiLutOption};
+use dicom_pixeldata::{
+    ConvertOptions, DecodedPixelData, PixelDecoder, PixelRepresentation, PlanarConfiguration, VoiLutOption,
+};
 use std::path::Path;
 
 pub fn is_dicom(path: &Path) -> bool {
@@ -31,15 +34,57 @@ pub fn read_frame(path: &Path) -> Result<Frame> {
     let frames = whole.number_of_frames().max(1);
     let (rows, cols, spp) = (whole.rows(), whole.columns(), whole.samples_per_pixel() as usize);
     let opts = ConvertOptions::new().with_voi_lut(VoiLutOption::Identity);
-    let v: Vec<f32> = whole
-        .to_vec_frame_with_options(frames / 2, &opts)
-        .map_err(|e| anyhow!("{}: cannot convert pixel data ({e})", path.display()))?;
-    // Colour DICOM (e.g. ultrasound captures): average the samples to grey.
-    let v = if spp > 1 { v.chunks(spp).map(|c| c.iter().sum::<f32>() / spp as f32).collect() } else { v };
+    let big_endian = obj.meta().transfer_syntax().trim_end_matches('\0') == "1.2.840.10008.1.2.2";
+    let v: Vec<f32> = match whole.to_vec_frame_with_options(frames / 2, &opts) {
+        // Colour DICOM (e.g. ultrasound captures): average the samples to grey.
+        Ok(v) if spp > 1 => v.chunks(spp).map(|c| c.iter().sum::<f32>() / spp as f32).collect(),
+        Ok(v) => v,
+        Err(e) => raw_frame(&whole, frames / 2, big_endian)
+            .ok_or_else(|| anyhow!("{}: cannot convert pixel data ({e})", path.display()))?,
+    };
     if v.len() != (rows * cols) as usize {
         return Err(anyhow!("{}: pixel data has {} values for {rows}x{cols}", path.display(), v.len()));
     }
     Ok((v, rows, cols, window))
+}
+
+/// Grey values of one frame straight from the decoded bytes, for sample layouts the converter refuses
+/// (32-bit integers, planar colour); `None` for anything else (floats, odd bit depths).
+fn raw_frame(px: &DecodedPixelData, frame: u32, big_endian: bool) -> Option<Vec<f32>> {
+    let bytes = px.frame_data(frame).ok()?;
+    let signed = px.pixel_representation() == PixelRepresentation::Signed;
+    let width = match px.bits_allocated() {
+        8 | 16 | 32 => px.bits_allocated() as usize / 8,
+        _ => return None,
+    };
+    let samples: Vec<f64> = bytes
+        .chunks_exact(width)
+        .map(|b| {
+            let mut a = [0u8; 4];
+            a[..width].copy_from_slice(b);
+            if big_endian {
+                a[..width].reverse();
+            }
+            let u = u32::from_le_bytes(a);
+            // Sign-extend from the sample width.
+            if signed { ((u << (32 - 8 * width)) as i32 >> (32 - 8 * width)) as f64 } else { u as f64 }
+        })
+        .collect();
+    let spp = px.samples_per_pixel() as usize;
+    let n = (px.rows() * px.columns()) as usize;
+    if samples.len() != n * spp {
+        return None;
+    }
+    let r = px.rescale().ok()?;
+    let r = r.get(frame as usize).or(r.first())?;
+    let grey = |i: usize| -> f64 {
+        let sum: f64 = match px.planar_configuration() {
+            PlanarConfiguration::Standard => samples[i * spp..(i + 1) * spp].iter().sum(),
+            PlanarConfiguration::PixelFirst => (0..spp).map(|s| samples[s * n + i]).sum(),
+        };
+        sum / spp as f64
+    };
+    Some((0..n).map(|i| (grey(i) * r.slope + r.intercept) as f32).collect())
 }
 
 /// Maps values to 0..255 through a window (center, width), or min-max when none.
