@@ -338,6 +338,18 @@ fn compare_keeps_finished_cells() {
     assert_eq!(err.matches("done before, kept").count(), 4, "{err}");
     assert_eq!(std::fs::metadata(out.join("runs/lora/seed0/metrics.json")).unwrap().modified().unwrap(), t);
     assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), report);
+    // An edited config is not answered with the old results: the first stale record is named, with what changed.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("[finetune]\nepochs = 1", "[finetune]\nepochs = 2")).unwrap();
+    let o = run();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("run.json") && err.contains("config.epochs: 1 -> 2"), "{err}");
+    std::fs::write(&cfg, text.replace("[tpp]\nepochs = 1", "[tpp]\nepochs = 1\nlr = 0.01")).unwrap();
+    let o = run();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("config.json") && err.contains("config.lr: 0.0015 -> 0.01"), "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), report);
+    assert!(!std::fs::read_to_string(out.join("compare.toml")).unwrap().contains("lr = 0.01"), "config overwritten");
     // A config error names the file.
     std::fs::write(&cfg, "backbone = 3").unwrap();
     let o = run();

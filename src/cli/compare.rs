@@ -307,7 +307,6 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
     let select = cfg.select.clone().unwrap_or_else(|| default_select(task).into());
     let norm = Norm::parse(&cfg.norm)?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    std::fs::write(out.join("compare.toml"), toml::to_string_pretty(cfg)?)?;
     let f = &cfg.finetune;
     let ft_aug = augment(f.crop_min_area, f.pad_crop, true, 0.0, 0.0).context("[finetune]")?;
     let tpp_aug = augment(cfg.tpp.crop_min_area, cfg.tpp.pad_crop, true, 0.0, 0.0).context("[tpp]")?;
@@ -423,6 +422,18 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
             });
         }
     }
+    // Before any work: finished results are reused only for the configuration asked for now.
+    for (rec, dir) in &tpp_jobs {
+        if dir.join("config.json").exists() {
+            check_kept_tpp(rec, dir)?;
+        }
+    }
+    for c in &cells {
+        if c.dir.join("metrics.json").exists() {
+            check_kept_run(&c.record, &c.dir)?;
+        }
+    }
+    std::fs::write(out.join("compare.toml"), toml::to_string_pretty(cfg)?)?;
     let total = tpp_jobs.len() + cells.len();
     let mut k = 0;
     for (rec, dir) in &tpp_jobs {
@@ -448,4 +459,67 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
     let report = crate::eval::report::build(cfg, &cells, &metric, out)?;
     println!("{report}");
     Ok(())
+}
+
+/// A finished cell is reused only if it ran the configuration asked for now: re-running an edited config
+/// into the same folder must not mix old and new numbers silently.
+fn check_kept_run(want: &RunRecord, dir: &Path) -> Result<()> {
+    let old = RunRecord::read(dir)?;
+    let mut want = want.clone();
+    // Filled in by the run itself: the model's input size and the resolved dataset normalisation.
+    if want.config.image_size == 0 {
+        want.config.image_size = old.config.image_size;
+    }
+    if want.config.norm == Norm::DATASET {
+        want.config.norm = old.config.norm;
+    }
+    if old == want {
+        return Ok(());
+    }
+    stale(&dir.join(super::run::RUN_JSON), &serde_json::to_value(&old)?, &serde_json::to_value(&want)?)
+}
+
+fn check_kept_tpp(want: &TppRecord, dir: &Path) -> Result<()> {
+    let file = dir.join("config.json");
+    let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON ({e})", file.display()))?;
+    let old: TppRecord = serde_json::from_value(v["record"].clone())
+        .map_err(|e| anyhow!("{}: no valid TPP record ({e})", file.display()))?;
+    let mut want = want.clone();
+    if want.config.image_size == 0 {
+        want.config.image_size = old.config.image_size;
+    }
+    if want.config.norm == Norm::DATASET {
+        want.config.norm = old.config.norm;
+    }
+    let (old, want) = (serde_json::to_value(&old)?, serde_json::to_value(&want)?);
+    if old == want { Ok(()) } else { stale(&file, &old, &want) }
+}
+
+fn stale(file: &Path, old: &serde_json::Value, want: &serde_json::Value) -> Result<()> {
+    let mut diffs = Vec::new();
+    diff_leaves("", old, want, &mut diffs);
+    bail!(
+        "{}: this finished run used another configuration ({}); choose another --out or delete the folder to \
+         recompute it",
+        file.display(),
+        diffs.join(", ")
+    )
+}
+
+/// `path: old -> new` for every differing leaf of two JSON values.
+fn diff_leaves(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            let null = serde_json::Value::Null;
+            for k in keys {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                diff_leaves(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+            }
+        }
+        _ if a != b => out.push(format!("{path}: {a} -> {b}")),
+        _ => {}
+    }
 }
