@@ -6,12 +6,40 @@
 
 extern "C" {
 
-// tch::autocast uses PyTorch's default CUDA autocast dtype (fp16); we want bf16.
-// Returns 0 on success.
-int tpp_set_cuda_autocast_bf16(int enable_bf16) {
+// Enters autocast for a device type (0 = CPU, 1 = CUDA; CUDA in bf16), as torch.autocast does, through
+// the device-typed API: the untyped at::autocast::is_enabled / set_enabled that tch::autocast calls are
+// deprecated in libtorch 2.11 and print a warning on every call. Returns the previous enabled state
+// (0 or 1), or -1 on failure.
+int tpp_autocast_enter(int device_type) {
   try {
-    at::autocast::set_autocast_dtype(at::kCUDA, enable_bf16 ? at::kBFloat16 : at::kHalf);
+    auto dt = static_cast<c10::DeviceType>(device_type);
+    if (dt == c10::DeviceType::CUDA) at::autocast::set_autocast_dtype(dt, at::kBFloat16);
+    bool prev = at::autocast::is_autocast_enabled(dt);
+    at::autocast::set_autocast_enabled(dt, true);
+    at::autocast::increment_nesting();
+    return prev ? 1 : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Leaves what tpp_autocast_enter entered, restoring the previous state; the cast-weight cache is cleared
+// when the outermost autocast region ends.
+int tpp_autocast_exit(int device_type, int prev) {
+  try {
+    auto dt = static_cast<c10::DeviceType>(device_type);
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(dt, prev != 0);
     return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Is autocast on for a device type (1/0; -1 on failure)? For tests.
+int tpp_autocast_enabled(int device_type) {
+  try {
+    return at::autocast::is_autocast_enabled(static_cast<c10::DeviceType>(device_type)) ? 1 : 0;
   } catch (...) {
     return -1;
   }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The PILOT protocol (../shared/bench/PILOT.md) with PILOT's pad-crop augmentation, reduced budget (CPU):
-# backbone MAE 60 epochs, linear probes, then LoRA vs LoRA + TPP. Results in RESULTS.md section 1.
+# backbone MAE 60 epochs, linear probes, then LoRA vs LoRA + TPP (skipped with the argument `probe`).
+# Results in RESULTS.md section 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TPP=${TPP:-./target/release/tpp}
@@ -13,4 +14,5 @@ for seed in 0 1 2; do
     --data data/breastmnist.npz --norm half --peft linear --epochs 50 --batch-size 64 --lr 1e-3 \
     --weight-decay 0.05 --pad-crop 2 --seed $seed --out $OUT/linear/seed$seed
 done
+[ "${1:-}" = probe ] && exit 0
 $TPP compare --config experiments/pilot_padcrop.toml --out $OUT/compare

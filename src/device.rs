@@ -3,7 +3,8 @@ use anyhow::{Result, bail};
 use tch::Device;
 
 unsafe extern "C" {
-    fn tpp_set_cuda_autocast_bf16(enable_bf16: i32) -> i32;
+    fn tpp_autocast_enter(device_type: i32) -> i32;
+    fn tpp_autocast_exit(device_type: i32, prev: i32) -> i32;
     fn tpp_cuda_peak_allocated(device: i32) -> i64;
     fn tpp_cuda_reset_peak(device: i32) -> i32;
 }
@@ -29,18 +30,29 @@ pub fn parse_device(s: &str) -> Result<Device> {
     Ok(dev)
 }
 
-/// Makes `tch::autocast` use bf16 on CUDA (libtorch defaults to fp16). Idempotent.
-pub fn use_bf16_autocast() -> Result<()> {
-    // SAFETY: plain C call; the shim catches every C++ exception.
-    if unsafe { tpp_set_cuda_autocast_bf16(1) } != 0 {
-        bail!("could not set the CUDA autocast dtype to bf16");
-    }
-    Ok(())
+/// Runs `f` under bf16 autocast on CUDA, plainly on CPU (CPU bf16 matmuls are slower than f32 ones).
+pub fn autocast<T>(device: Device, f: impl FnOnce() -> T) -> T {
+    if device.is_cuda() { autocast_on(DEVICE_TYPE_CUDA, f) } else { f() }
 }
 
-/// Runs `f` under bf16 autocast on CUDA, plainly on CPU.
-pub fn autocast<T>(device: Device, f: impl FnOnce() -> T) -> T {
-    if device.is_cuda() && use_bf16_autocast().is_ok() { tch::autocast(true, f) } else { f() }
+const DEVICE_TYPE_CUDA: i32 = 1;
+
+/// Autocast for one libtorch device type around `f`, left again even if `f` unwinds.
+fn autocast_on<T>(device_type: i32, f: impl FnOnce() -> T) -> T {
+    struct Exit(i32, i32);
+    impl Drop for Exit {
+        fn drop(&mut self) {
+            // SAFETY: plain C call; the shim catches every C++ exception.
+            unsafe { tpp_autocast_exit(self.0, self.1) };
+        }
+    }
+    // SAFETY: as above.
+    let prev = unsafe { tpp_autocast_enter(device_type) };
+    // Unreachable in practice (the calls only set flags); without autocast the bf16 weights would fail
+    // later with a dtype error that hides this cause.
+    assert!(prev >= 0, "libtorch could not enable autocast for device type {device_type}");
+    let _exit = Exit(device_type, prev);
+    f()
 }
 
 /// Peak bytes allocated on a CUDA device since the last reset; None on CPU.
@@ -63,5 +75,34 @@ pub fn reset_peak_memory(device: Device) {
 pub fn set_threads(n: usize) {
     if n > 0 {
         tch::set_num_threads(n as i32);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Kind, Tensor};
+
+    const DEVICE_TYPE_CPU: i32 = 0;
+
+    unsafe extern "C" {
+        fn tpp_autocast_enabled(device_type: i32) -> i32;
+    }
+
+    /// The shim's autocast (CUDA's path, exercised here on the CPU device type) casts matmuls to bf16
+    /// inside, nests, and restores the previous state after.
+    #[test]
+    fn autocast_region_casts_nests_and_restores() {
+        let a = Tensor::ones([4, 4], (Kind::Float, Device::Cpu));
+        let enabled = || unsafe { tpp_autocast_enabled(DEVICE_TYPE_CPU) };
+        assert_eq!(enabled(), 0);
+        let (outer, inner) = autocast_on(DEVICE_TYPE_CPU, || {
+            let inner = autocast_on(DEVICE_TYPE_CPU, || a.matmul(&a).kind());
+            assert_eq!(enabled(), 1, "inner exit must restore the outer region's state");
+            (a.matmul(&a).kind(), inner)
+        });
+        assert_eq!((outer, inner), (Kind::BFloat16, Kind::BFloat16));
+        assert_eq!(enabled(), 0);
+        assert_eq!(a.matmul(&a).kind(), Kind::Float);
     }
 }

@@ -39,11 +39,20 @@ pub fn run(a: Args, device: Device) -> Result<()> {
     };
     model.bb.check_input(&x.size()).map_err(|e| anyhow!("{}: {e}", a.input.display()))?;
     let _g = tch::no_grad_guard();
-    let x = resize(&x.to_device(device), size);
+    // The inputs stay on the host; only one batch at a time goes to the device (any number of files).
+    let batch = |i: i64, b: i64| resize(&x.narrow(0, i, b).to_device(device), size);
     if rec.task == crate::data::Task::Segmentation {
-        return write_masks(&model, &x, &names, &a, device);
+        return write_masks(&model, &batch, x.size()[0], &names, &a, device);
     }
-    let logits = crate::device::autocast(device, || model.bb.vit.forward_t(&x, false)).to_kind(Kind::Float);
+    let n = x.size()[0];
+    let chunks: Vec<Tensor> = (0..n)
+        .step_by(64)
+        .map(|i| {
+            let xb = batch(i, 64.min(n - i));
+            crate::device::autocast(device, || model.bb.vit.forward_t(&xb, false)).to_kind(Kind::Float)
+        })
+        .collect();
+    let logits = Tensor::cat(&chunks, 0);
     let probs =
         if rec.task == crate::data::Task::Multilabel { logits.sigmoid() } else { logits.softmax(-1, Kind::Float) };
     let probs = probs.to_kind(Kind::Double).to_device(Device::Cpu);
@@ -71,14 +80,20 @@ pub fn run(a: Args, device: Device) -> Result<()> {
     Ok(())
 }
 
-fn write_masks(model: &crate::model::PeftModel, x: &Tensor, names: &[String], a: &Args, device: Device) -> Result<()> {
+fn write_masks(
+    model: &crate::model::PeftModel,
+    batch: &dyn Fn(i64, i64) -> Tensor,
+    n: i64,
+    names: &[String],
+    a: &Args,
+    device: Device,
+) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create folder", a.out.display()))?;
-    let n = x.size()[0];
     let mut k = 0;
     for i in (0..n).step_by(16) {
         let b = 16.min(n - i);
-        let logits =
-            crate::device::autocast(device, || model.forward_task(&x.narrow(0, i, b), false)).to_kind(Kind::Float);
+        let xb = batch(i, b);
+        let logits = crate::device::autocast(device, || model.forward_task(&xb, false)).to_kind(Kind::Float);
         for j in 0..b {
             let name = &names[(i + j) as usize];
             let src = std::path::Path::new(name);

@@ -17,6 +17,14 @@ pub struct LoaderConfig {
     pub drop_last: bool,
 }
 
+impl LoaderConfig {
+    /// How many batches an epoch over `n` samples yields.
+    pub fn num_batches(&self, n: i64) -> usize {
+        let bs = self.batch_size.max(1);
+        (if self.drop_last && n >= bs { n / bs } else { (n + bs - 1) / bs }) as usize
+    }
+}
+
 pub struct Batch {
     pub images: Tensor,
     pub labels: Tensor,
@@ -25,7 +33,7 @@ pub struct Batch {
 
 /// The batches of one epoch. `augment` None: evaluation order and no augmentation.
 ///
-/// A background thread gathers the next batches (uint8, on the host; pinned for a GPU) while the caller
+/// A background thread gathers the next batches (uint8, on the host) while the caller
 /// computes; the device part (copy, normalisation, resize, augmentation) runs on the caller's thread with
 /// the epoch's seeded generator, so results do not depend on timing.
 pub fn epoch_batches(
@@ -42,21 +50,18 @@ pub fn epoch_batches(
         order.shuffle(&mut rng);
     }
     let bs = cfg.batch_size.max(1);
-    let nb = if cfg.drop_last && n >= bs { n / bs } else { (n + bs - 1) / bs };
+    let nb = cfg.num_batches(n) as i64;
     let chunks: Vec<Vec<i64>> =
         (0..nb).map(|i| order[(i * bs) as usize..((i + 1) * bs).min(n) as usize].to_vec()).collect();
     let (images, labels) = (split.images.shallow_clone(), split.labels.shallow_clone());
-    let pin = cfg.device.is_cuda();
     let (tx, rx) = std::sync::mpsc::sync_channel::<(Tensor, Tensor, Tensor)>(2);
     std::thread::spawn(move || {
         for c in chunks {
             let idx = Tensor::from_slice(&c);
-            let mut im = images.index_select(0, &idx);
-            let mut lb = labels.index_select(0, &idx);
-            if pin {
-                im = im.pin_memory(cfg.device);
-                lb = lb.pin_memory(cfg.device);
-            }
+            // Not pinned: tch's pin_memory takes a device, deprecated in libtorch 2.11 (a warning per call),
+            // and a uint8 batch is small next to the step it feeds.
+            let im = images.index_select(0, &idx);
+            let lb = labels.index_select(0, &idx);
             // The receiver is gone when the caller stopped early: stop too.
             if tx.send((idx, im, lb)).is_err() {
                 break;

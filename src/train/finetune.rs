@@ -286,9 +286,10 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
         let mut lr = sched.lr(step);
         opt.zero_grad();
         let seg = ds.task == Task::Segmentation;
-        let batches: Vec<_> = epoch_batches(&ds.train, loader, Some(cfg.augment), epoch_seed, seg).collect();
-        let nb = batches.len();
-        for (i, b) in batches.into_iter().enumerate() {
+        // Batches stream from the loader (prefetched on the host): collecting a whole epoch of augmented
+        // float batches on the device would need the data set's size in device memory.
+        let nb = loader.num_batches(ds.train.len());
+        for (i, b) in epoch_batches(&ds.train, loader, Some(cfg.augment), epoch_seed, seg).enumerate() {
             let bsz = b.images.size()[0];
             let mix = if cfg.mixup > 0.0 && bsz > 1 && ds.task != Task::Segmentation {
                 let lam = sample_beta(&mut rng, cfg.mixup);
