@@ -331,6 +331,29 @@ fn compare_keeps_finished_cells() {
     for f in ["results.json", "auc.png", "curves_lora.png"] {
         assert!(out.join(f).exists(), "missing {f}");
     }
+    // predict: more inputs than one device batch (64) give one row each, in input order.
+    let x = tch::Tensor::randn([70, 1, 28, 28], (tch::Kind::Float, tch::Device::Cpu));
+    let (all, tail) = (dir.join("all.npy"), dir.join("tail.npy"));
+    tpp::data::npy::write_f32(&all, &x).unwrap();
+    tpp::data::npy::write_f32(&tail, &x.narrow(0, 64, 6)).unwrap();
+    let run_dir = out.join("runs/lora/seed0");
+    let predict = |input: &Path, csv: &Path| {
+        let o = tpp_bin(&[
+            "predict",
+            "--run",
+            run_dir.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            csv.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = std::fs::read_to_string(csv).unwrap();
+        text.lines().skip(1).map(|l| l.split_once(',').unwrap().1.to_string()).collect::<Vec<_>>()
+    };
+    let rows = predict(&all, &dir.join("all.csv"));
+    assert_eq!(rows.len(), 70);
+    assert_eq!(rows[64..], predict(&tail, &dir.join("tail.csv"))[..], "second device batch out of order");
     let t = std::fs::metadata(out.join("runs/lora/seed0/metrics.json")).unwrap().modified().unwrap();
     let o = run();
     assert!(o.status.success());

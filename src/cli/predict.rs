@@ -37,7 +37,12 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         let imgs = files.iter().map(|f| images::load_image(f, size as u32, grey, &norm)).collect::<Result<Vec<_>>>()?;
         (files.iter().map(|f| f.display().to_string()).collect(), Tensor::stack(&imgs, 0))
     };
-    model.bb.check_input(&x.size()).map_err(|e| anyhow!("{}: {e}", a.input.display()))?;
+    // Inputs are resized to the model's size below: only their channel count must fit.
+    let mut shape = x.size();
+    if shape.len() == 4 {
+        (shape[2], shape[3]) = (size, size);
+    }
+    model.bb.check_input(&shape).map_err(|e| anyhow!("{}: {e}", a.input.display()))?;
     let _g = tch::no_grad_guard();
     // The inputs stay on the host; only one batch at a time goes to the device (any number of files).
     let batch = |i: i64, b: i64| resize(&x.narrow(0, i, b).to_device(device), size);
