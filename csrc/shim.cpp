@@ -6,16 +6,16 @@
 
 extern "C" {
 
-// Enters autocast for a device type (0 = CPU, 1 = CUDA; CUDA in bf16), as torch.autocast does, through
-// the device-typed API: the untyped at::autocast::is_enabled / set_enabled that tch::autocast calls are
-// deprecated in libtorch 2.11 and print a warning on every call. Returns the previous enabled state
-// (0 or 1), or -1 on failure.
-int tpp_autocast_enter(int device_type) {
+// Enters an autocast region for a device type (0 = CPU, 1 = CUDA; CUDA in bf16), on or (enabled = 0) off,
+// as torch.autocast does, through the device-typed API: the untyped at::autocast::is_enabled /
+// set_enabled that tch::autocast calls are deprecated in libtorch 2.11 and print a warning on every call.
+// Returns the previous enabled state (0 or 1), or -1 on failure.
+int tpp_autocast_enter(int device_type, int enabled) {
   try {
     auto dt = static_cast<c10::DeviceType>(device_type);
     if (dt == c10::DeviceType::CUDA) at::autocast::set_autocast_dtype(dt, at::kBFloat16);
     bool prev = at::autocast::is_autocast_enabled(dt);
-    at::autocast::set_autocast_enabled(dt, true);
+    at::autocast::set_autocast_enabled(dt, enabled != 0);
     at::autocast::increment_nesting();
     return prev ? 1 : 0;
   } catch (...) {

@@ -3,7 +3,7 @@ use anyhow::{Result, bail};
 use tch::Device;
 
 unsafe extern "C" {
-    fn tpp_autocast_enter(device_type: i32) -> i32;
+    fn tpp_autocast_enter(device_type: i32, enabled: i32) -> i32;
     fn tpp_autocast_exit(device_type: i32, prev: i32) -> i32;
     fn tpp_cuda_peak_allocated(device: i32) -> i64;
     fn tpp_cuda_reset_peak(device: i32) -> i32;
@@ -32,13 +32,19 @@ pub fn parse_device(s: &str) -> Result<Device> {
 
 /// Runs `f` under bf16 autocast on CUDA, plainly on CPU (CPU bf16 matmuls are slower than f32 ones).
 pub fn autocast<T>(device: Device, f: impl FnOnce() -> T) -> T {
-    if device.is_cuda() { autocast_on(DEVICE_TYPE_CUDA, f) } else { f() }
+    if device.is_cuda() { autocast_region(DEVICE_TYPE_CUDA, true, f) } else { f() }
+}
+
+/// Runs `f` in fp32 inside an autocast region (precision-critical steps such as DINO's cosine logits,
+/// whose bf16 rounding would be amplified by the 0.04 teacher temperature).
+pub fn without_autocast<T>(device: Device, f: impl FnOnce() -> T) -> T {
+    if device.is_cuda() { autocast_region(DEVICE_TYPE_CUDA, false, f) } else { f() }
 }
 
 const DEVICE_TYPE_CUDA: i32 = 1;
 
-/// Autocast for one libtorch device type around `f`, left again even if `f` unwinds.
-fn autocast_on<T>(device_type: i32, f: impl FnOnce() -> T) -> T {
+/// Autocast on or off for one libtorch device type around `f`, left again even if `f` unwinds.
+fn autocast_region<T>(device_type: i32, enabled: bool, f: impl FnOnce() -> T) -> T {
     struct Exit(i32, i32);
     impl Drop for Exit {
         fn drop(&mut self) {
@@ -47,7 +53,7 @@ fn autocast_on<T>(device_type: i32, f: impl FnOnce() -> T) -> T {
         }
     }
     // SAFETY: as above.
-    let prev = unsafe { tpp_autocast_enter(device_type) };
+    let prev = unsafe { tpp_autocast_enter(device_type, enabled as i32) };
     // Unreachable in practice (the calls only set flags); without autocast the bf16 weights would fail
     // later with a dtype error that hides this cause.
     assert!(prev >= 0, "libtorch could not enable autocast for device type {device_type}");
@@ -90,18 +96,20 @@ mod tests {
     }
 
     /// The shim's autocast (CUDA's path, exercised here on the CPU device type) casts matmuls to bf16
-    /// inside, nests, and restores the previous state after.
+    /// inside, nests, switches off in an fp32 region, and restores the previous state after.
     #[test]
     fn autocast_region_casts_nests_and_restores() {
         let a = Tensor::ones([4, 4], (Kind::Float, Device::Cpu));
         let enabled = || unsafe { tpp_autocast_enabled(DEVICE_TYPE_CPU) };
         assert_eq!(enabled(), 0);
-        let (outer, inner) = autocast_on(DEVICE_TYPE_CPU, || {
-            let inner = autocast_on(DEVICE_TYPE_CPU, || a.matmul(&a).kind());
+        let (outer, inner, off) = autocast_region(DEVICE_TYPE_CPU, true, || {
+            let inner = autocast_region(DEVICE_TYPE_CPU, true, || a.matmul(&a).kind());
             assert_eq!(enabled(), 1, "inner exit must restore the outer region's state");
-            (a.matmul(&a).kind(), inner)
+            let off = autocast_region(DEVICE_TYPE_CPU, false, || a.matmul(&a).kind());
+            assert_eq!(enabled(), 1);
+            (a.matmul(&a).kind(), inner, off)
         });
-        assert_eq!((outer, inner), (Kind::BFloat16, Kind::BFloat16));
+        assert_eq!((outer, inner, off), (Kind::BFloat16, Kind::BFloat16, Kind::Float));
         assert_eq!(enabled(), 0);
         assert_eq!(a.matmul(&a).kind(), Kind::Float);
     }

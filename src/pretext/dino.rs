@@ -77,10 +77,13 @@ impl DinoHead {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let h = self.fc1.forward(x, true).gelu("none");
         let h = self.fc2.forward(&h, true).gelu("none");
-        let h = self.fc3.forward(&h, true);
-        let h = &h / h.norm_scalaropt_dim(2, [-1i64].as_slice(), true).clamp_min(1e-12);
-        let w = &self.last_v / self.last_v.norm_scalaropt_dim(2, [1i64].as_slice(), true).clamp_min(1e-12);
-        h.linear::<Tensor>(&w, None)
+        let h = self.fc3.forward(&h, true).to_kind(tch::Kind::Float);
+        // The cosine logits in fp32 on a GPU too: divided by a 0.04 temperature, bf16 rounding would matter.
+        crate::device::without_autocast(h.device(), || {
+            let h = &h / h.norm_scalaropt_dim(2, [-1i64].as_slice(), true).clamp_min(1e-12);
+            let w = &self.last_v / self.last_v.norm_scalaropt_dim(2, [1i64].as_slice(), true).clamp_min(1e-12);
+            h.linear::<Tensor>(&w, None)
+        })
     }
 }
 
