@@ -1,7 +1,9 @@
 //! A multi-level progressive-upsampling segmentation head (SETR-PUP style, fed by several blocks): patch
 //! tokens of 4 evenly spaced blocks are concatenated, projected (1x1 conv), then upsampled x2 per stage
 //! with conv3x3 + GroupNorm + ReLU until the patch size is undone; a 1x1 conv gives class logits at input
-//! resolution. Its parameters are target parameters (`seg_head.*`).
+//! resolution. Channels halve at each stage (down to 32): with SETR's constant width the full-resolution
+//! convolutions cost several times the ViT-S backbone itself. Its parameters are target parameters
+//! (`seg_head.*`).
 use crate::backbone::Vit;
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
@@ -53,22 +55,25 @@ impl SegHead {
         let d = vit.cfg.embed_dim;
         let ups = (vit.cfg.patch_size as f64).log2().ceil() as i64;
         let hp = p / "seg_head";
+        let mut cin = channels;
         let stages = (0..ups)
             .map(|i| {
+                let cout = (cin / 2).max(32.min(cin));
                 let sp = &hp / "up" / i;
-                let conv = Conv::new(&sp / "conv", channels, channels, 3);
+                let conv = Conv::new(&sp / "conv", cin, cout, 3);
                 let gn = GroupNorm {
-                    w: (&sp / "norm").var("weight", &[channels], Init::Const(1.0)),
-                    b: (&sp / "norm").var("bias", &[channels], Init::Const(0.0)),
-                    groups: 8.min(channels),
+                    w: (&sp / "norm").var("weight", &[cout], Init::Const(1.0)),
+                    b: (&sp / "norm").var("bias", &[cout], Init::Const(0.0)),
+                    groups: 8.min(cout),
                 };
+                cin = cout;
                 (conv, gn)
             })
             .collect();
         SegHead {
             proj: Conv::new(&hp / "proj", d * levels.len() as i64, channels, 1),
             stages,
-            cls: Conv::new(&hp / "cls", channels, num_classes, 1),
+            cls: Conv::new(&hp / "cls", cin, num_classes, 1),
             levels,
         }
     }
