@@ -475,23 +475,38 @@ fn dino_tpp_stage_student_learns_to_match_the_ema_teacher() {
     assert!(frozen.iter().all(|(k, v)| bbv[k].equal(v)), "backbone changed");
 }
 
-#[test]
-fn segmentation_finetuning_learns_and_reports_dice() {
-    // Synthetic polyps: a bright disc on noise; the mask is the disc.
-    let root = tmp_dir("segtrain");
+/// `n` 32x32 grey image/mask pairs under `root/{images,masks}`: a bright disc (centre and radius from
+/// `disc(i)`) on `background(x, y, i)`; the mask is the disc.
+fn write_disc_pairs(
+    root: &Path,
+    n: u32,
+    disc: impl Fn(u32) -> (f32, f32, f32),
+    background: impl Fn(u32, u32, u32) -> u8,
+) {
     std::fs::create_dir_all(root.join("images")).unwrap();
     std::fs::create_dir_all(root.join("masks")).unwrap();
-    for i in 0..60u32 {
-        let (cx, cy, r) = (8.0 + (i % 5) as f32 * 4.0, 8.0 + (i / 12) as f32 * 4.0, 5.0 + (i % 3) as f32);
+    for i in 0..n {
+        let (cx, cy, r) = disc(i);
         let inside = |x: u32, y: u32| ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt() < r;
-        let img = image::GrayImage::from_fn(32, 32, |x, y| {
-            image::Luma([if inside(x, y) { 220 } else { ((x * 7 + y * 13 + i) % 60) as u8 }])
-        });
-        img.save(root.join("images").join(format!("{i}.png"))).unwrap();
+        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([if inside(x, y) { 220 } else { background(x, y, i) }]))
+            .save(root.join("images").join(format!("{i}.png")))
+            .unwrap();
         image::GrayImage::from_fn(32, 32, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]))
             .save(root.join("masks").join(format!("{i}.png")))
             .unwrap();
     }
+}
+
+#[test]
+fn segmentation_finetuning_learns_and_reports_dice() {
+    // Synthetic polyps: a bright disc on noise; the mask is the disc.
+    let root = tmp_dir("segtrain");
+    write_disc_pairs(
+        &root,
+        60,
+        |i| (8.0 + (i % 5) as f32 * 4.0, 8.0 + (i / 12) as f32 * 4.0, 5.0 + (i % 3) as f32),
+        |x, y, i| ((x * 7 + y * 13 + i) % 60) as u8,
+    );
     let out = root.join("run");
     let o = tpp_bin(&[
         "--threads",
@@ -543,18 +558,7 @@ fn segmentation_finetuning_learns_and_reports_dice() {
 #[test]
 fn compare_on_segmentation_reports_dice() {
     let root = tmp_dir("segcompare");
-    std::fs::create_dir_all(root.join("images")).unwrap();
-    std::fs::create_dir_all(root.join("masks")).unwrap();
-    for i in 0..30u32 {
-        let (cx, cy) = (10.0 + (i % 5) as f32 * 3.0, 10.0 + (i / 6) as f32 * 3.0);
-        let inside = |x: u32, y: u32| ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt() < 6.0;
-        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([if inside(x, y) { 220 } else { 20 }]))
-            .save(root.join("images").join(format!("{i}.png")))
-            .unwrap();
-        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]))
-            .save(root.join("masks").join(format!("{i}.png")))
-            .unwrap();
-    }
+    write_disc_pairs(&root, 30, |i| (10.0 + (i % 5) as f32 * 3.0, 10.0 + (i / 6) as f32 * 3.0, 6.0), |_, _, _| 20);
     let cfg = root.join("c.toml");
     std::fs::write(
         &cfg,

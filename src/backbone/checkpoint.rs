@@ -455,7 +455,6 @@ pub fn load_into(vs: &tch::nn::VarStore, tensors: &BTreeMap<String, Tensor>, pre
     let vars = vs.variables();
     let mut names: Vec<&String> = vars.keys().filter(|k| k.starts_with(prefix)).collect();
     names.sort();
-    let _guard = tch::no_grad_guard();
     for name in names {
         let key = &name[prefix.len()..];
         let var = &vars[name];

@@ -466,17 +466,8 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
 fn check_kept_run(want: &RunRecord, dir: &Path) -> Result<()> {
     let old = RunRecord::read(dir)?;
     let mut want = want.clone();
-    // Filled in by the run itself: the model's input size and the resolved dataset normalisation.
-    if want.config.image_size == 0 {
-        want.config.image_size = old.config.image_size;
-    }
-    if want.config.norm == Norm::DATASET {
-        want.config.norm = old.config.norm;
-    }
-    if old == want {
-        return Ok(());
-    }
-    stale(&dir.join(super::run::RUN_JSON), &serde_json::to_value(&old)?, &serde_json::to_value(&want)?)
+    adopt_filled_in((&mut want.config.image_size, &mut want.config.norm), (old.config.image_size, old.config.norm));
+    check_same(&dir.join(super::run::RUN_JSON), &old, &want)
 }
 
 fn check_kept_tpp(want: &TppRecord, dir: &Path) -> Result<()> {
@@ -487,19 +478,29 @@ fn check_kept_tpp(want: &TppRecord, dir: &Path) -> Result<()> {
     let old: TppRecord = serde_json::from_value(v["record"].clone())
         .map_err(|e| anyhow!("{}: no valid TPP record ({e})", file.display()))?;
     let mut want = want.clone();
-    if want.config.image_size == 0 {
-        want.config.image_size = old.config.image_size;
-    }
-    if want.config.norm == Norm::DATASET {
-        want.config.norm = old.config.norm;
-    }
-    let (old, want) = (serde_json::to_value(&old)?, serde_json::to_value(&want)?);
-    if old == want { Ok(()) } else { stale(&file, &old, &want) }
+    adopt_filled_in((&mut want.config.image_size, &mut want.config.norm), (old.config.image_size, old.config.norm));
+    check_same(&file, &old, &want)
 }
 
-fn stale(file: &Path, old: &serde_json::Value, want: &serde_json::Value) -> Result<()> {
+/// Fields a run fills in itself (the model's input size, the resolved dataset normalisation) are taken
+/// from the finished record where the request leaves them open.
+fn adopt_filled_in(want: (&mut i64, &mut Norm), old: (i64, Norm)) {
+    if *want.0 == 0 {
+        *want.0 = old.0;
+    }
+    if *want.1 == Norm::DATASET {
+        *want.1 = old.1;
+    }
+}
+
+/// Ok when the two records agree; otherwise one error naming `file` and every changed field.
+fn check_same<T: Serialize>(file: &Path, old: &T, want: &T) -> Result<()> {
+    let (old, want) = (serde_json::to_value(old)?, serde_json::to_value(want)?);
+    if old == want {
+        return Ok(());
+    }
     let mut diffs = Vec::new();
-    diff_leaves("", old, want, &mut diffs);
+    diff_leaves("", &old, &want, &mut diffs);
     bail!(
         "{}: this finished run used another configuration ({}); choose another --out or delete the folder to \
          recompute it",

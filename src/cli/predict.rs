@@ -46,10 +46,10 @@ pub fn run(a: Args, device: Device) -> Result<()> {
     let _g = tch::no_grad_guard();
     // The inputs stay on the host; only one batch at a time goes to the device (any number of files).
     let batch = |i: i64, b: i64| resize(&x.narrow(0, i, b).to_device(device), size);
-    if rec.task == crate::data::Task::Segmentation {
-        return write_masks(&model, &batch, x.size()[0], &names, &a, device);
-    }
     let n = x.size()[0];
+    if rec.task == crate::data::Task::Segmentation {
+        return write_masks(&model, &batch, n, &names, &a, device);
+    }
     let chunks: Vec<Tensor> = (0..n)
         .step_by(64)
         .map(|i| {

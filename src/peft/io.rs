@@ -140,7 +140,6 @@ pub fn load_values(t: &Targets, dir: &Path, head: bool) -> Result<()> {
         stored.insert(k.trim_end_matches(".weight").to_string(), v);
     }
     let vars: BTreeMap<String, Tensor> = t.vs.variables().into_iter().collect();
-    let _g = tch::no_grad_guard();
     for (name, var) in &vars {
         let is_head = name.starts_with("head.");
         if is_head && !head {

@@ -133,7 +133,6 @@ impl AdamW {
 
     pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, file: &Path) -> Result<()> {
         let step = state.get("step").ok_or_else(|| anyhow!("{}: optimiser step missing", file.display()))?;
-        let _g = tch::no_grad_guard();
         for p in &self.params {
             for (prefix, dst) in [("m", &p.m), ("v", &p.v)] {
                 let k = format!("{prefix}.{}", p.name);
