@@ -156,6 +156,9 @@ pub struct CompareConfig {
     pub tpp: TppSection,
     #[serde(default)]
     pub finetune: FinetuneSection,
+    /// Options of the DINO pretext (used when `pretext = "dino"`).
+    #[serde(default)]
+    pub dino: crate::pretext::dino::DinoConfig,
 }
 
 fn default_norm() -> String {
@@ -263,6 +266,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
                 peft: PeftSection::default(),
                 tpp: TppSection::default(),
                 finetune: FinetuneSection::default(),
+                dino: Default::default(),
             }
         }
     };
@@ -393,7 +397,7 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
                     },
                     decoder: t.decoder.clone(),
                     freeze_decoder: false,
-                    dino: crate::pretext::dino::DinoConfig::default(),
+                    dino: cfg.dino.clone(),
                 },
                 tpp_dir.clone(),
             ));
@@ -522,5 +526,31 @@ fn diff_leaves(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &m
         }
         _ if a != b => out.push(format!("{path}: {a} -> {b}")),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(name: &str, text: &str) -> Result<CompareConfig> {
+        let path = std::env::temp_dir().join(format!("tpp_compare_{}_{name}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let cfg = CompareConfig::read(&path);
+        std::fs::remove_file(&path).unwrap();
+        cfg
+    }
+
+    #[test]
+    fn dino_section_overrides_only_what_it_names() {
+        let base = "backbone = \"b.safetensors\"\ndata = \"d.npz\"\npretext = \"dino\"\n";
+        let cfg = parse("ok", &format!("{base}[dino]\nout_dim = 256\nlocal_crops = 2\n")).unwrap();
+        let d = crate::pretext::dino::DinoConfig::default();
+        assert_eq!((cfg.dino.out_dim, cfg.dino.local_crops), (256, 2));
+        assert_eq!((cfg.dino.teacher_temp, cfg.dino.momentum), (d.teacher_temp, d.momentum));
+        assert_eq!(parse("none", base).unwrap().dino, d);
+        // A misspelt option is an error naming the file, not a silently ignored line.
+        let err = parse("typo", &format!("{base}[dino]\nout_dims = 256\n")).unwrap_err().to_string();
+        assert!(err.contains("tpp_compare_") && err.contains("typo.toml") && err.contains("out_dims"), "{err}");
     }
 }

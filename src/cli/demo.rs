@@ -106,6 +106,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         peft: PeftSection::default(),
         tpp: TppSection { epochs: tpp_epochs, decoder: "fresh".into(), ..TppSection::default() },
         finetune: FinetuneSection { epochs: ft_epochs, ..FinetuneSection::default() },
+        dino: Default::default(),
     };
     run_config(&cfg, &a.out.join("compare"), device)
 }

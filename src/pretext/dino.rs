@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
+/// Every field has a default, so a `[dino]` section of a `compare` config names only what it changes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct DinoConfig {
     /// Prototypes (DINO: 65536; small data sets do better with fewer).
     pub out_dim: i64,
