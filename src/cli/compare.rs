@@ -194,6 +194,15 @@ pub struct Args {
     pub seeds: Option<u64>,
     #[arg(long)]
     pub norm: Option<String>,
+    /// Pretext of the TPP stage
+    #[arg(long, value_enum)]
+    pub pretext: Option<Pretext>,
+    /// Model input size in pixels (default: the data's, or the checkpoint's)
+    #[arg(long)]
+    pub img_size: Option<i64>,
+    /// Comma-separated reference baselines: linear, full, or none
+    #[arg(long, value_delimiter = ',')]
+    pub references: Option<Vec<String>>,
     #[arg(long)]
     pub tpp_epochs: Option<i64>,
     #[arg(long)]
@@ -201,6 +210,42 @@ pub struct Args {
     /// Report folder (report.md, results.json, plots, and every run)
     #[arg(long)]
     pub out: PathBuf,
+}
+
+impl Args {
+    /// Flags override the config file.
+    fn apply(&self, cfg: &mut CompareConfig) {
+        if let Some(b) = &self.backbone {
+            cfg.backbone = b.clone();
+        }
+        if let Some(d) = &self.data {
+            cfg.data = d.clone();
+        }
+        if let Some(m) = &self.methods {
+            cfg.methods = m.clone();
+        }
+        if let Some(n) = self.seeds {
+            cfg.seeds = (0..n).collect();
+        }
+        if let Some(n) = &self.norm {
+            cfg.norm = n.clone();
+        }
+        if let Some(p) = self.pretext {
+            cfg.pretext = p;
+        }
+        if let Some(s) = self.img_size {
+            cfg.img_size = Some(s);
+        }
+        if let Some(r) = &self.references {
+            cfg.references = r.iter().filter(|r| r.as_str() != "none").cloned().collect();
+        }
+        if let Some(e) = self.tpp_epochs {
+            cfg.tpp.epochs = e;
+        }
+        if let Some(e) = self.ft_epochs {
+            cfg.finetune.epochs = e;
+        }
+    }
 }
 
 impl CompareConfig {
@@ -270,27 +315,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
             }
         }
     };
-    if let Some(b) = a.backbone {
-        cfg.backbone = b;
-    }
-    if let Some(d) = a.data {
-        cfg.data = d;
-    }
-    if let Some(m) = a.methods {
-        cfg.methods = m;
-    }
-    if let Some(n) = a.seeds {
-        cfg.seeds = (0..n).collect();
-    }
-    if let Some(n) = a.norm {
-        cfg.norm = n;
-    }
-    if let Some(e) = a.tpp_epochs {
-        cfg.tpp.epochs = e;
-    }
-    if let Some(e) = a.ft_epochs {
-        cfg.finetune.epochs = e;
-    }
+    a.apply(&mut cfg);
     run_config(&cfg, &a.out, device)
 }
 
@@ -552,5 +577,34 @@ mod tests {
         // A misspelt option is an error naming the file, not a silently ignored line.
         let err = parse("typo", &format!("{base}[dino]\nout_dims = 256\n")).unwrap_err().to_string();
         assert!(err.contains("tpp_compare_") && err.contains("typo.toml") && err.contains("out_dims"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_config() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from([
+            "tpp",
+            "compare",
+            "--pretext",
+            "dino",
+            "--img-size",
+            "56",
+            "--references",
+            "none",
+            "--methods",
+            "lora,vpt-deep",
+            "--seeds",
+            "2",
+            "--out",
+            "o",
+        ])
+        .unwrap();
+        let crate::cli::Command::Compare(a) = cli.cmd else { panic!("not compare") };
+        let mut cfg = parse("flags", "backbone = \"b.safetensors\"\ndata = \"d.npz\"\nimg_size = 28\n").unwrap();
+        a.apply(&mut cfg);
+        assert_eq!((cfg.pretext, cfg.img_size, cfg.seeds.clone()), (Pretext::Dino, Some(56), vec![0, 1]));
+        assert!(cfg.references.is_empty());
+        assert_eq!(cfg.methods, ["lora", "vpt-deep"]);
+        assert_eq!(cfg.finetune.epochs, FinetuneSection::default().epochs, "an absent flag changes nothing");
     }
 }

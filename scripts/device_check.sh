@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run on a device machine (see scripts/device_prepare.sh): one call, every GPU number issue 6 asks for.
+# 1. the card and versions; 2. tpp bench vs the PyTorch/timm peer, same work, same batch, same card
+# (ViT-B/16 224, batch 128, bf16); 3. the whole pipeline on CUDA (demo --quick: MAE pre-training, TPP,
+# fine-tuning, evaluation with bf16 autocast). Everything lands in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=/opt/torch/.venv/bin/python3
+[ -x $PY ] || PY=python3
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  $PY -c 'import torch, timm; print("torch", torch.__version__, "cuda", torch.version.cuda, "timm", timm.__version__)'
+  ldd device/tpp | grep -E 'torch|c10' || true
+} 2>&1 | tee "$OUT/card.txt"
+STEPS=${STEPS:-20}
+# Peer first, then tpp, then the peer again: a drift between the two peer runs (clocks, heat) shows.
+for run in peer1 tpp peer2; do
+  case $run in
+    tpp) timeout 240 device/tpp bench --device cuda --model vit_base_patch16_224 --batch 128 --steps "$STEPS" ;;
+    *) timeout 150 $PY device/torch_peer.py vit_base_patch16_224 128 bf16 "$STEPS" ;;
+  esac 2>&1 | tee "$OUT/bench_$run.txt"
+done
+timeout 150 device/tpp --device cuda demo --quick --out /tmp/demo_cuda 2>&1 | tail -40 | tee "$OUT/demo_quick.txt"
+cp /tmp/demo_cuda/compare/report.md "$OUT/demo_report.md" 2>/dev/null || true

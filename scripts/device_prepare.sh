@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Run here (no GPU) before a device session: builds tpp with the device's libtorch on its rpath and puts
+# the binary and the PyTorch peer into device/ (ignored by git), which the device call carries.
+# Then: run(command="bash scripts/device_check.sh", carry=["device"], timeout_s=540).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source env.sh
+TPP_LIBTORCH_RPATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib cargo build --release
+mkdir -p device
+cp target/release/tpp device/tpp
+cp ../shared/bench/torch_peer.py device/torch_peer.py
+ls -la device
