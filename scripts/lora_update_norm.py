@@ -1,5 +1,6 @@
 """Size of the LoRA update a TPP stage leaves: sqrt(sum over adapted layers of ||B A||_F^2).
 
+Needs the safetensors package (`.venv/bin/pip install safetensors`, or `make fixtures`, which installs it).
 Usage: .venv/bin/python scripts/lora_update_norm.py runs/<compare>/tpp/lora/seed0 [...]
 (reads <dir>/targets/adapter_model.safetensors; used for RESULTS.md, "Where TPP does not help").
 """

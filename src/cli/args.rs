@@ -16,7 +16,7 @@ pub struct PeftArgs {
     pub lora_alpha: f64,
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f64,
-    /// Block linears LoRA/DoRA adapt: qkv, proj, fc1, fc2
+    /// Block linears LoRA/DoRA adapt: qkv, proj, fc1, fc2, or q, k, v inside the fused qkv
     #[arg(long, value_delimiter = ',', default_value = "qkv")]
     pub lora_targets: Vec<String>,
     /// Bottleneck width of AdaptFormer / Houlsby adapters
@@ -55,7 +55,7 @@ pub struct DataArgs {
     /// segmentation folder (images/ + masks/); the format is inferred from the path
     #[arg(long)]
     pub data: PathBuf,
-    /// Force the dataset format: medmnist, folder, csv, segpairs
+    /// Force the dataset format: medmnist, folder, csv, segpairs, nifti
     #[arg(long)]
     pub format: Option<String>,
     /// Pixel normalisation: imagenet (pre-trained RGB backbones), half ([-1, 1]) or dataset (the training
