@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 source env.sh
 TPP_LIBTORCH_RPATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib cargo build --release
 mkdir -p device
-cp target/release/tpp device/tpp
-cp ../shared/bench/torch_peer.py device/torch_peer.py
+install -m 755 target/release/tpp device/tpp
+install -m 644 ../shared/bench/torch_peer.py device/torch_peer.py
 ls -la device
