@@ -328,6 +328,7 @@ fn compare_keeps_finished_cells() {
         report.contains("| lora |") && report.contains("| lora+tpp |") && report.contains("| linear |"),
         "{report}"
     );
+    assert!(report.contains("pretext MAE") && report.contains("MAE, mask 0.75, decoder auto 1x32"), "{report}");
     for f in ["results.json", "auc.png", "curves_lora.png"] {
         assert!(out.join(f).exists(), "missing {f}");
     }

@@ -1,6 +1,7 @@
 //! The report of `tpp compare`: `report.md` (method x {PEFT, PEFT+TPP, delta} and every variant with mean
 //! +- std over seeds, 95% bootstrap intervals, cost), `results.json`, and PNG plots.
 use crate::cli::compare::{Cell, CompareConfig};
+use crate::cli::pretrain::Pretext;
 use crate::eval::{metrics, plots};
 use anyhow::{Context, Result, anyhow};
 use serde_json::{Value, json};
@@ -148,9 +149,12 @@ pub fn build(cfg: &CompareConfig, cells: &[Cell], metric: &str, out: &Path) -> R
     let _ = writeln!(md, "# tpp compare: {}\n", cfg.data.display());
     let _ = writeln!(
         md,
-        "Backbone `{}`; pretext {:?}; seeds {:?}; test metric `{metric}` (model selection on validation `{select}`; the test split is scored once per run, at the best validation epoch).\n",
+        "Backbone `{}`; pretext {}; seeds {:?}; test metric `{metric}` (model selection on validation `{select}`; the test split is scored once per run, at the best validation epoch).\n",
         cfg.backbone.display(),
-        cfg.pretext,
+        match cfg.pretext {
+            Pretext::Mae => "MAE",
+            Pretext::Dino => "DINO",
+        },
         cfg.seeds
     );
     let _ = writeln!(md, "## PEFT vs PEFT + TPP (test {metric}, mean ± sample std over seeds)\n\n{head}");
@@ -161,19 +165,30 @@ pub fn build(cfg: &CompareConfig, cells: &[Cell], metric: &str, out: &Path) -> R
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     md.push_str(&rows);
+    // The pretext's own settings: a DINO run has no decoder or mask ratio to report.
+    let t = &cfg.tpp;
+    let pretext = match cfg.pretext {
+        Pretext::Mae => {
+            format!("MAE, mask {}, decoder {} {}x{}", t.mask_ratio, t.decoder, t.decoder_depth, t.decoder_dim)
+        }
+        Pretext::Dino => {
+            let d = &cfg.dino;
+            format!(
+                "DINO, {} prototypes, {} local crops, teacher temperature {}, EMA momentum {}",
+                d.out_dim, d.local_crops, d.teacher_temp, d.momentum
+            )
+        }
+    };
     let _ = writeln!(
         md,
-        "\nIntervals: percentile bootstrap over test images (1000 resamples), each resample scoring every seed's predictions; Δ intervals are paired (same resamples). Fine-tuning: {} epochs, batch {}, lr {} (full: {}); TPP: {} epochs, batch {}, lr {}, mask {}, decoder {}x{}.",
+        "\nIntervals: percentile bootstrap over test images (1000 resamples), each resample scoring every seed's predictions; Δ intervals are paired (same resamples). Fine-tuning: {} epochs, batch {}, lr {} (full: {}); TPP: {} epochs, batch {}, lr {}, {pretext}. Every setting: `compare.toml`.",
         cfg.finetune.epochs,
         cfg.finetune.batch_size,
         cfg.finetune.lr,
         cfg.finetune.full_lr,
-        cfg.tpp.epochs,
-        cfg.tpp.batch_size,
-        cfg.tpp.lr,
-        cfg.tpp.mask_ratio,
-        cfg.tpp.decoder_depth,
-        cfg.tpp.decoder_dim
+        t.epochs,
+        t.batch_size,
+        t.lr,
     );
     std::fs::write(out.join("report.md"), &md).with_context(|| format!("{}: cannot write report", out.display()))?;
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
