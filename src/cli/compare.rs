@@ -249,6 +249,29 @@ impl Args {
 }
 
 impl CompareConfig {
+    /// A config with every default a TOML file leaves out (the same ones serde fills in).
+    pub fn new(backbone: PathBuf, data: PathBuf) -> Self {
+        CompareConfig {
+            backbone,
+            data,
+            format: None,
+            heads: None,
+            img_size: None,
+            pool: None,
+            norm: default_norm(),
+            methods: default_methods(),
+            pretext: default_pretext(),
+            seeds: default_seeds(),
+            references: default_refs(),
+            select: None,
+            metric: None,
+            peft: PeftSection::default(),
+            tpp: TppSection::default(),
+            finetune: FinetuneSection::default(),
+            dino: Default::default(),
+        }
+    }
+
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
         toml::from_str(&text)
@@ -294,25 +317,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
             let (Some(b), Some(d)) = (&a.backbone, &a.data) else {
                 bail!("tpp compare needs --config <file.toml>, or at least --backbone and --data");
             };
-            CompareConfig {
-                backbone: b.clone(),
-                data: d.clone(),
-                format: None,
-                heads: None,
-                img_size: None,
-                pool: None,
-                norm: default_norm(),
-                methods: default_methods(),
-                pretext: default_pretext(),
-                seeds: default_seeds(),
-                references: default_refs(),
-                select: None,
-                metric: None,
-                peft: PeftSection::default(),
-                tpp: TppSection::default(),
-                finetune: FinetuneSection::default(),
-                dino: Default::default(),
-            }
+            CompareConfig::new(b.clone(), d.clone())
         }
     };
     a.apply(&mut cfg);

@@ -1,7 +1,7 @@
 //! `tpp demo`: the embedded default, offline on 2 CPU cores. MAE-pre-trains a small ViT on PneumoniaMNIST
 //! (source domain), then compares LoRA with LoRA + TPP (and a linear probe and full fine-tuning) on
 //! BreastMNIST (target domain) over 3 seeds and prints the report. Re-running continues where it stopped.
-use super::compare::{CompareConfig, FinetuneSection, PeftSection, TppSection, run_config};
+use super::compare::{CompareConfig, FinetuneSection, TppSection, run_config};
 use super::pretrain::{Pretext, execute_backbone};
 use crate::backbone::{Pool, VitConfig};
 use crate::data::transforms::{Augment, Norm};
@@ -89,24 +89,16 @@ pub fn run(a: Args, device: Device) -> Result<()> {
     eprintln!(
         "step 2/2: LoRA vs LoRA + TPP on BreastMNIST (target domain), 3 seeds, with linear-probe and full fine-tuning references"
     );
+    // What the demo promises above stays spelt out here, whatever compare's defaults become.
     let cfg = CompareConfig {
-        backbone: bb_path,
-        data: data.join("breastmnist.npz"),
-        format: None,
-        heads: None,
-        img_size: None,
-        pool: None,
         norm: "half".into(),
         methods: vec!["lora".into()],
         pretext: Pretext::Mae,
         seeds: vec![0, 1, 2],
         references: vec!["linear".into(), "full".into()],
-        select: None,
-        metric: None,
-        peft: PeftSection::default(),
         tpp: TppSection { epochs: tpp_epochs, decoder: "fresh".into(), ..TppSection::default() },
         finetune: FinetuneSection { epochs: ft_epochs, ..FinetuneSection::default() },
-        dino: Default::default(),
+        ..CompareConfig::new(bb_path, data.join("breastmnist.npz"))
     };
     run_config(&cfg, &a.out.join("compare"), device)
 }

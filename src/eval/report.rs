@@ -146,15 +146,26 @@ pub fn build(cfg: &CompareConfig, cells: &[Cell], metric: &str, out: &Path) -> R
         results["delta"][m] = json!({"delta": tm - pm, "ci95": dci});
     }
     let mut md = String::new();
+    // The pretext's own settings: a DINO run has no decoder or mask ratio to report.
+    let t = &cfg.tpp;
+    let (pretext_name, pretext) = match cfg.pretext {
+        Pretext::Mae => {
+            ("MAE", format!("MAE, mask {}, decoder {} {}x{}", t.mask_ratio, t.decoder, t.decoder_depth, t.decoder_dim))
+        }
+        Pretext::Dino => (
+            "DINO",
+            format!(
+                "DINO, {} prototypes, {} local crops, teacher temperature {}, EMA momentum {}",
+                cfg.dino.out_dim, cfg.dino.local_crops, cfg.dino.teacher_temp, cfg.dino.momentum
+            ),
+        ),
+    };
     let _ = writeln!(md, "# tpp compare: {}\n", cfg.data.display());
     let _ = writeln!(
         md,
         "Backbone `{}`; pretext {}; seeds {:?}; test metric `{metric}` (model selection on validation `{select}`; the test split is scored once per run, at the best validation epoch).\n",
         cfg.backbone.display(),
-        match cfg.pretext {
-            Pretext::Mae => "MAE",
-            Pretext::Dino => "DINO",
-        },
+        pretext_name,
         cfg.seeds
     );
     let _ = writeln!(md, "## PEFT vs PEFT + TPP (test {metric}, mean ± sample std over seeds)\n\n{head}");
@@ -165,20 +176,6 @@ pub fn build(cfg: &CompareConfig, cells: &[Cell], metric: &str, out: &Path) -> R
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     md.push_str(&rows);
-    // The pretext's own settings: a DINO run has no decoder or mask ratio to report.
-    let t = &cfg.tpp;
-    let pretext = match cfg.pretext {
-        Pretext::Mae => {
-            format!("MAE, mask {}, decoder {} {}x{}", t.mask_ratio, t.decoder, t.decoder_depth, t.decoder_dim)
-        }
-        Pretext::Dino => {
-            let d = &cfg.dino;
-            format!(
-                "DINO, {} prototypes, {} local crops, teacher temperature {}, EMA momentum {}",
-                d.out_dim, d.local_crops, d.teacher_temp, d.momentum
-            )
-        }
-    };
     let _ = writeln!(
         md,
         "\nIntervals: percentile bootstrap over test images (1000 resamples), each resample scoring every seed's predictions; Δ intervals are paired (same resamples). Fine-tuning: {} epochs, batch {}, lr {} (full: {}); TPP: {} epochs, batch {}, lr {}, {pretext}. Every setting: `compare.toml`.",
