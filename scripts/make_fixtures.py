@@ -139,3 +139,45 @@ if peft is not None:
     with torch.no_grad():
         save("peft_lora_io.safetensors", {"input": x, "logits": pm(x)})
     print("peft", peft.__version__)
+
+# 7. An HF PEFT IA3 adapter on the timm ViT of fixture 1, as `save_pretrained` writes it: output scaling on
+#    attn.qkv (the query third left at exactly 1, keys and values scaled), input scaling on mlp.fc2 (a
+#    feedforward module), a trained head (modules_to_save), and the adapted model's outputs.
+try:
+    import peft
+    from peft import IA3Config, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+except ImportError:
+    peft = None
+if peft is not None:
+    torch.manual_seed(7)
+    kw = dict(img_size=48, patch_size=16, embed_dim=64, depth=2, num_heads=4, num_classes=5)
+    base = VisionTransformer(**kw).eval()
+    base.load_state_dict(load_file(os.path.join(OUT, "timm_vit_p16.safetensors")))
+    pm = get_peft_model(base, IA3Config(target_modules=["qkv", "fc2"], feedforward_modules=["fc2"],
+                                        modules_to_save=["head"]))
+    dim = kw["embed_dim"]
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n and ".attn.qkv." in n:
+                assert p.shape == (3 * dim, 1), (n, p.shape)  # output scaling, one factor per output row
+                p[dim:].add_(torch.randn_like(p[dim:]) * 0.1)  # queries stay exactly 1
+            elif "ia3_l" in n:
+                assert ".mlp.fc2." in n and p.shape == (1, 4 * dim), (n, p.shape)  # input scaling
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.eval()
+    d = os.path.join(OUT, "peft_ia3")
+    pm.save_pretrained(d)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        logits = pm(x)
+    save("peft_ia3_io.safetensors", {"input": x, "logits": logits})
+    # The saved adapter re-loads onto a fresh base and reproduces the outputs.
+    base2 = VisionTransformer(**kw).eval()
+    base2.load_state_dict(load_file(os.path.join(OUT, "timm_vit_p16.safetensors")))
+    pm2 = PeftModel.from_pretrained(base2, d).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm2(x), logits, rtol=0, atol=0)
+    print("peft", peft.__version__, "(ia3)")

@@ -1,6 +1,6 @@
 //! A backbone with its PEFT target parameters and optional task head: what every training command builds.
 use crate::backbone::{Backbone, Checkpoint, LoadOptions};
-use crate::peft::{Method, PeftSpec, Targets};
+use crate::peft::{PeftSpec, Targets};
 use anyhow::Result;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -30,11 +30,10 @@ impl PeftModel {
 
     pub fn from_backbone(mut bb: Backbone, spec: &PeftSpec, device: Device, seed: u64) -> Result<Self> {
         // A checkpoint's own classifier is not part of the task: heads are made per task.
-        bb.vit.head = None;
+        bb.vit.set_head(None);
         tch::manual_seed(seed as i64);
         let targets = Targets::attach(&mut bb.vit, spec, device)?;
-        let full = spec.has(Method::Full);
-        if !full {
+        if !spec.trains_backbone() {
             bb.freeze();
             if device.is_cuda() {
                 bb.vs.set_kind(Kind::BFloat16);
@@ -44,7 +43,7 @@ impl PeftModel {
     }
 
     pub fn is_full(&self) -> bool {
-        self.targets.spec.has(Method::Full)
+        self.targets.spec.trains_backbone()
     }
 
     /// Adds a fresh task head (a target parameter).

@@ -31,7 +31,7 @@ fn timm_vit_patch16_cls_matches_timm() {
     let (bb, ck) = load("timm_vit_p16.safetensors");
     assert_eq!(ck.format, Format::Timm);
     assert!(ck.unused.is_empty(), "{:?}", ck.unused);
-    let c = &bb.vit.cfg;
+    let c = bb.vit.config();
     assert_eq!((c.embed_dim, c.depth, c.num_heads, c.patch_size, c.img_size), (64, 2, 4, 16, 48));
     assert_eq!((c.pool, c.num_classes), (Pool::Cls, 5));
     let r = io("timm_vit_p16_io.safetensors");
@@ -51,7 +51,7 @@ fn timm_vit_patch16_cls_matches_timm() {
 fn timm_dinov2_style_with_registers_matches_timm() {
     let (bb, ck) = load("timm_dinov2_p14_reg.safetensors");
     assert_eq!(ck.format, Format::Timm);
-    let c = &bb.vit.cfg;
+    let c = bb.vit.config();
     assert_eq!((c.patch_size, c.reg_tokens, c.pos_prefix), (14, 2, 0));
     assert!(c.layer_scale.is_some());
     let r = io("timm_dinov2_p14_reg_io.safetensors");
@@ -65,7 +65,7 @@ fn timm_dinov2_style_with_registers_matches_timm() {
 #[test]
 fn timm_mean_pool_fc_norm_one_channel_matches_timm() {
     let (bb, _) = load("timm_vit_avg_fcnorm.safetensors");
-    let c = &bb.vit.cfg;
+    let c = bb.vit.config();
     assert_eq!((c.pool, c.fc_norm, c.final_norm, c.qkv_bias, c.in_chans), (Pool::Mean, true, false, false, 1));
     assert_eq!(c.mlp_hidden, 96);
     let r = io("timm_vit_avg_fcnorm_io.safetensors");
@@ -165,8 +165,8 @@ fn real_dinov2_vits14_loads_with_no_missing_keys() {
     let opts = LoadOptions { img_size: Some(224), ..Default::default() };
     let (bb, ck) = Backbone::load(&path, &opts, Device::Cpu).unwrap();
     assert_eq!(ck.format, Format::HfDinov2);
-    assert_eq!(bb.vit.pos_embed.size(), vec![1, 1 + 16 * 16, 384]);
-    let c = &bb.vit.cfg;
+    assert_eq!(bb.vit.pos_embed().size(), vec![1, 1 + 16 * 16, 384]);
+    let c = bb.vit.config();
     assert_eq!((c.embed_dim, c.depth, c.num_heads, c.patch_size, c.img_size), (384, 12, 6, 14, 224));
     // Only the unrelated saliency decoder is unused.
     assert!(ck.unused.iter().all(|k| k.starts_with("decoder.")), "{:?}", ck.unused);

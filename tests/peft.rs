@@ -5,7 +5,8 @@ mod common;
 use common::{fixture, rel_err, tmp_dir};
 use tch::{Device, Kind, Tensor};
 use tpp::backbone::{Backbone, LoadOptions, Pool, VitConfig};
-use tpp::peft::{self, Method, PeftSpec, Targets};
+use serde_json::json;
+use tpp::peft::{self, Method, Options, PeftSpec, Targets};
 use tpp::train::optim::{AdamW, AdamWConfig};
 
 fn small_cfg() -> VitConfig {
@@ -30,18 +31,18 @@ fn small_cfg() -> VitConfig {
     }
 }
 
+/// `methods` with some options set (options of other methods are ignored).
+fn spec_with(methods: &[Method], options: &[(&str, serde_json::Value)]) -> PeftSpec {
+    PeftSpec::new(methods.to_vec(), &Options::from_pairs(options.iter().cloned())).unwrap()
+}
+
 fn setup(methods: &[Method], seed: i64) -> (Backbone, Targets) {
     tch::manual_seed(seed);
     let mut bb = Backbone::fresh(&small_cfg(), Device::Cpu).unwrap();
-    let spec = PeftSpec {
-        lora_targets: vec!["qkv".into(), "fc2".into()],
-        adapter_dim: 8,
-        prompt_len: 3,
-        ..PeftSpec::with_methods(methods)
-    };
+    let spec = spec_with(methods, &[("lora_targets", json!(["qkv", "fc2"])), ("adapter_dim", json!(8)), ("prompt_len", json!(3))]);
     let t = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
     t.add_head(&mut bb.vit, 3);
-    if !methods.contains(&Method::Full) {
+    if !methods.contains(&Method::FULL) {
         bb.freeze();
     }
     (bb, t)
@@ -50,7 +51,7 @@ fn setup(methods: &[Method], seed: i64) -> (Backbone, Targets) {
 /// A fresh backbone holding `src`'s weights. (Tests run in parallel threads sharing libtorch's global
 /// generator, so two fresh models are not reliably equal even after the same manual_seed.)
 fn same_weights(src: &Backbone) -> Backbone {
-    let mut bb = Backbone::fresh(&src.vit.cfg, Device::Cpu).unwrap();
+    let mut bb = Backbone::fresh(src.vit.config(), Device::Cpu).unwrap();
     bb.vs.copy(&src.vs).unwrap();
     bb
 }
@@ -67,7 +68,7 @@ fn snapshot(bb: &Backbone) -> Vec<(String, Tensor)> {
 }
 
 fn named_targets(bb: &Backbone, t: &Targets, full: bool) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = t.vs.variables().into_iter().collect();
+    let mut v: Vec<(String, Tensor)> = t.store().variables().into_iter().collect();
     if full {
         v.extend(bb.vs.variables());
     }
@@ -87,16 +88,18 @@ fn train(bb: &Backbone, t: &Targets, full: bool, n: usize) {
 }
 
 const PEFT_METHODS: &[&[Method]] = &[
-    &[Method::Lora],
-    &[Method::Dora],
-    &[Method::Adaptformer],
-    &[Method::Houlsby],
-    &[Method::VptShallow],
-    &[Method::VptDeep],
-    &[Method::Bitfit],
-    &[Method::Ssf],
-    &[Method::Linear],
-    &[Method::Lora, Method::VptDeep],
+    &[Method::LORA],
+    &[Method::DORA],
+    &[Method::ADAPTFORMER],
+    &[Method::HOULSBY],
+    &[Method::VPT_SHALLOW],
+    &[Method::VPT_DEEP],
+    &[Method::BITFIT],
+    &[Method::SSF],
+    &[Method::IA3],
+    &[Method::LINEAR],
+    &[Method::LORA, Method::VPT_DEEP],
+    &[Method::DORA, Method::SSF, Method::IA3],
 ];
 
 #[test]
@@ -105,22 +108,22 @@ fn one_step_changes_only_target_parameters() {
         let (bb, t) = setup(methods, 1);
         let before_bb = snapshot(&bb);
         let before_t: Vec<(String, Tensor)> =
-            t.vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+            t.store().variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
         train(&bb, &t, false, 1);
         for (k, v) in &before_bb {
             let now = &bb.vs.variables()[k];
             assert!(now.equal(v), "{methods:?}: backbone tensor {k} changed");
             assert!(!now.grad().defined(), "{methods:?}: frozen {k} has a gradient");
         }
-        let vars = t.vs.variables();
+        let vars = t.store().variables();
         let changed: Vec<&String> = before_t.iter().filter(|(k, v)| !vars[k].equal(v)).map(|(k, _)| k).collect();
         assert!(changed.iter().any(|k| k.starts_with("head.")), "{methods:?}: head did not change");
-        if methods != &[Method::Linear] {
+        if methods != &[Method::LINEAR] {
             assert!(changed.iter().any(|k| !k.starts_with("head.")), "{methods:?}: no PEFT parameter changed");
         }
     }
     // Full fine-tuning: backbone weights change too.
-    let (bb, t) = setup(&[Method::Full], 1);
+    let (bb, t) = setup(&[Method::FULL], 1);
     let before = snapshot(&bb);
     train(&bb, &t, true, 1);
     assert!(before.iter().any(|(k, v)| !bb.vs.variables()[k].equal(v)));
@@ -132,15 +135,12 @@ fn zero_init_leaves_output_unchanged_vpt_does_not() {
     let (x, _) = batch();
     let plain = Backbone::fresh(&small_cfg(), Device::Cpu).unwrap();
     let reference = plain.vit.embed(&x);
-    for methods in PEFT_METHODS.iter().chain([&[Method::Full][..]].iter()) {
+    for methods in PEFT_METHODS.iter().chain([&[Method::FULL][..]].iter()) {
         let mut bb = same_weights(&plain);
-        let spec = PeftSpec {
-            lora_targets: vec!["qkv".into(), "proj".into(), "fc1".into(), "fc2".into()],
-            ..PeftSpec::with_methods(methods)
-        };
+        let spec = spec_with(methods, &[("lora_targets", json!(["qkv", "proj", "fc1", "fc2"]))]);
         let _t = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
         let out = bb.vit.embed(&x);
-        let vpt = methods.iter().any(|m| matches!(m, Method::VptShallow | Method::VptDeep));
+        let vpt = methods.iter().any(|m| [Method::VPT_SHALLOW, Method::VPT_DEEP].contains(m));
         if vpt {
             assert!(rel_err(&out, &reference) > 1e-3, "{methods:?}: prompts should change the output");
         } else {
@@ -163,7 +163,7 @@ fn save_load_round_trip_is_exact() {
         let d = dir.join(format!("m{i}"));
         peft::io::save(&t, &d).unwrap();
         let spec = peft::io::read_spec(&d).unwrap();
-        assert_eq!(&spec, &t.spec);
+        assert_eq!(&spec, t.spec());
         // A second model with other random targets (same backbone weights) gets the saved values.
         let mut bb2 = same_weights(&bb);
         let t2 = Targets::attach(&mut bb2.vit, &spec, Device::Cpu).unwrap();
@@ -178,11 +178,11 @@ fn save_load_round_trip_is_exact() {
 #[test]
 fn loading_checks_names_and_shapes() {
     let dir = tmp_dir("peft-mismatch");
-    let (_, t) = setup(&[Method::Lora], 1);
+    let (_, t) = setup(&[Method::LORA], 1);
     peft::io::save(&t, &dir).unwrap();
     // Another rank: shapes differ.
     let mut bb = Backbone::fresh(&small_cfg(), Device::Cpu).unwrap();
-    let spec = PeftSpec { lora_rank: 4, lora_targets: vec!["qkv".into(), "fc2".into()], ..Default::default() };
+    let spec = spec_with(&[Method::LORA], &[("lora_rank", json!(4)), ("lora_targets", json!(["qkv", "fc2"]))]);
     let t2 = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
     let e = format!("{:#}", peft::io::load_values(&t2, &dir, false).unwrap_err());
     assert!(
@@ -194,13 +194,13 @@ fn loading_checks_names_and_shapes() {
     );
     // Other targets: a parameter missing.
     let mut bb = Backbone::fresh(&small_cfg(), Device::Cpu).unwrap();
-    let spec = PeftSpec { lora_targets: vec!["qkv".into(), "proj".into(), "fc2".into()], ..Default::default() };
+    let spec = spec_with(&[Method::LORA], &[("lora_targets", json!(["qkv", "proj", "fc2"]))]);
     let t3 = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
     let e = format!("{:#}", peft::io::load_values(&t3, &dir, false).unwrap_err());
     assert!(e.contains("missing target parameter 'blocks.0.attn.proj.lora_A.weight'"), "{e}");
     // Fewer targets: the file has parameters the model lacks.
     let mut bb = Backbone::fresh(&small_cfg(), Device::Cpu).unwrap();
-    let spec = PeftSpec { lora_targets: vec!["qkv".into()], ..Default::default() };
+    let spec = spec_with(&[Method::LORA], &[("lora_targets", json!(["qkv"]))]);
     let t4 = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
     let e = format!("{:#}", peft::io::load_values(&t4, &dir, false).unwrap_err());
     assert!(e.contains("does not have") && e.contains("mlp.fc2.lora_A.weight"), "{e}");
@@ -212,10 +212,11 @@ fn hf_peft_lora_adapter_loads_and_matches_peft() {
     let (mut bb, _) = Backbone::load(&fixture("timm_vit_p16.safetensors"), &opts, Device::Cpu).unwrap();
     let dir = fixture("peft_lora");
     let spec = peft::io::read_spec(&dir).unwrap();
-    assert_eq!((spec.lora_rank, spec.lora_alpha), (4, 8.0));
-    assert_eq!(spec.lora_targets, vec!["qkv".to_string(), "fc1".to_string()]);
+    let lora: tpp::peft::lora::LoraConfig = spec.options().parse().unwrap();
+    assert_eq!((lora.lora_rank, lora.lora_alpha), (4, 8.0));
+    assert_eq!(lora.lora_targets, vec!["qkv".to_string(), "fc1".to_string()]);
     // The checkpoint's own head is replaced by the adapter's trained head (modules_to_save).
-    bb.vit.head = None;
+    bb.vit.set_head(None);
     let t = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
     t.add_head(&mut bb.vit, 5);
     peft::io::load_values(&t, &dir, true).unwrap();
@@ -226,22 +227,80 @@ fn hf_peft_lora_adapter_loads_and_matches_peft() {
 }
 
 #[test]
+fn hf_peft_ia3_adapter_loads_and_matches_peft() {
+    let opts = LoadOptions { num_heads: Some(4), ..Default::default() };
+    let (mut bb, _) = Backbone::load(&fixture("timm_vit_p16.safetensors"), &opts, Device::Cpu).unwrap();
+    let dir = fixture("peft_ia3");
+    let spec = peft::io::read_spec(&dir).unwrap();
+    assert_eq!(spec.methods, [Method::IA3]);
+    bb.vit.set_head(None);
+    let t = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
+    t.add_head(&mut bb.vit, 5);
+    peft::io::load_values(&t, &dir, true).unwrap();
+    let io = tpp::backbone::checkpoint::read_safetensors(&fixture("peft_ia3_io.safetensors")).unwrap();
+    let _g = tch::no_grad_guard();
+    let e = rel_err(&bb.vit.forward(&io["input"]), &io["logits"]);
+    assert!(e < 1e-4, "{e}");
+}
+
+#[test]
+fn ia3_trains_keys_values_and_mlp_activations_in_hf_peft_layout() {
+    let (bb, t) = setup(&[Method::IA3], 3);
+    train(&bb, &t, false, 2);
+    let vars = t.store().variables();
+    // One vector per block on qkv's output ([3D, 1]) and on fc2's input ([1, H]), as HF PEFT stores IA³.
+    assert_eq!(vars["blocks.0.attn.qkv.ia3_l"].size(), [96, 1]);
+    assert_eq!(vars["blocks.1.mlp.fc2.ia3_l"].size(), [1, 64]);
+    let qkv = &vars["blocks.0.attn.qkv.ia3_l"];
+    // The query third keeps its initial 1 exactly; keys and values trained.
+    assert!(qkv.narrow(0, 0, 32).eq(1.0).all().int64_value(&[]) == 1);
+    assert!((qkv.narrow(0, 32, 64) - 1.0).abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    assert!((&vars["blocks.0.mlp.fc2.ia3_l"] - 1.0).abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    let dir = tmp_dir("ia3-layout");
+    peft::io::save(&t, &dir).unwrap();
+    let saved = tpp::backbone::checkpoint::read_safetensors(&dir.join("adapter_model.safetensors")).unwrap();
+    let mut keys: Vec<&str> = saved.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "base_model.model.blocks.0.attn.qkv.ia3_l",
+            "base_model.model.blocks.0.mlp.fc2.ia3_l",
+            "base_model.model.blocks.1.attn.qkv.ia3_l",
+            "base_model.model.blocks.1.mlp.fc2.ia3_l",
+            "base_model.model.head.bias",
+            "base_model.model.head.weight",
+        ]
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&cfg["peft_type"], &cfg["target_modules"], &cfg["feedforward_modules"]),
+        (&json!("IA3"), &json!(["fc2", "qkv"]), &json!(["fc2"]))
+    );
+    // IA³ vectors get no weight decay (they scale around 1).
+    assert!(!tpp::train::optim::decays("blocks.0.attn.qkv.ia3_l", qkv));
+}
+
+#[test]
 fn merge_is_exact_and_exports_a_plain_timm_checkpoint() {
     let (x, _) = batch();
     let dir = tmp_dir("peft-merge");
     for methods in [
-        &[Method::Lora][..],
-        &[Method::Dora],
-        &[Method::Ssf],
-        &[Method::Bitfit],
-        &[Method::Lora, Method::Ssf, Method::Bitfit],
+        &[Method::LORA][..],
+        &[Method::DORA],
+        &[Method::SSF],
+        &[Method::BITFIT],
+        &[Method::LORA, Method::SSF, Method::BITFIT],
+        &[Method::IA3],
+        &[Method::DORA, Method::SSF, Method::IA3, Method::BITFIT],
     ] {
         let (mut bb, t) = setup(methods, 11);
         train(&bb, &t, false, 3);
         let _g = tch::no_grad_guard();
         let before = bb.vit.forward(&x);
-        assert!(bb.vit.state_dict().is_err() || methods == [Method::Bitfit], "{methods:?}: unmerged export must fail");
-        peft::merge(&mut bb.vit, &t.spec).unwrap();
+        assert!(bb.vit.state_dict().is_err() || methods == [Method::BITFIT], "{methods:?}: unmerged export must fail");
+        peft::merge(&mut bb.vit, t.spec()).unwrap();
         let after = bb.vit.forward(&x);
         assert!(rel_err(&after, &before) < 1e-5, "{methods:?}: {}", rel_err(&after, &before));
         // The exported state dict loads as a plain timm checkpoint and gives the same outputs.
@@ -255,18 +314,18 @@ fn merge_is_exact_and_exports_a_plain_timm_checkpoint() {
         assert!(rel_err(&plain.vit.forward(&x), &before) < 1e-5, "{methods:?}");
     }
     // Methods that add modules cannot be merged.
-    let (mut bb, t) = setup(&[Method::Adaptformer], 1);
-    let e = peft::merge(&mut bb.vit, &t.spec).unwrap_err().to_string();
+    let (mut bb, t) = setup(&[Method::ADAPTFORMER], 1);
+    let e = peft::merge(&mut bb.vit, t.spec()).unwrap_err().to_string();
     assert!(e.contains("adaptformer") && e.contains("cannot be merged"), "{e}");
 }
 
 #[test]
 fn nonsense_combinations_are_rejected() {
     for (methods, needle) in [
-        (&[Method::Lora, Method::Dora][..], "DoRA is a LoRA variant"),
-        (&[Method::Linear, Method::Lora], "cannot be combined"),
-        (&[Method::Full, Method::Bitfit], "cannot be combined"),
-        (&[Method::VptShallow, Method::VptDeep], "pick one"),
+        (&[Method::LORA, Method::DORA][..], "DoRA is a LoRA variant"),
+        (&[Method::LINEAR, Method::LORA], "cannot be combined"),
+        (&[Method::FULL, Method::BITFIT], "cannot be combined"),
+        (&[Method::VPT_SHALLOW, Method::VPT_DEEP], "pick one"),
     ] {
         let e = PeftSpec::with_methods(methods).validate().unwrap_err().to_string();
         assert!(e.contains(needle), "{methods:?}: {e}");
@@ -276,7 +335,7 @@ fn nonsense_combinations_are_rejected() {
 
 #[test]
 fn trainable_counts() {
-    let (bb, t) = setup(&[Method::Lora], 1);
+    let (bb, t) = setup(&[Method::LORA], 1);
     // LoRA r=8 on qkv (32 -> 96) and fc2 (64 -> 32) in 2 blocks, plus a 3-class head.
     let lora = 2 * (8 * 32 + 96 * 8 + 8 * 64 + 32 * 8);
     assert_eq!(t.numel(), lora + 32 * 3 + 3);
@@ -289,18 +348,18 @@ fn trainable_counts() {
 fn lora_on_q_and_v_inside_fused_qkv() {
     let (x, y) = batch();
     let mut bb = Backbone::fresh(&small_cfg(), Device::Cpu).unwrap();
-    let spec = PeftSpec { lora_targets: vec!["q".into(), "v".into()], ..PeftSpec::default() };
+    let spec = spec_with(&[Method::LORA], &[("lora_targets", json!(["q", "v"]))]);
     let t = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
     t.add_head(&mut bb.vit, 3);
     bb.freeze();
-    let mut opt = AdamW::new(t.vs.variables().into_iter().collect(), AdamWConfig::default());
+    let mut opt = AdamW::new(t.store().variables().into_iter().collect(), AdamWConfig::default());
     for _ in 0..2 {
         opt.zero_grad();
         bb.vit.forward_t(&x, true).cross_entropy_for_logits(&y).backward();
         opt.step(1e-2);
     }
     // Rows of B for k (the middle third) stay exactly zero; q and v rows trained.
-    let b = &t.vs.variables()["blocks.0.attn.qkv.lora_B.weight"];
+    let b = &t.store().variables()["blocks.0.attn.qkv.lora_B.weight"];
     let d = 32;
     assert_eq!(b.narrow(0, d, d).abs().sum(Kind::Float).double_value(&[]), 0.0);
     assert!(b.narrow(0, 0, d).abs().sum(Kind::Float).double_value(&[]) > 0.0);
@@ -311,9 +370,6 @@ fn lora_on_q_and_v_inside_fused_qkv() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["target_modules"], serde_json::json!(["qkv"]));
-    let e = PeftSpec { lora_targets: vec!["qkv".into(), "q".into()], ..PeftSpec::default() }
-        .validate()
-        .unwrap_err()
-        .to_string();
+    let e = spec_with(&[Method::LORA], &[("lora_targets", json!(["qkv", "q"]))]).validate().unwrap_err().to_string();
     assert!(e.contains("already covers"), "{e}");
 }

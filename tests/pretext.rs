@@ -43,7 +43,7 @@ fn masking_keeps_round_n_visible_and_restores_order() {
             decoder_mlp_ratio: 4.0,
             norm_pix: true,
         };
-        let dec = MaeDecoder::new(&vs.root(), &bb.vit.cfg, &mcfg, 3).unwrap();
+        let dec = MaeDecoder::new(&vs.root(), bb.vit.config(), &mcfg, 3).unwrap();
         let x = Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu));
         let noise = Tensor::rand([3, 64], (Kind::Float, Device::Cpu));
         let out = mae::forward(&bb.vit, &dec, &x, &mcfg, &noise, false);

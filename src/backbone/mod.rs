@@ -1,15 +1,21 @@
-//! ViT backbone: architecture ([`config`]), model ([`vit`]) and checkpoint formats ([`checkpoint`]).
+//! ViT backbone: architecture ([`config`]), model ([`vit`]), the points where PEFT methods attach
+//! ([`hooks`]) and checkpoint formats ([`checkpoint`]).
 pub mod checkpoint;
 pub mod config;
+pub mod hooks;
 pub mod vit;
 
 pub use checkpoint::{Checkpoint, Format, LoadOptions};
 pub use config::{Pool, VitConfig};
+pub use hooks::{LayerHook, LayerWeights, StreamHook, StreamPoint, TokenHook};
 pub use vit::Vit;
 
 use anyhow::{Result, bail};
 use std::path::Path;
 use tch::{Device, nn};
+
+/// Parameters of the backbone that get no weight decay besides 1-D ones (timm's `no_weight_decay()`).
+pub const NO_WEIGHT_DECAY: &[&str] = &["cls_token", "reg_token", "pos_embed"];
 
 /// A backbone whose weights live in their own VarStore, so that freezing it (or storing it in bf16) never
 /// touches the target parameters, which live elsewhere.

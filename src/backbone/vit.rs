@@ -2,8 +2,10 @@
 //! (timm `vision_transformer.py`: PatchEmbed, Attention, Mlp, Block, VisionTransformer).
 //!
 //! Parameters live in a `tch::nn::VarStore` under timm paths (`blocks.3.attn.qkv.weight`), so a timm
-//! state dict maps one-to-one onto the store and PEFT code can address layers by their timm names.
+//! state dict maps one-to-one onto the store and PEFT code can address layers by their timm names. PEFT
+//! methods attach through the hook points of [`super::hooks`]; the model names none of them.
 use super::config::{Pool, VitConfig};
+use super::hooks::{LayerHook, LayerWeights, StreamHook, StreamPoint, TokenHook};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
@@ -12,133 +14,167 @@ fn trunc_normal() -> Init {
     Init::Randn { mean: 0.0, stdev: 0.02 }
 }
 
-/// Low-rank update of a linear layer (LoRA), or its weight-decomposed variant (DoRA) when `magnitude`
-/// is set. Output: `W x + b + scale * B A dropout(x)`; DoRA: `m / ||W + scale B A||_row * (W x + scale B A x) + b`
-/// with the norm detached, as in the DoRA paper and HF PEFT.
-#[derive(Debug)]
-pub struct Lora {
-    /// [r, in]
-    pub a: Tensor,
-    /// [out, r]
-    pub b: Tensor,
-    pub scale: f64,
-    pub dropout: f64,
-    pub magnitude: Option<Tensor>,
-    /// [out, 1] of 0/1: which output rows the update may touch (q/k/v targeting inside a fused qkv).
-    pub row_mask: Option<Tensor>,
-}
-
-impl Lora {
-    /// B with the rows outside the mask zeroed (they then get no gradient either).
-    pub fn b_eff(&self) -> Tensor {
-        match &self.row_mask {
-            Some(m) => &self.b * m,
-            None => self.b.shallow_clone(),
-        }
-    }
-
-    /// The dense update `scale * B A` [out, in].
-    pub fn delta(&self) -> Tensor {
-        self.b_eff().matmul(&self.a) * self.scale
-    }
-}
-
-/// SSF: per-channel scale and shift of an op's output.
-#[derive(Debug)]
-pub struct Ssf {
-    pub scale: Tensor,
-    pub shift: Tensor,
-}
-
-impl Ssf {
-    pub fn apply(&self, x: Tensor) -> Tensor {
-        x * &self.scale + &self.shift
-    }
-}
-
-/// A linear layer `y = x W^T + b`, the unit PEFT methods attach to.
+/// A linear layer `y = x W^T + b` with timm's names (`<path>.weight`, `<path>.bias`): the unit most PEFT
+/// methods wrap ([`LayerHook`]).
 #[derive(Debug)]
 pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-    pub lora: Option<Lora>,
-    pub ssf: Option<Ssf>,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
+    /// Attached modules, innermost first.
+    pub(crate) hooks: Vec<Box<dyn LayerHook>>,
 }
 
 impl Linear {
+    /// A fresh linear layer under `p` (weight trunc-normal std 0.02, bias zero, as timm initialises ViTs).
     pub fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
         let weight = p.var("weight", &[out_dim, in_dim], trunc_normal());
         let bias = bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0)));
-        Linear { weight, bias, lora: None, ssf: None }
+        Linear { weight, bias, hooks: Vec::new() }
     }
+
+    /// A linear layer from existing tensors (no hooks).
+    pub(crate) fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias, hooks: Vec::new() }
+    }
+
+    /// The layer's output, through its hooks.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let y = match &self.lora {
-            None => x.linear(&self.weight, self.bias.as_ref()),
-            Some(l) => {
-                let xd = if train && l.dropout > 0.0 { x.dropout(l.dropout, true) } else { x.shallow_clone() };
-                let up = xd.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b_eff(), None) * l.scale;
-                match &l.magnitude {
-                    None => x.linear(&self.weight, self.bias.as_ref()) + up,
-                    Some(m) => {
-                        let w = &self.weight.to_kind(l.a.kind());
-                        let norm = (w + l.delta()).norm_scalaropt_dim(2, [1i64].as_slice(), false).detach();
-                        let y = (x.linear::<Tensor>(&self.weight, None) + up) * (m / norm);
-                        match &self.bias {
-                            Some(b) => y + b,
-                            None => y,
-                        }
-                    }
-                }
-            }
-        };
-        match &self.ssf {
-            Some(s) => s.apply(y),
-            None => y,
+        self.forward_through(self.hooks.len(), x, train)
+    }
+
+    /// The output of the plain layer wrapped by its first `n` hooks.
+    fn forward_through(&self, n: usize, x: &Tensor, train: bool) -> Tensor {
+        match n {
+            0 => x.linear(&self.weight, self.bias.as_ref()),
+            _ => self.hooks[n - 1].forward(self.weights(), x, &|y| self.forward_through(n - 1, y, train), train),
         }
     }
+
+    pub(crate) fn weights(&self) -> LayerWeights<'_> {
+        LayerWeights { weight: &self.weight, bias: self.bias.as_ref() }
+    }
+
+    /// Input features.
     pub fn in_dim(&self) -> i64 {
         self.weight.size()[1]
     }
+
+    /// Output features.
     pub fn out_dim(&self) -> i64 {
         self.weight.size()[0]
     }
+
+    /// Attaches a module around the layer (outside the ones attached before).
+    pub fn add_hook(&mut self, hook: Box<dyn LayerHook>) {
+        self.hooks.push(hook);
+    }
+
+    /// Whether any module is attached.
+    pub fn has_hooks(&self) -> bool {
+        !self.hooks.is_empty()
+    }
+
+    /// The weight tensor (shared, not a copy).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias tensor (shared), if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Replaces the bias tensor (BitFit trains copies of the biases; SSF's merge gives a bias-free layer
+    /// one).
+    pub fn set_bias(&mut self, bias: Tensor) {
+        self.bias = Some(bias);
+    }
+
+    /// Removes and returns the attached modules of type `H`.
+    pub fn take_hooks<H: LayerHook>(&mut self) -> Vec<Box<H>> {
+        super::hooks::take(&mut self.hooks)
+    }
 }
 
+/// A LayerNorm over the last dimension (`<path>.weight`, `<path>.bias`); a [`LayerHook`] point too.
 #[derive(Debug)]
 pub struct LayerNorm {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    pub eps: f64,
-    pub ssf: Option<Ssf>,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) eps: f64,
+    pub(crate) hooks: Vec<Box<dyn LayerHook>>,
 }
 
 impl LayerNorm {
+    /// A fresh LayerNorm under `p` (weight 1, bias 0).
     pub fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
         LayerNorm {
             weight: p.var("weight", &[dim], Init::Const(1.0)),
             bias: p.var("bias", &[dim], Init::Const(0.0)),
             eps,
-            ssf: None,
+            hooks: Vec::new(),
         }
     }
+
+    /// The normalised input, through the hooks.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let d = *x.size().last().expect("LayerNorm input has at least one dim");
-        let y = x.layer_norm([d], Some(&self.weight), Some(&self.bias), self.eps, true);
-        match &self.ssf {
-            Some(s) => s.apply(y),
-            None => y,
+        self.forward_through(self.hooks.len(), x)
+    }
+
+    fn forward_through(&self, n: usize, x: &Tensor) -> Tensor {
+        match n {
+            0 => {
+                let d = *x.size().last().expect("LayerNorm input has at least one dim");
+                x.layer_norm([d], Some(&self.weight), Some(&self.bias), self.eps, true)
+            }
+            _ => {
+                let w = LayerWeights { weight: &self.weight, bias: Some(&self.bias) };
+                self.hooks[n - 1].forward(w, x, &|y| self.forward_through(n - 1, y), false)
+            }
         }
+    }
+
+    /// Attaches a module around the norm (outside the ones attached before).
+    pub fn add_hook(&mut self, hook: Box<dyn LayerHook>) {
+        self.hooks.push(hook);
+    }
+
+    /// Removes and returns the attached modules of type `H`.
+    pub fn take_hooks<H: LayerHook>(&mut self) -> Vec<Box<H>> {
+        super::hooks::take(&mut self.hooks)
+    }
+
+    /// The weight tensor (shared).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias tensor (shared).
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// Replaces the bias tensor (BitFit).
+    pub fn set_bias(&mut self, bias: Tensor) {
+        self.bias = bias;
+    }
+
+    /// Width of the normalised dimension.
+    pub fn dim(&self) -> i64 {
+        self.weight.size()[0]
     }
 }
 
+/// Multi-head self-attention with a fused `qkv` projection (timm `Attention`), through PyTorch's SDPA.
 #[derive(Debug)]
 pub struct Attention {
-    pub qkv: Linear,
-    pub proj: Linear,
-    pub num_heads: i64,
+    pub(crate) qkv: Linear,
+    pub(crate) proj: Linear,
+    pub(crate) num_heads: i64,
 }
 
 impl Attention {
+    /// Attention output [B, N, D] for tokens [B, N, D].
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let (b, n, d) = x.size3().expect("attention input is [B, N, D]");
         let h = self.num_heads;
@@ -150,51 +186,34 @@ impl Attention {
     }
 }
 
+/// The block MLP (`fc1`, exact GELU, `fc2`).
 #[derive(Debug)]
 pub struct Mlp {
-    pub fc1: Linear,
-    pub fc2: Linear,
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
 }
 
 impl Mlp {
+    /// MLP output for tokens [B, N, D].
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         // Exact (erf) GELU, as timm's nn.GELU and HF's "gelu".
         self.fc2.forward(&self.fc1.forward(x, train).gelu("none"), train)
     }
 }
 
+/// A pre-norm transformer block (timm `Block`), with optional LayerScale and [`StreamHook`] points.
 #[derive(Debug)]
 pub struct Block {
-    pub norm1: LayerNorm,
-    pub attn: Attention,
+    pub(crate) norm1: LayerNorm,
+    pub(crate) attn: Attention,
     /// LayerScale `ls1.gamma`.
-    pub ls1: Option<Tensor>,
-    pub norm2: LayerNorm,
-    pub mlp: Mlp,
-    pub ls2: Option<Tensor>,
-    /// AdaptFormer: bottleneck parallel to the MLP, fed the residual stream.
-    pub adapt_mlp: Option<Adapter>,
-    /// Houlsby: serial bottlenecks on the attention and MLP outputs.
-    pub houlsby_attn: Option<Adapter>,
-    pub houlsby_mlp: Option<Adapter>,
-}
-
-/// Bottleneck adapter `scale * up(act(down(x)))`, the up-projection zero-initialised so it starts as a no-op.
-#[derive(Debug)]
-pub struct Adapter {
-    pub down: Linear,
-    pub up: Linear,
-    pub scale: f64,
-    /// ReLU (AdaptFormer) or GELU (Houlsby).
-    pub gelu: bool,
-}
-
-impl Adapter {
-    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let h = self.down.forward(x, train);
-        let h = if self.gelu { h.gelu("none") } else { h.relu() };
-        self.up.forward(&h, train) * self.scale
-    }
+    pub(crate) ls1: Option<Tensor>,
+    pub(crate) norm2: LayerNorm,
+    pub(crate) mlp: Mlp,
+    pub(crate) ls2: Option<Tensor>,
+    pub(crate) after_attn: Vec<Box<dyn StreamHook>>,
+    pub(crate) after_mlp: Vec<Box<dyn StreamHook>>,
+    pub(crate) parallel_mlp: Vec<Box<dyn StreamHook>>,
 }
 
 fn scale(x: Tensor, gamma: &Option<Tensor>) -> Tensor {
@@ -205,6 +224,7 @@ fn scale(x: Tensor, gamma: &Option<Tensor>) -> Tensor {
 }
 
 impl Block {
+    /// A fresh block under `p` for the architecture `c`.
     pub fn new(p: nn::Path, c: &VitConfig) -> Self {
         let d = c.embed_dim;
         let ls = |name: &str| c.layer_scale.map(|v| (&p / name).var("gamma", &[d], Init::Const(v)));
@@ -222,64 +242,77 @@ impl Block {
                 fc2: Linear::new(&p / "mlp" / "fc2", c.mlp_hidden, d, true),
             },
             ls2: ls("ls2"),
-            adapt_mlp: None,
-            houlsby_attn: None,
-            houlsby_mlp: None,
+            after_attn: Vec::new(),
+            after_mlp: Vec::new(),
+            parallel_mlp: Vec::new(),
         }
     }
 
+    /// Block output for tokens [B, N, D].
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut a = self.attn.forward(&self.norm1.forward(x), train);
-        if let Some(h) = &self.houlsby_attn {
-            a = h.forward(&a, train) + a;
+        for h in &self.after_attn {
+            a = h.forward(&a, train);
         }
         let x = x + scale(a, &self.ls1);
         let mut m = self.mlp.forward(&self.norm2.forward(&x), train);
-        if let Some(h) = &self.houlsby_mlp {
-            m = h.forward(&m, train) + m;
+        for h in &self.after_mlp {
+            m = h.forward(&m, train);
         }
-        let m = scale(m, &self.ls2);
-        match &self.adapt_mlp {
-            Some(ad) => &x + m + ad.forward(&x, train),
-            None => &x + m,
+        let mut out = &x + scale(m, &self.ls2);
+        for h in &self.parallel_mlp {
+            out = out + h.forward(&x, train);
         }
+        out
+    }
+
+    /// Attaches a module at `point`.
+    pub fn add_hook(&mut self, point: StreamPoint, hook: Box<dyn StreamHook>) {
+        match point {
+            StreamPoint::AfterAttention => self.after_attn.push(hook),
+            StreamPoint::AfterMlp => self.after_mlp.push(hook),
+            StreamPoint::ParallelMlp => self.parallel_mlp.push(hook),
+        }
+    }
+
+    fn has_stream_hooks(&self) -> bool {
+        !(self.after_attn.is_empty() && self.after_mlp.is_empty() && self.parallel_mlp.is_empty())
+    }
+
+    /// The block's linears with their paths relative to the block (`attn.qkv`, `attn.proj`, `mlp.fc1`,
+    /// `mlp.fc2`).
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 4] {
+        [
+            ("attn.qkv", &mut self.attn.qkv),
+            ("attn.proj", &mut self.attn.proj),
+            ("mlp.fc1", &mut self.mlp.fc1),
+            ("mlp.fc2", &mut self.mlp.fc2),
+        ]
+    }
+
+    /// The block's LayerNorms with their paths relative to the block (`norm1`, `norm2`).
+    pub fn norms_mut(&mut self) -> [(&'static str, &mut LayerNorm); 2] {
+        [("norm1", &mut self.norm1), ("norm2", &mut self.norm2)]
     }
 }
 
-/// The ViT encoder (plus optional classifier `head`).
+/// The ViT encoder (plus optional classifier `head`), timm's `VisionTransformer`.
 #[derive(Debug)]
 pub struct Vit {
-    pub cfg: VitConfig,
+    pub(crate) cfg: VitConfig,
     /// `patch_embed.proj` conv kernel [D, C, p, p] and bias.
-    pub patch_w: Tensor,
-    pub patch_b: Tensor,
-    pub cls_token: Option<Tensor>,
-    pub reg_token: Option<Tensor>,
+    pub(crate) patch_w: Tensor,
+    pub(crate) patch_b: Tensor,
+    pub(crate) cls_token: Option<Tensor>,
+    pub(crate) reg_token: Option<Tensor>,
     /// [1, pos_prefix + grid*grid, D]
-    pub pos_embed: Tensor,
-    pub blocks: Vec<Block>,
-    pub norm: Option<LayerNorm>,
-    pub fc_norm: Option<LayerNorm>,
-    pub head: Option<Linear>,
-    /// VPT prompts: shallow [1, L, D] before block 0, or deep [depth, L, D] (block i's prompts replace
-    /// the previous ones). They sit after the prefix tokens and are dropped before pooling.
-    pub prompts: Option<Prompts>,
-}
-
-#[derive(Debug)]
-pub struct Prompts {
-    pub tokens: Tensor,
-    pub deep: bool,
-    pub dropout: f64,
-}
-
-impl Prompts {
-    pub fn len(&self) -> i64 {
-        self.tokens.size()[1]
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    pub(crate) pos_embed: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: Option<LayerNorm>,
+    pub(crate) fc_norm: Option<LayerNorm>,
+    pub(crate) head: Option<Linear>,
+    /// Extra tokens after the prefix tokens (see [`TokenHook`]).
+    pub(crate) extra_tokens: Option<Box<dyn TokenHook>>,
 }
 
 /// Resamples a position-embedding grid [1, prefix + g*g, D] to another grid as timm's
@@ -326,8 +359,73 @@ impl Vit {
             norm,
             fc_norm,
             head,
-            prompts: None,
+            extra_tokens: None,
         }
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &VitConfig {
+        &self.cfg
+    }
+
+    /// The stored position-embedding table [1, pos_prefix + grid * grid, D].
+    pub fn pos_embed(&self) -> &Tensor {
+        &self.pos_embed
+    }
+
+    /// Number of transformer blocks.
+    pub fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The blocks, to attach modules ([`Block::add_hook`], [`Block::linears_mut`], [`Block::norms_mut`]).
+    pub fn blocks_mut(&mut self) -> &mut [Block] {
+        &mut self.blocks
+    }
+
+    /// The final LayerNorm over all tokens (`norm`), if the model has one.
+    pub fn final_norm_mut(&mut self) -> Option<&mut LayerNorm> {
+        self.norm.as_mut()
+    }
+
+    /// Every linear of the blocks with its timm path (`blocks.3.attn.qkv`), block by block.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            for (name, l) in b.linears_mut() {
+                out.push((format!("blocks.{i}.{name}"), l));
+            }
+        }
+        out
+    }
+
+    /// The LayerNorms of the encoder with their timm paths: each block's `norm1`, `norm2`, then the
+    /// final `norm` (not `fc_norm`, which belongs to pooling).
+    pub fn norms_mut(&mut self) -> Vec<(String, &mut LayerNorm)> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            for (name, n) in b.norms_mut() {
+                out.push((format!("blocks.{i}.{name}"), n));
+            }
+        }
+        if let Some(n) = self.norm.as_mut() {
+            out.push(("norm".into(), n));
+        }
+        out
+    }
+
+    /// Sets the extra tokens of the sequence; one source only.
+    pub fn set_extra_tokens(&mut self, tokens: Box<dyn TokenHook>) -> Result<(), String> {
+        if self.extra_tokens.is_some() {
+            return Err("the model already has extra tokens (prompts); combine one prompt method only".into());
+        }
+        self.extra_tokens = Some(tokens);
+        Ok(())
+    }
+
+    /// Sets the classifier (`head`), or removes it with None.
+    pub fn set_head(&mut self, head: Option<Linear>) {
+        self.head = head;
     }
 
     /// Patch embedding: [B, C, H, W] -> [B, gh*gw, D]. A 1-channel image on a 3-channel kernel uses the
@@ -382,13 +480,13 @@ impl Vit {
         Tensor::cat(&toks, 1)
     }
 
-    /// Number of VPT prompt tokens in the sequence (after the prefix tokens).
-    pub fn num_prompts(&self) -> i64 {
-        self.prompts.as_ref().map_or(0, Prompts::len)
+    /// Number of extra tokens (prompts) in the sequence, after the prefix tokens.
+    pub fn num_extra_tokens(&self) -> i64 {
+        self.extra_tokens.as_ref().map_or(0, |t| t.len())
     }
 
-    /// Runs the blocks and the final norm on a token sequence [B, prefix + N, D] (no prompts yet); VPT
-    /// prompts are inserted after the prefix tokens and stay in the output.
+    /// Runs the blocks and the final norm on a token sequence [B, prefix + N, D] (no extra tokens yet);
+    /// extra tokens are inserted after the prefix tokens and stay in the output.
     pub fn forward_tokens(&self, x: Tensor, train: bool) -> Tensor {
         self.run_blocks(x, train, &[]).0
     }
@@ -401,15 +499,13 @@ impl Vit {
         let mut x = x;
         let mut taken = Vec::new();
         for (i, blk) in self.blocks.iter().enumerate() {
-            if let Some(p) = &self.prompts
-                && (i == 0 || p.deep)
+            if let Some(p) = &self.extra_tokens
+                && let Some(tok) = p.tokens(i, train)
             {
                 let l = p.len();
-                let d = self.cfg.embed_dim;
-                let tok = if p.deep { p.tokens.get(i as i64).unsqueeze(0) } else { p.tokens.shallow_clone() };
-                let tok = tok.dropout(p.dropout, train).expand([b, l, d], false).to_kind(x.kind());
+                let tok = tok.expand([b, l, self.cfg.embed_dim], false).to_kind(x.kind());
                 let n = x.size()[1];
-                // Block 0 inserts prompts; deeper blocks (deep VPT) replace the previous block's prompts.
+                // Before block 0 the tokens are inserted; before a deeper block they replace the current ones.
                 let skip = if i == 0 { 0 } else { l };
                 x = Tensor::cat(&[x.narrow(1, 0, np), tok, x.narrow(1, np + skip, n - np - skip)], 1);
             }
@@ -428,18 +524,19 @@ impl Vit {
         (x, taken)
     }
 
-    /// timm `forward_features`: all tokens after the final norm (VPT prompts included).
+    /// timm `forward_features`: all tokens after the final norm (extra tokens included).
     pub fn forward_features(&self, x: &Tensor) -> Tensor {
         self.forward_features_t(x, false)
     }
 
+    /// As [`Self::forward_features`], in training mode when `train` (dropout of PEFT modules).
     pub fn forward_features_t(&self, x: &Tensor, train: bool) -> Tensor {
         self.forward_tokens(self.embed_tokens(x), train)
     }
 
-    /// Patch tokens of a feature sequence: prefix and prompt tokens removed.
+    /// Patch tokens of a feature sequence: prefix and extra tokens removed.
     pub fn patch_tokens(&self, tokens: &Tensor) -> Tensor {
-        let skip = self.cfg.num_prefix_tokens() + self.num_prompts();
+        let skip = self.cfg.num_prefix_tokens() + self.num_extra_tokens();
         let n = tokens.size()[1];
         tokens.narrow(1, skip, n - skip)
     }
@@ -466,6 +563,7 @@ impl Vit {
         self.forward_t(x, false)
     }
 
+    /// As [`Self::forward`], in training mode when `train`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let f = self.pool(&self.forward_features_t(x, train));
         match &self.head {
@@ -477,15 +575,18 @@ impl Vit {
 
 impl Vit {
     /// The model's plain weights under timm names (what a timm checkpoint holds), read from the model's own
-    /// tensors, so merged PEFT updates and BitFit biases are included. Fails while unmerged PEFT modules
-    /// remain, since timm could not represent them.
+    /// tensors, so merged PEFT updates and BitFit biases are included. Fails while PEFT modules remain
+    /// attached, since timm could not represent them.
     pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>, String> {
+        if self.extra_tokens.is_some() {
+            return Err("extra tokens (visual prompts) cannot be merged into a timm checkpoint".into());
+        }
+        if self.blocks.iter().any(Block::has_stream_hooks) {
+            return Err("adapters add modules and cannot be merged into a timm checkpoint".into());
+        }
         let mut out: Vec<(String, Tensor)> = Vec::new();
         let mut put =
             |k: String, t: &Tensor| out.push((k, t.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu)));
-        if self.prompts.is_some() {
-            return Err("visual prompts cannot be merged into a timm checkpoint".into());
-        }
         put("patch_embed.proj.weight".into(), &self.patch_w);
         put("patch_embed.proj.bias".into(), &self.patch_b);
         if let Some(t) = &self.cls_token {
@@ -496,16 +597,16 @@ impl Vit {
         }
         put("pos_embed".into(), &self.pos_embed);
         let norm = |put: &mut dyn FnMut(String, &Tensor), k: &str, n: &LayerNorm| -> Result<(), String> {
-            if n.ssf.is_some() {
-                return Err(format!("{k}: SSF not merged"));
+            if !n.hooks.is_empty() {
+                return Err(format!("{k}: a PEFT module is not merged"));
             }
             put(format!("{k}.weight"), &n.weight);
             put(format!("{k}.bias"), &n.bias);
             Ok(())
         };
         let lin = |put: &mut dyn FnMut(String, &Tensor), k: &str, l: &Linear| -> Result<(), String> {
-            if l.lora.is_some() || l.ssf.is_some() {
-                return Err(format!("{k}: PEFT update not merged"));
+            if l.has_hooks() {
+                return Err(format!("{k}: a PEFT update is not merged"));
             }
             put(format!("{k}.weight"), &l.weight);
             if let Some(b) = &l.bias {
@@ -514,9 +615,6 @@ impl Vit {
             Ok(())
         };
         for (i, b) in self.blocks.iter().enumerate() {
-            if b.adapt_mlp.is_some() || b.houlsby_attn.is_some() || b.houlsby_mlp.is_some() {
-                return Err("adapters add modules and cannot be merged into a timm checkpoint".into());
-            }
             let p = format!("blocks.{i}");
             norm(&mut put, &format!("{p}.norm1"), &b.norm1)?;
             lin(&mut put, &format!("{p}.attn.qkv"), &b.attn.qkv)?;
@@ -545,20 +643,20 @@ impl Vit {
 }
 
 impl Linear {
-    /// The same weights (shared tensors), without PEFT hooks.
-    pub fn share(&self) -> Linear {
-        Linear {
-            weight: self.weight.shallow_clone(),
-            bias: self.bias.as_ref().map(Tensor::shallow_clone),
-            lora: None,
-            ssf: None,
-        }
+    /// The same weights (shared tensors), without hooks.
+    fn share(&self) -> Linear {
+        Linear::from_tensors(self.weight.shallow_clone(), self.bias.as_ref().map(Tensor::shallow_clone))
     }
 }
 
 impl LayerNorm {
-    pub fn share(&self) -> LayerNorm {
-        LayerNorm { weight: self.weight.shallow_clone(), bias: self.bias.shallow_clone(), eps: self.eps, ssf: None }
+    fn share(&self) -> LayerNorm {
+        LayerNorm {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+            eps: self.eps,
+            hooks: Vec::new(),
+        }
     }
 }
 
@@ -585,15 +683,15 @@ impl Vit {
                     norm2: b.norm2.share(),
                     mlp: Mlp { fc1: b.mlp.fc1.share(), fc2: b.mlp.fc2.share() },
                     ls2: opt(&b.ls2),
-                    adapt_mlp: None,
-                    houlsby_attn: None,
-                    houlsby_mlp: None,
+                    after_attn: Vec::new(),
+                    after_mlp: Vec::new(),
+                    parallel_mlp: Vec::new(),
                 })
                 .collect(),
             norm: self.norm.as_ref().map(LayerNorm::share),
             fc_norm: self.fc_norm.as_ref().map(LayerNorm::share),
             head: None,
-            prompts: None,
+            extra_tokens: None,
         }
     }
 }

@@ -1,50 +1,68 @@
 //! Option groups shared by several subcommands.
 use crate::data::transforms::Augment;
-use crate::peft::{Method, PeftSpec};
+use crate::peft::adaptformer::AdaptFormerConfig;
+use crate::peft::lora::LoraConfig;
+use crate::peft::vpt::VptConfig;
+use crate::peft::{Method, Options, PeftSpec};
 use std::path::PathBuf;
 
 /// PEFT method and its options (`--peft lora,vpt-deep --lora-rank 8 ...`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct PeftArgs {
     /// PEFT method(s), comma-separated: lora, dora, adaptformer, houlsby, vpt-shallow, vpt-deep, bitfit,
-    /// ssf, linear (head only), full (everything)
+    /// ssf, ia3, linear (head only), full (everything)
     #[arg(long, value_delimiter = ',', default_value = "lora")]
     pub peft: Vec<Method>,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = LoraConfig::default().lora_rank)]
     pub lora_rank: i64,
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = LoraConfig::default().lora_alpha)]
     pub lora_alpha: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = LoraConfig::default().lora_dropout)]
     pub lora_dropout: f64,
     /// Block linears LoRA/DoRA adapt: qkv, proj, fc1, fc2, or q, k, v inside the fused qkv
     #[arg(long, value_delimiter = ',', default_value = "qkv")]
     pub lora_targets: Vec<String>,
     /// Bottleneck width of AdaptFormer / Houlsby adapters
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = AdaptFormerConfig::default().adapter_dim)]
     pub adapter_dim: i64,
     /// Output scale of AdaptFormer adapters
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = AdaptFormerConfig::default().adapter_scale)]
     pub adapter_scale: f64,
     /// VPT prompt tokens (per block for vpt-deep)
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = VptConfig::default().prompt_len)]
     pub prompt_len: i64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = VptConfig::default().prompt_dropout)]
     pub prompt_dropout: f64,
+    /// Any method option by its config name, NAME=VALUE (value as JSON, else a string); repeatable
+    #[arg(long = "peft-option", value_name = "NAME=VALUE", value_parser = parse_option)]
+    pub peft_options: Vec<(String, serde_json::Value)>,
+}
+
+/// `NAME=VALUE`, the value read as JSON (`8`, `0.1`, `["qkv","fc2"]`) or else taken as a string.
+fn parse_option(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("'{s}': expected NAME=VALUE"))?;
+    let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+    Ok((k.trim().to_string(), value))
 }
 
 impl PeftArgs {
-    pub fn spec(&self) -> PeftSpec {
-        PeftSpec {
-            methods: self.peft.clone(),
-            lora_rank: self.lora_rank,
-            lora_alpha: self.lora_alpha,
-            lora_dropout: self.lora_dropout,
-            lora_targets: self.lora_targets.clone(),
-            adapter_dim: self.adapter_dim,
-            adapter_scale: self.adapter_scale,
-            prompt_len: self.prompt_len,
-            prompt_dropout: self.prompt_dropout,
+    /// The spec these flags describe.
+    pub fn spec(&self) -> anyhow::Result<PeftSpec> {
+        use serde_json::json;
+        let mut o = Options::from_pairs([
+            ("lora_rank", json!(self.lora_rank)),
+            ("lora_alpha", json!(self.lora_alpha)),
+            ("lora_dropout", json!(self.lora_dropout)),
+            ("lora_targets", json!(self.lora_targets)),
+            ("adapter_dim", json!(self.adapter_dim)),
+            ("adapter_scale", json!(self.adapter_scale)),
+            ("prompt_len", json!(self.prompt_len)),
+            ("prompt_dropout", json!(self.prompt_dropout)),
+        ]);
+        for (k, v) in &self.peft_options {
+            o.set(k, v.clone());
         }
+        PeftSpec::new(self.peft.clone(), &o)
     }
 }
 

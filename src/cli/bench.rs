@@ -103,8 +103,8 @@ pub fn run(a: Args, device: Device) -> Result<()> {
     println!("tpp {} libtorch (tch 0.24) device {dev_name}", env!("CARGO_PKG_VERSION"));
     for work in &a.work {
         let spec = match work.as_str() {
-            "lora_ft" | "tpp_mae" => PeftSpec::with_methods(&[Method::Lora]),
-            "full_ft" => PeftSpec::with_methods(&[Method::Full]),
+            "lora_ft" | "tpp_mae" => PeftSpec::with_methods(&[Method::LORA]),
+            "full_ft" => PeftSpec::with_methods(&[Method::FULL]),
             other => bail!("--work: unknown '{other}' (expected lora_ft, tpp_mae, full_ft)"),
         };
         let bb = Backbone::fresh(&cfg, device)?;

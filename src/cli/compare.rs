@@ -106,14 +106,13 @@ pub struct PeftSection {
 
 impl Default for PeftSection {
     fn default() -> Self {
-        let d = PeftSpec::default();
         PeftSection {
-            lora_rank: d.lora_rank,
-            lora_alpha: d.lora_alpha,
-            lora_targets: d.lora_targets,
-            adapter_dim: d.adapter_dim,
-            adapter_scale: d.adapter_scale,
-            prompt_len: d.prompt_len,
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            lora_targets: vec!["qkv".into()],
+            adapter_dim: 64,
+            adapter_scale: 0.1,
+            prompt_len: 10,
         }
     }
 }
@@ -284,17 +283,15 @@ impl CompareConfig {
             .map(|m| m.parse::<Method>().map_err(|e| anyhow!("methods: {e}")))
             .collect::<Result<Vec<_>>>()?;
         let p = &self.peft;
-        let spec = PeftSpec {
-            methods,
-            lora_rank: p.lora_rank,
-            lora_alpha: p.lora_alpha,
-            lora_dropout: 0.0,
-            lora_targets: p.lora_targets.clone(),
-            adapter_dim: p.adapter_dim,
-            adapter_scale: p.adapter_scale,
-            prompt_len: p.prompt_len,
-            prompt_dropout: 0.0,
-        };
+        let opts = crate::peft::Options::from_pairs([
+            ("lora_rank", serde_json::json!(p.lora_rank)),
+            ("lora_alpha", serde_json::json!(p.lora_alpha)),
+            ("lora_targets", serde_json::json!(p.lora_targets)),
+            ("adapter_dim", serde_json::json!(p.adapter_dim)),
+            ("adapter_scale", serde_json::json!(p.adapter_scale)),
+            ("prompt_len", serde_json::json!(p.prompt_len)),
+        ]);
+        let spec = PeftSpec::new(methods, &opts)?;
         spec.validate()?;
         Ok(spec)
     }
@@ -364,7 +361,7 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
         select: select.clone(),
     };
     let record = |spec: PeftSpec, seed: u64, init: Option<PathBuf>| {
-        let full = spec.has(Method::Full);
+        let full = spec.trains_backbone();
         RunRecord {
             backbone: cfg.backbone.clone(),
             heads: cfg.heads,
@@ -387,7 +384,7 @@ pub fn run_config(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()>
     let mut tpp_jobs: Vec<(TppRecord, PathBuf)> = Vec::new();
     for m in &cfg.methods {
         let spec = cfg.spec(m)?;
-        if spec.has(Method::Linear) || spec.has(Method::Full) {
+        if !spec.adds_parameters() {
             bail!("compare: '{m}' is a reference, not a PEFT method (list it under references)");
         }
         for &seed in &cfg.seeds {

@@ -67,7 +67,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
     };
     let (task, num_classes) = crate::data::describe(&a.data.data, &probe)?;
     let select = a.select.clone().unwrap_or_else(|| default_select(task).into());
-    let is_full = a.peft.peft.contains(&crate::peft::Method::Full);
+    let is_full = a.peft.peft.iter().any(|m| m.get().trains_backbone());
     let cfg = FinetuneConfig {
         epochs: a.optim.epochs,
         batch_size: a.data.batch_size,
@@ -93,7 +93,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         heads: a.backbone.heads,
         img_size: a.backbone.img_size,
         pool: a.backbone.pool,
-        peft: a.peft.spec(),
+        peft: a.peft.spec()?,
         init_targets: a.init_targets.clone(),
         data: a.data.data.clone(),
         format: a.data.format.clone(),

@@ -225,7 +225,7 @@ pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
         heads: a.backbone.heads,
         img_size: a.backbone.img_size,
         pool: a.backbone.pool,
-        peft: a.peft.spec(),
+        peft: a.peft.spec()?,
         data: a.data.data.clone(),
         format: a.data.format.clone(),
         pretext: a.pretext,
@@ -240,7 +240,7 @@ pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
 /// Runs the TPP stage of `rec` into `out` (targets/, pretext_head.safetensors, config.json, loss.csv).
 pub fn execute_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<()> {
     let spec = &rec.peft;
-    if spec.has(crate::peft::Method::Linear) || spec.has(crate::peft::Method::Full) {
+    if !spec.adds_parameters() {
         bail!(
             "--peft {}: the TPP stage pre-trains PEFT target parameters; 'linear' and 'full' have none",
             spec.label()

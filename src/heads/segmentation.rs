@@ -51,9 +51,9 @@ pub fn default_levels(depth: usize) -> Vec<usize> {
 
 impl SegHead {
     pub fn new(p: &nn::Path, vit: &Vit, num_classes: i64, channels: i64) -> Self {
-        let levels = default_levels(vit.blocks.len());
-        let d = vit.cfg.embed_dim;
-        let ups = (vit.cfg.patch_size as f64).log2().ceil() as i64;
+        let levels = default_levels(vit.depth());
+        let d = vit.config().embed_dim;
+        let ups = (vit.config().patch_size as f64).log2().ceil() as i64;
         let hp = p / "seg_head";
         let mut cin = channels;
         let stages = (0..ups)

@@ -1,49 +1,40 @@
 //! BitFit (Ben Zaken et al. 2022): every bias of the blocks (linears and LayerNorms) and of the final norm
 //! is trained. The target store holds copies under the backbone's own names; merging writes them back.
-use super::{Method, PeftMethod};
+use super::{Method, Options, PeftMethod};
 use crate::backbone::Vit;
 use anyhow::Result;
-use tch::Tensor;
-use tch::nn;
+use tch::{Kind, Tensor, nn};
 
+impl Method {
+    /// BitFit.
+    pub const BITFIT: Method = Method("bitfit");
+}
+
+/// The method.
 pub struct BitFit;
 
-/// Every (timm path, bias handle) BitFit trains.
-fn biases(vit: &mut Vit) -> Vec<(String, &mut Tensor)> {
-    let mut out: Vec<(String, &mut Tensor)> = Vec::new();
-    for (i, blk) in vit.blocks.iter_mut().enumerate() {
-        let crate::backbone::vit::Block { norm1, norm2, attn, mlp, .. } = blk;
-        out.push((format!("blocks.{i}.norm1.bias"), &mut norm1.bias));
-        out.push((format!("blocks.{i}.norm2.bias"), &mut norm2.bias));
-        let linears = [
-            ("attn.qkv", &mut attn.qkv),
-            ("attn.proj", &mut attn.proj),
-            ("mlp.fc1", &mut mlp.fc1),
-            ("mlp.fc2", &mut mlp.fc2),
-        ];
-        for (name, lin) in linears {
-            if let Some(b) = lin.bias.as_mut() {
-                out.push((format!("blocks.{i}.{name}.bias"), b));
-            }
-        }
-    }
-    if let Some(n) = vit.norm.as_mut() {
-        out.push(("norm.bias".into(), &mut n.bias));
-    }
-    out
+/// A trainable copy of `bias` under `<path>.bias` in the target store.
+fn copy(p: &nn::Path, path: &str, bias: &Tensor, replaced: &mut i64) -> Tensor {
+    let copy = tch::no_grad(|| bias.to_kind(Kind::Float).copy());
+    *replaced += copy.numel() as i64;
+    super::sub_path(p, path).var_copy("bias", &copy)
 }
 
 impl PeftMethod for BitFit {
-    fn method(&self) -> Method {
-        Method::Bitfit
+    fn name(&self) -> &'static str {
+        Method::BITFIT.0
     }
-    fn attach(&self, vit: &mut Vit, p: &nn::Path) -> Result<i64> {
+    fn attach(&self, vit: &mut Vit, p: &nn::Path, _opts: &Options) -> Result<i64> {
         let mut replaced = 0;
-        for (name, b) in biases(vit) {
-            let q = super::sub_path(p, name.trim_end_matches(".bias"));
-            let copy = tch::no_grad(|| b.to_kind(tch::Kind::Float).copy());
-            replaced += copy.numel() as i64;
-            *b = q.var_copy("bias", &copy);
+        for (path, n) in vit.norms_mut() {
+            let b = copy(p, &path, n.bias(), &mut replaced);
+            n.set_bias(b);
+        }
+        for (path, lin) in vit.linears_mut() {
+            if let Some(b) = lin.bias() {
+                let b = copy(p, &path, b, &mut replaced);
+                lin.set_bias(b);
+            }
         }
         Ok(replaced)
     }

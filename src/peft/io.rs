@@ -4,9 +4,8 @@
 //! HF PEFT's layout; the task head as `base_model.model.head.*`, as PEFT writes `modules_to_save`),
 //! `tpp_peft.json` (the [`PeftSpec`]) and, for LoRA/DoRA, PEFT's `adapter_config.json`, so that
 //! `PeftModel.from_pretrained(timm_model, folder)` loads it.
-use super::{Method, PeftSpec, Targets};
+use super::{Options, PeftSpec, REGISTRY, Targets};
 use anyhow::{Context, Result, anyhow, bail};
-use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::Tensor;
@@ -39,6 +38,8 @@ pub fn write_safetensors_atomic(path: &Path, named: &[(String, Tensor)]) -> Resu
     })
 }
 
+/// Writes the target parameters (and the head, when attached) to `dir`, with the spec and, for a method
+/// HF PEFT has, PEFT's `adapter_config.json`.
 pub fn save(t: &Targets, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
     let vars = t.vs.variables();
@@ -48,45 +49,17 @@ pub fn save(t: &Targets, dir: &Path) -> Result<()> {
     write_safetensors_atomic(&dir.join(WEIGHTS), &named)?;
     let spec = serde_json::to_string_pretty(&t.spec)?;
     write_text_atomic(&dir.join(SPEC), &spec)?;
-    let is_lora = t.spec.methods.iter().all(|m| matches!(m, Method::Lora | Method::Dora));
-    if is_lora {
-        let has_head = vars.keys().any(|k| k.starts_with("head."));
-        let cfg = json!({
-            "peft_type": "LORA",
-            "r": t.spec.lora_rank,
-            "lora_alpha": t.spec.lora_alpha,
-            "lora_dropout": t.spec.lora_dropout,
-            // q/k/v targeting is stored as PEFT's fused `qkv` (the other rows of B are zero).
-            "target_modules": peft_modules(&t.spec.lora_targets),
-            "use_dora": t.spec.has(Method::Dora),
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "init_lora_weights": true,
-            "use_rslora": false,
-            "inference_mode": true,
-            "modules_to_save": if has_head { json!(["head"]) } else { json!(null) },
-            "task_type": null,
-            "base_model_name_or_path": null,
-            "revision": null,
-        });
-        let text = serde_json::to_string_pretty(&cfg)?;
-        write_text_atomic(&dir.join(PEFT_CONFIG), &text)?;
+    let has_head = vars.keys().any(|k| k.starts_with("head."));
+    if let [m] = t.spec.methods[..]
+        && let Some(cfg) = m.get().hf_peft_config(t.spec.options(), has_head)
+    {
+        write_text_atomic(&dir.join(PEFT_CONFIG), &serde_json::to_string_pretty(&cfg)?)?;
     }
     Ok(())
 }
 
-fn peft_modules(targets: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for t in targets {
-        let m = if matches!(t.as_str(), "q" | "k" | "v") { "qkv".to_string() } else { t.clone() };
-        if !out.contains(&m) {
-            out.push(m);
-        }
-    }
-    out
-}
-
-/// The spec of a saved folder: `tpp_peft.json`, or else an HF PEFT LoRA `adapter_config.json`.
+/// The spec of a saved folder: `tpp_peft.json`, or else an HF PEFT `adapter_config.json` of a method
+/// that reads one.
 pub fn read_spec(dir: &Path) -> Result<PeftSpec> {
     let ours = dir.join(SPEC);
     if ours.exists() {
@@ -100,29 +73,18 @@ pub fn read_spec(dir: &Path) -> Result<PeftSpec> {
     let text = std::fs::read_to_string(&peft).with_context(|| format!("{}: cannot read", peft.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON ({e})", peft.display()))?;
-    if v["peft_type"] != "LORA" {
-        bail!("{}: peft_type {} is not supported (only LORA)", peft.display(), v["peft_type"]);
+    match REGISTRY.iter().find_map(|m| m.from_hf_peft_config(&v)) {
+        Some(spec) => spec.map_err(|e| anyhow!("{}: {e:#}", peft.display())),
+        None => {
+            let mut known: Vec<String> = REGISTRY
+                .iter()
+                .filter_map(|m| m.hf_peft_config(&Options::default(), false))
+                .filter_map(|c| c["peft_type"].as_str().map(str::to_string))
+                .collect();
+            known.dedup();
+            bail!("{}: peft_type {} is not supported (only {})", peft.display(), v["peft_type"], known.join(", "))
+        }
     }
-    let targets = match &v["target_modules"] {
-        serde_json::Value::String(s) => vec![s.clone()],
-        serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
-        _ => bail!("{}: target_modules missing", peft.display()),
-    };
-    // PEFT accepts module paths ("attn.qkv") as well as leaf names ("qkv").
-    let targets = targets.iter().map(|t| t.rsplit('.').next().unwrap_or(t).to_string()).collect();
-    let dora = v["use_dora"].as_bool().unwrap_or(false);
-    let nonempty = |k: &str| v[k].as_object().is_some_and(|o| !o.is_empty());
-    if v["use_rslora"].as_bool().unwrap_or(false) || nonempty("rank_pattern") || nonempty("alpha_pattern") {
-        bail!("{}: rsLoRA and per-layer rank/alpha patterns are not supported", peft.display());
-    }
-    Ok(PeftSpec {
-        methods: vec![if dora { Method::Dora } else { Method::Lora }],
-        lora_rank: v["r"].as_i64().ok_or_else(|| anyhow!("{}: 'r' missing", peft.display()))?,
-        lora_alpha: v["lora_alpha"].as_f64().unwrap_or(8.0),
-        lora_dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
-        lora_targets: targets,
-        ..Default::default()
-    })
 }
 
 /// Loads saved values into the target parameters. Every PEFT parameter of the model must be in the file

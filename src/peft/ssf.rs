@@ -1,42 +1,60 @@
 //! SSF (Lian et al. 2022): a learnable per-channel scale (init 1) and shift (init 0) after every linear and
 //! LayerNorm of the blocks and after the final norm. Folds exactly into the preceding op's weight and bias.
-use super::{Method, PeftMethod, block_linears};
-use crate::backbone::Vit;
-use crate::backbone::vit::{LayerNorm, Ssf};
+use super::{Method, Options, PeftMethod};
+use crate::backbone::{LayerHook, LayerWeights, Vit};
 use anyhow::Result;
 use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
 
-pub struct SsfMethod;
-
-fn make(p: &nn::Path, dim: i64) -> Ssf {
-    Ssf { scale: p.var("ssf_scale", &[dim], Init::Const(1.0)), shift: p.var("ssf_shift", &[dim], Init::Const(0.0)) }
+impl Method {
+    /// SSF.
+    pub const SSF: Method = Method("ssf");
 }
 
-fn fold_norm(n: &mut LayerNorm) {
-    if let Some(s) = n.ssf.take() {
-        let w = &n.weight * &s.scale;
-        let b = &n.bias * &s.scale + &s.shift;
-        n.weight.copy_(&w.to_kind(n.weight.kind()));
-        n.bias.copy_(&b.to_kind(n.bias.kind()));
+/// The method.
+pub struct Ssf;
+
+/// Scale and shift of one layer's output.
+#[derive(Debug)]
+struct SsfHook {
+    scale: Tensor,
+    shift: Tensor,
+}
+
+impl LayerHook for SsfHook {
+    fn forward(&self, _layer: LayerWeights<'_>, x: &Tensor, inner: &dyn Fn(&Tensor) -> Tensor, _train: bool) -> Tensor {
+        inner(x) * &self.scale + &self.shift
     }
 }
 
-impl PeftMethod for SsfMethod {
-    fn method(&self) -> Method {
-        Method::Ssf
+fn make(p: &nn::Path, path: &str, dim: i64) -> Box<SsfHook> {
+    let q = super::sub_path(p, path);
+    Box::new(SsfHook {
+        scale: q.var("ssf_scale", &[dim], Init::Const(1.0)),
+        shift: q.var("ssf_shift", &[dim], Init::Const(0.0)),
+    })
+}
+
+/// `t.copy_(v)` in `t`'s dtype.
+fn assign(t: &Tensor, v: &Tensor) {
+    t.shallow_clone().copy_(&v.to_kind(t.kind()));
+}
+
+impl PeftMethod for Ssf {
+    fn name(&self) -> &'static str {
+        Method::SSF.0
     }
-    fn attach(&self, vit: &mut Vit, p: &nn::Path) -> Result<i64> {
-        let d = vit.cfg.embed_dim;
-        for (i, blk) in vit.blocks.iter_mut().enumerate() {
-            let bp = p / "blocks" / i;
-            blk.norm1.ssf = Some(make(&(&bp / "norm1"), d));
-            blk.norm2.ssf = Some(make(&(&bp / "norm2"), d));
-            for (name, lin) in block_linears(blk) {
-                lin.ssf = Some(make(&super::sub_path(&bp, name), lin.out_dim()));
-            }
+    fn no_weight_decay(&self) -> &'static [&'static str] {
+        &["ssf_"]
+    }
+    fn attach(&self, vit: &mut Vit, p: &nn::Path, _opts: &Options) -> Result<i64> {
+        for (path, n) in vit.norms_mut() {
+            let dim = n.dim();
+            n.add_hook(make(p, &path, dim));
         }
-        if let Some(n) = vit.norm.as_mut() {
-            n.ssf = Some(make(&(p / "norm"), d));
+        for (path, lin) in vit.linears_mut() {
+            let dim = lin.out_dim();
+            lin.add_hook(make(p, &path, dim));
         }
         Ok(0)
     }
@@ -44,26 +62,21 @@ impl PeftMethod for SsfMethod {
     /// W' = diag(s) W, b' = s b + t for linears; LayerNorm weight and bias likewise.
     fn merge(&self, vit: &mut Vit) -> Result<()> {
         let _g = tch::no_grad_guard();
-        for blk in vit.blocks.iter_mut() {
-            fold_norm(&mut blk.norm1);
-            fold_norm(&mut blk.norm2);
-            for (_, lin) in block_linears(blk) {
-                if let Some(s) = lin.ssf.take() {
-                    let w = &lin.weight * s.scale.unsqueeze(1);
-                    lin.weight.copy_(&w.to_kind(lin.weight.kind()));
-                    match lin.bias.as_mut() {
-                        Some(b) => {
-                            let nb = &*b * &s.scale + &s.shift;
-                            b.copy_(&nb.to_kind(b.kind()));
-                        }
-                        // A bias-free linear gains the shift as its bias.
-                        None => lin.bias = Some(s.shift.detach().copy()),
-                    }
-                }
+        for (_, n) in vit.norms_mut() {
+            for s in n.take_hooks::<SsfHook>() {
+                assign(n.weight(), &(n.weight() * &s.scale));
+                assign(n.bias(), &(n.bias() * &s.scale + &s.shift));
             }
         }
-        if let Some(n) = vit.norm.as_mut() {
-            fold_norm(n);
+        for (_, lin) in vit.linears_mut() {
+            for s in lin.take_hooks::<SsfHook>() {
+                assign(lin.weight(), &(lin.weight() * s.scale.unsqueeze(1)));
+                match lin.bias() {
+                    Some(b) => assign(b, &(b * &s.scale + &s.shift)),
+                    // A bias-free linear gains the shift as its bias.
+                    None => lin.set_bias(s.shift.detach().to_kind(Kind::Float).copy()),
+                }
+            }
         }
         Ok(())
     }

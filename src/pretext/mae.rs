@@ -174,7 +174,7 @@ pub fn forward(vit: &Vit, dec: &MaeDecoder, imgs: &Tensor, cfg: &MaeConfig, nois
     let enc = vit.forward_tokens(Tensor::cat(&toks, 1), train);
     // Decoder input: the class token (or the mean visible token without one), then the visible patches;
     // registers and VPT prompts stay in the encoder.
-    let skip = vit.cfg.num_prefix_tokens() + vit.num_prompts();
+    let skip = vit.cfg.num_prefix_tokens() + vit.num_extra_tokens();
     let vis = enc.narrow(1, skip, keep);
     let lead = if vit.cfg.class_token { enc.narrow(1, 0, 1) } else { vis.mean_dim([1i64].as_slice(), true, None) };
     let y = dec.embed.forward(&Tensor::cat(&[lead, vis], 1), train);

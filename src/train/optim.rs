@@ -36,11 +36,14 @@ pub struct AdamW {
 }
 
 /// Whether a parameter gets weight decay: only matrices (and conv kernels) of weights, as timm's
-/// `param_groups_weight_decay` and MAE do; no decay on biases, norms, LayerScale, tokens, prompts,
-/// position embeddings, DoRA magnitudes or SSF factors.
+/// `param_groups_weight_decay` and MAE do; no decay on 1-D tensors (biases, norms, LayerScale, DoRA
+/// magnitudes, SSF factors), nor on what the backbone, the pretext heads and the PEFT methods declare
+/// (tokens, position embeddings, the MAE mask token, prompts, IA³ vectors).
 pub fn decays(name: &str, t: &Tensor) -> bool {
-    let no = ["bias", "cls_token", "reg_token", "pos_embed", "mask_token", "prompts", "magnitude", "ssf_", "gamma"];
-    t.dim() >= 2 && !no.iter().any(|n| name.contains(n))
+    t.dim() >= 2
+        && !crate::backbone::NO_WEIGHT_DECAY.iter().any(|n| name.contains(n))
+        && !crate::pretext::NO_WEIGHT_DECAY.iter().any(|n| name.contains(n))
+        && !crate::peft::no_weight_decay(name)
 }
 
 impl AdamW {
