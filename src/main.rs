@@ -1,10 +1,6 @@
 use clap::Parser;
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TPP_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     // A bug must still end in one readable line, not a backtrace dump.
     std::panic::set_hook(Box::new(|info| {
         let msg = info
@@ -16,6 +12,7 @@ fn main() {
         eprintln!("error: internal error{at}: {} (please report this)", msg.unwrap_or("unknown").replace('\n', " "));
     }));
     let cli = tpp::cli::Cli::parse();
+    tpp::cli::output::init(cli.verbose, cli.quiet);
     if let Err(e) = tpp::cli::run(cli) {
         // One line, the whole context chain ("file: problem: cause").
         eprintln!("error: {e:#}");

@@ -57,12 +57,26 @@ impl PeftModel {
             Some(crate::heads::segmentation::SegHead::new(&self.targets.vs.root(), &self.bb.vit, num_classes, 128));
     }
 
+    /// Adds the head a task needs: a segmentation head, or a classification head of `num_classes`.
+    pub fn add_task_head(&mut self, task: crate::data::Task, num_classes: i64) {
+        if task == crate::data::Task::Segmentation {
+            self.add_seg_head(num_classes);
+        } else {
+            self.add_head(num_classes);
+        }
+    }
+
     /// Task output: class logits [B, K], or per-pixel logits [B, K, H, W] with a segmentation head.
     pub fn forward_task(&self, x: &Tensor, train: bool) -> Tensor {
         match &self.seg_head {
             Some(h) => h.forward(&self.bb.vit, x, train),
             None => self.bb.vit.forward_t(x, train),
         }
+    }
+
+    /// Task logits in fp32 (under bf16 autocast on CUDA).
+    pub fn logits(&self, x: &Tensor, train: bool) -> Tensor {
+        crate::device::autocast(self.device, || self.forward_task(x, train)).to_kind(Kind::Float)
     }
 
     /// Named parameters to optimise: the target store (and the backbone for full fine-tuning).

@@ -6,7 +6,7 @@ use std::process::Command;
 use tpp::backbone::checkpoint::read_safetensors;
 
 fn tpp(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tpp")).args(args).env("TPP_LOG", "warn").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tpp")).args(args).env("RUST_LOG", "warn").output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 

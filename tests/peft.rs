@@ -3,9 +3,9 @@
 mod common;
 
 use common::{fixture, rel_err, tmp_dir};
+use serde_json::json;
 use tch::{Device, Kind, Tensor};
 use tpp::backbone::{Backbone, LoadOptions, Pool, VitConfig};
-use serde_json::json;
 use tpp::peft::{self, Method, Options, PeftSpec, Targets};
 use tpp::train::optim::{AdamW, AdamWConfig};
 
@@ -39,7 +39,10 @@ fn spec_with(methods: &[Method], options: &[(&str, serde_json::Value)]) -> PeftS
 fn setup(methods: &[Method], seed: i64) -> (Backbone, Targets) {
     tch::manual_seed(seed);
     let mut bb = Backbone::fresh(&small_cfg(), Device::Cpu).unwrap();
-    let spec = spec_with(methods, &[("lora_targets", json!(["qkv", "fc2"])), ("adapter_dim", json!(8)), ("prompt_len", json!(3))]);
+    let spec = spec_with(
+        methods,
+        &[("lora_targets", json!(["qkv", "fc2"])), ("adapter_dim", json!(8)), ("prompt_len", json!(3))],
+    );
     let t = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
     t.add_head(&mut bb.vit, 3);
     if !methods.contains(&Method::FULL) {

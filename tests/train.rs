@@ -18,7 +18,7 @@ fn data(name: &str) -> PathBuf {
 }
 
 fn tpp_bin(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tpp")).args(args).env("TPP_LOG", "warn").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_tpp")).args(args).output().unwrap()
 }
 
 #[test]
@@ -38,10 +38,10 @@ fn tpp_stage_trains_only_targets_and_lowers_mae_loss() {
     };
     tch::manual_seed(0);
     let mut bb = Backbone::fresh(&cfg, Device::Cpu).unwrap();
-    let targets = Targets::attach(&mut bb.vit, &PeftSpec::with_methods(&[Method::Lora]), Device::Cpu).unwrap();
+    let targets = Targets::attach(&mut bb.vit, &PeftSpec::with_methods(&[Method::LORA]), Device::Cpu).unwrap();
     bb.freeze();
     let before: Vec<(String, Tensor)> = bb.vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
-    let t_before: Vec<(String, Tensor)> = targets.vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
+    let t_before: Vec<(String, Tensor)> = targets.store().variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
     let dec_vs = nn::VarStore::new(Device::Cpu);
     let mae = MaeConfig {
         mask_ratio: 0.75,
@@ -52,7 +52,7 @@ fn tpp_stage_trains_only_targets_and_lowers_mae_loss() {
         norm_pix: true,
     };
     let dec = MaeDecoder::new(&dec_vs.root(), &cfg, &mae, 1).unwrap();
-    let mut params: Vec<(String, Tensor)> = targets.vs.variables().into_iter().collect();
+    let mut params: Vec<(String, Tensor)> = targets.store().variables().into_iter().collect();
     params.extend(dec_vs.variables().into_iter().map(|(k, v)| (format!("pretext.{k}"), v)));
     let pcfg = PretrainConfig {
         epochs: 250,
@@ -90,7 +90,7 @@ fn tpp_stage_trains_only_targets_and_lowers_mae_loss() {
     for (k, v) in &before {
         assert!(bb.vs.variables()[k].equal(v), "backbone tensor {k} changed");
     }
-    let now = targets.vs.variables();
+    let now = targets.store().variables();
     assert!(t_before.iter().all(|(k, v)| !now[k].equal(v)), "every LoRA factor should have trained");
 }
 
@@ -232,19 +232,12 @@ fn tpp_targets_reach_finetuning_exactly() {
     }
     let saved =
         tpp::backbone::checkpoint::read_safetensors(&tpp_out.join("targets/adapter_model.safetensors")).unwrap();
-    let rec = tpp::cli::run::RunRecord {
-        backbone: backbone().into(),
-        heads: Some(3),
-        img_size: Some(32),
-        pool: None,
-        peft: PeftSpec::with_methods(&[Method::Lora]),
+    let rec = tpp::experiment::RunRecord {
+        backbone: tpp::experiment::BackboneSource { heads: Some(3), img_size: Some(32), ..tpp::experiment::BackboneSource::new(backbone()) },
+        peft: PeftSpec::with_methods(&[Method::LORA]),
         init_targets: Some(tpp_out.clone()),
-        data: b.clone(),
-        format: None,
+        data: tpp::experiment::DataSource::new(b.clone()),
         train_fraction: 1.0,
-        skip_bad: false,
-        mask_classes: 2,
-        labels: None,
         task: tpp::data::Task::Binary,
         num_classes: 2,
         config: serde_json::from_value(serde_json::json!({
@@ -255,8 +248,8 @@ fn tpp_targets_reach_finetuning_exactly() {
         }))
         .unwrap(),
     };
-    let (model, _, _, _) = tpp::cli::finetune::prepare(&rec, Device::Cpu).unwrap();
-    let vars = model.targets.vs.variables();
+    let model = tpp::experiment::finetune::prepare(&rec, Device::Cpu).unwrap().model;
+    let vars = model.targets.store().variables();
     let mut n = 0;
     for (k, v) in &saved {
         let name = k.strip_prefix("base_model.model.").unwrap();
@@ -389,11 +382,11 @@ fn dino_tpp_stage_student_learns_to_match_the_ema_teacher() {
     let (bb, _) = Backbone::load(&fixture("timm_vit_avg_fcnorm.safetensors"), &opts, Device::Cpu).unwrap();
     let frozen: Vec<(String, Tensor)> = bb.vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
     let mut teacher = bb.vit.share_backbone();
-    let spec = PeftSpec::with_methods(&[Method::Lora]);
+    let spec = PeftSpec::with_methods(&[Method::LORA]);
     let student = tpp::model::PeftModel::from_backbone(bb, &spec, Device::Cpu, 0).unwrap();
     let mut t_targets = Targets::attach(&mut teacher, &spec, Device::Cpu).unwrap();
-    t_targets.vs.copy(&student.targets.vs).unwrap();
-    t_targets.vs.freeze();
+    t_targets.store_mut().copy(student.targets.store()).unwrap();
+    t_targets.store_mut().freeze();
     let cfg = DinoConfig { out_dim: 64, hidden_dim: 128, bottleneck_dim: 32, local_crops: 2, ..Default::default() };
     let s_vs = nn::VarStore::new(Device::Cpu);
     let s_head = DinoHead::new(&s_vs.root(), 48, &cfg);
@@ -414,7 +407,7 @@ fn dino_tpp_stage_student_learns_to_match_the_ema_teacher() {
             .mean(Kind::Float)
             .double_value(&[])
     };
-    let mut params: Vec<(String, Tensor)> = student.targets.vs.variables().into_iter().collect();
+    let mut params: Vec<(String, Tensor)> = student.targets.store().variables().into_iter().collect();
     params.extend(s_vs.variables().into_iter().map(|(k, v)| (format!("pretext.{k}"), v)));
     let pcfg = PretrainConfig {
         epochs: 15,
@@ -432,15 +425,16 @@ fn dino_tpp_stage_student_learns_to_match_the_ema_teacher() {
         preview_every: 0,
     };
     let out = tmp_dir("dino-stage");
-    let t_before: Vec<(String, Tensor)> = t_targets.vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
+    let t_before: Vec<(String, Tensor)> =
+        t_targets.store().variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
     let s_before: Vec<(String, Tensor)> =
-        student.targets.vs.variables().into_iter().chain(s_vs.variables()).map(|(k, v)| (k, v.copy())).collect();
+        student.targets.store().variables().into_iter().chain(s_vs.variables()).map(|(k, v)| (k, v.copy())).collect();
     let parts = tpp::train::pretrain::DinoParts {
         student: &student.bb.vit,
         teacher: &teacher,
         s_head: &s_head,
         t_head: &t_head,
-        ema: vec![(&t_targets.vs, &student.targets.vs), (&t_vs, &s_vs)],
+        ema: vec![(t_targets.store(), student.targets.store()), (&t_vs, &s_vs)],
     };
     let summary =
         tpp::train::pretrain::train_dino(&parts, params, &split, &pcfg, &cfg, Device::Cpu, &out, &mut || Ok(()))
@@ -449,10 +443,10 @@ fn dino_tpp_stage_student_learns_to_match_the_ema_teacher() {
     let kl1 = kl(&center);
     // The same target against the student as it was before training.
     let trained: Vec<(String, Tensor)> =
-        student.targets.vs.variables().into_iter().chain(s_vs.variables()).map(|(k, v)| (k, v.copy())).collect();
+        student.targets.store().variables().into_iter().chain(s_vs.variables()).map(|(k, v)| (k, v.copy())).collect();
     tch::no_grad(|| {
         let vars: std::collections::HashMap<String, Tensor> =
-            student.targets.vs.variables().into_iter().chain(s_vs.variables()).collect();
+            student.targets.store().variables().into_iter().chain(s_vs.variables()).collect();
         for (k, v) in &s_before {
             vars[k].shallow_clone().copy_(v);
         }
@@ -460,7 +454,7 @@ fn dino_tpp_stage_student_learns_to_match_the_ema_teacher() {
     let kl0 = kl(&center);
     tch::no_grad(|| {
         let vars: std::collections::HashMap<String, Tensor> =
-            student.targets.vs.variables().into_iter().chain(s_vs.variables()).collect();
+            student.targets.store().variables().into_iter().chain(s_vs.variables()).collect();
         for (k, v) in &trained {
             vars[k].shallow_clone().copy_(v);
         }
@@ -470,7 +464,7 @@ fn dino_tpp_stage_student_learns_to_match_the_ema_teacher() {
     assert!(kl1 < 0.5 * kl0, "the student did not learn to match the teacher: KL {kl0:.4} -> {kl1:.4}");
     assert!(std::fs::read_to_string(out.join("loss.csv")).unwrap().lines().count() == 31);
     // The teacher moved (EMA of a moving student) but the shared backbone did not.
-    let now = t_targets.vs.variables();
+    let now = t_targets.store().variables();
     assert!(t_before.iter().any(|(k, v)| !now[k].equal(v)));
     let bbv = student.bb.vs.variables();
     assert!(frozen.iter().all(|(k, v)| bbv[k].equal(v)), "backbone changed");

@@ -259,11 +259,7 @@ impl Block {
         for h in &self.after_mlp {
             m = h.forward(&m, train);
         }
-        let mut out = &x + scale(m, &self.ls2);
-        for h in &self.parallel_mlp {
-            out = out + h.forward(&x, train);
-        }
-        out
+        self.parallel_mlp.iter().fold(&x + scale(m, &self.ls2), |out, h| out + h.forward(&x, train))
     }
 
     /// Attaches a module at `point`.

@@ -1,9 +1,13 @@
 //! Option groups shared by several subcommands.
-use crate::data::transforms::Augment;
+use crate::data::transforms::{Augment, Normalization};
+use crate::experiment::DataSource;
 use crate::peft::adaptformer::AdaptFormerConfig;
 use crate::peft::lora::LoraConfig;
 use crate::peft::vpt::VptConfig;
 use crate::peft::{Method, Options, PeftSpec};
+use crate::pretext::dino::DinoConfig;
+use crate::pretext::mae::{DecoderSource, MaeConfig};
+use crate::train::pretrain::PretrainConfig;
 use std::path::PathBuf;
 
 /// PEFT method and its options (`--peft lora,vpt-deep --lora-rank 8 ...`).
@@ -78,8 +82,8 @@ pub struct DataArgs {
     pub format: Option<String>,
     /// Pixel normalisation: imagenet (pre-trained RGB backbones), half ([-1, 1]) or dataset (the training
     /// split's own mean and std, recorded in the run)
-    #[arg(long, default_value = "imagenet")]
-    pub norm: String,
+    #[arg(long, value_enum, default_value = "imagenet")]
+    pub norm: Normalization,
     #[arg(long, default_value_t = 64)]
     pub batch_size: i64,
     /// Keep a stratified, seeded fraction of the training labels (low-data studies)
@@ -94,6 +98,19 @@ pub struct DataArgs {
     /// NIfTI: the label volume giving each axial slice's mask
     #[arg(long)]
     pub labels: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// The data source these flags name.
+    pub fn source(&self) -> DataSource {
+        DataSource {
+            data: self.data.clone(),
+            format: self.format.clone(),
+            skip_bad: self.skip_bad,
+            mask_classes: self.mask_classes,
+            labels: self.labels.clone(),
+        }
+    }
 }
 
 /// Training-time augmentation, shared by the TPP stage, backbone pre-training and fine-tuning.
@@ -117,31 +134,10 @@ pub struct AugArgs {
 }
 
 impl AugArgs {
+    /// The augmentation these flags describe.
     pub fn augment(&self) -> anyhow::Result<Augment> {
-        augment(self.crop_min_area, self.pad_crop, !self.no_hflip, self.rotate, self.jitter)
+        Augment::training(self.crop_min_area, self.pad_crop, !self.no_hflip, self.rotate, self.jitter)
     }
-}
-
-/// Builds a training augmentation; `crop_min_area` defaults to 0.8 without a pad-crop and to 1 (none) with
-/// one, so the two crops are not stacked by accident.
-pub fn augment(
-    crop_min_area: Option<f64>,
-    pad_crop: i64,
-    hflip: bool,
-    rotate: f64,
-    jitter: f64,
-) -> anyhow::Result<Augment> {
-    let crop = crop_min_area.unwrap_or(if pad_crop > 0 { 1.0 } else { 0.8 });
-    if !(crop > 0.0 && crop <= 1.0) {
-        anyhow::bail!("crop_min_area must be in (0, 1], got {crop}");
-    }
-    if pad_crop < 0 {
-        anyhow::bail!("pad_crop must be >= 0, got {pad_crop}");
-    }
-    if rotate < 0.0 || jitter < 0.0 {
-        anyhow::bail!("rotate and jitter must be >= 0");
-    }
-    Ok(Augment { hflip, vflip: false, crop_min_area: crop, crop_max_area: 1.0, rotate_deg: rotate, jitter, pad_crop })
 }
 
 /// Optimisation options shared by the TPP stage and fine-tuning.
@@ -164,4 +160,112 @@ pub struct OptimArgs {
     pub clip: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// MAE pretext options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MaeArgs {
+    #[arg(long, default_value_t = MaeConfig::default().mask_ratio)]
+    pub mask_ratio: f64,
+    /// Decoder width (a fresh decoder; ignored when the checkpoint's decoder is used)
+    #[arg(long, default_value_t = MaeConfig::default().decoder_dim)]
+    pub decoder_dim: i64,
+    #[arg(long, default_value_t = MaeConfig::default().decoder_depth)]
+    pub decoder_depth: i64,
+    #[arg(long, default_value_t = MaeConfig::default().decoder_heads)]
+    pub decoder_heads: i64,
+    /// Decoder source: auto (the checkpoint's when it has one), checkpoint, or fresh
+    #[arg(long, value_enum, default_value = "auto")]
+    pub decoder: DecoderSource,
+    /// Keep a loaded decoder frozen (only target parameters train)
+    #[arg(long)]
+    pub freeze_decoder: bool,
+    /// Plain pixel targets instead of per-patch normalised ones
+    #[arg(long)]
+    pub no_norm_pix: bool,
+    /// Write a reconstruction preview PNG every N epochs (0: only at the end)
+    #[arg(long, default_value_t = 0)]
+    pub preview_every: i64,
+}
+
+impl MaeArgs {
+    /// The MAE options these flags describe.
+    pub fn config(&self) -> MaeConfig {
+        MaeConfig {
+            mask_ratio: self.mask_ratio,
+            decoder_dim: self.decoder_dim,
+            decoder_depth: self.decoder_depth,
+            decoder_heads: self.decoder_heads,
+            norm_pix: !self.no_norm_pix,
+            ..MaeConfig::default()
+        }
+    }
+}
+
+/// DINO pretext options (the others keep their defaults).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DinoArgs {
+    /// Prototypes of the DINO head
+    #[arg(long, default_value_t = DinoConfig::default().out_dim)]
+    pub dino_out_dim: i64,
+    #[arg(long, default_value_t = DinoConfig::default().local_crops)]
+    pub dino_local_crops: i64,
+    /// Local crop size in pixels (default: 0.43 x image size, a multiple of the patch size)
+    #[arg(long, default_value_t = DinoConfig::default().local_size)]
+    pub dino_local_size: i64,
+    #[arg(long, default_value_t = DinoConfig::default().teacher_temp)]
+    pub dino_teacher_temp: f64,
+    /// Teacher temperature at the start of the warm-up
+    #[arg(long, default_value_t = DinoConfig::default().warmup_teacher_temp)]
+    pub dino_warmup_teacher_temp: f64,
+    #[arg(long, default_value_t = DinoConfig::default().warmup_teacher_epochs)]
+    pub dino_warmup_teacher_epochs: i64,
+    /// EMA momentum at the start (cosine to 1)
+    #[arg(long, default_value_t = DinoConfig::default().momentum)]
+    pub dino_momentum: f64,
+}
+
+impl DinoArgs {
+    /// The DINO options these flags describe.
+    pub fn config(&self) -> DinoConfig {
+        DinoConfig {
+            out_dim: self.dino_out_dim,
+            local_crops: self.dino_local_crops,
+            local_size: self.dino_local_size,
+            teacher_temp: self.dino_teacher_temp,
+            warmup_teacher_temp: self.dino_warmup_teacher_temp,
+            warmup_teacher_epochs: self.dino_warmup_teacher_epochs,
+            momentum: self.dino_momentum,
+            ..DinoConfig::default()
+        }
+    }
+}
+
+impl OptimArgs {
+    /// The self-supervised stage's config from these flags (image size 0: the model's).
+    pub fn pretrain(
+        &self,
+        data: &DataArgs,
+        aug: &AugArgs,
+        mae: &MaeArgs,
+        default_lr: f64,
+    ) -> anyhow::Result<PretrainConfig> {
+        let cfg = PretrainConfig {
+            epochs: self.epochs,
+            batch_size: data.batch_size,
+            lr: self.lr.unwrap_or(default_lr),
+            min_lr: self.min_lr,
+            warmup: self.warmup,
+            weight_decay: self.weight_decay,
+            clip: self.clip,
+            seed: self.seed,
+            image_size: 0,
+            norm: data.norm.norm(),
+            augment: aug.augment()?,
+            mae: mae.config(),
+            preview_every: mae.preview_every,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
 }

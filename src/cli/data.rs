@@ -1,73 +1,6 @@
-//! `tpp data fetch medmnist <flag> [--size N] [--dir D]`: downloads an official MedMNIST v2/v3 file from
-//! Zenodo and verifies its official md5 (the table of the `medmnist` package's `info.py`, version 3.0.2).
-use anyhow::{Context, Result, anyhow, bail};
-use md5::{Digest, Md5};
-use std::io::Read;
+//! `tpp data fetch medmnist <flag> [--size N] [--dir D]`.
+use anyhow::{Result, bail};
 use std::path::PathBuf;
-
-/// (flag, size, md5) of every 2-D MedMNIST file.
-pub const TABLE: &[(&str, i64, &str)] = &[
-    ("pathmnist", 28, "a8b06965200029087d5bd730944a56c1"),
-    ("pathmnist", 64, "55aa9c1e0525abe5a6b9d8343a507616"),
-    ("pathmnist", 128, "ac42d08fb904d92c244187169d1fd1d9"),
-    ("pathmnist", 224, "2c51a510bcdc9cf8ddb2af93af1eadec"),
-    ("chestmnist", 28, "02c8a6516a18b556561a56cbdd36c4a8"),
-    ("chestmnist", 64, "9de6cd0b934ebb5b7426cfba5efbae16"),
-    ("chestmnist", 128, "db107e5590b27930b62dbaf558aebee3"),
-    ("chestmnist", 224, "45bd33e6f06c3e8cdb481c74a89152aa"),
-    ("dermamnist", 28, "0744692d530f8e62ec473284d019b0c7"),
-    ("dermamnist", 64, "b70a2f5635c6199aeaa28c31d7202e1f"),
-    ("dermamnist", 128, "2defd784463fa5243564e855ed717de1"),
-    ("dermamnist", 224, "8974907d8e169bef5f5b96bc506ae45d"),
-    ("octmnist", 28, "c68d92d5b585d8d81f7112f81e2d0842"),
-    ("octmnist", 64, "e229e9440236b774d9f0dfef9d07bdaf"),
-    ("octmnist", 128, "0a97e76651ace45c5d943ee3f65b63ae"),
-    ("octmnist", 224, "abc493b6d529d5de7569faaef2773ba3"),
-    ("pneumoniamnist", 28, "28209eda62fecd6e6a2d98b1501bb15f"),
-    ("pneumoniamnist", 64, "8f4eceb4ccffa70c672198ea285246c6"),
-    ("pneumoniamnist", 128, "05b46931834c231683c68f40c47b2971"),
-    ("pneumoniamnist", 224, "d6a3c71de1b945ea11211b03746c1fe1"),
-    ("retinamnist", 28, "bd4c0672f1bba3e3a89f0e4e876791e4"),
-    ("retinamnist", 64, "afda852cc34dcda56f86ad2b2457dbcc"),
-    ("retinamnist", 128, "e48e916a24454daf90583d4e6efb1a18"),
-    ("retinamnist", 224, "eae7e3b6f3fcbda4ae613ebdcbe35348"),
-    ("breastmnist", 28, "750601b1f35ba3300ea97c75c52ff8f6"),
-    ("breastmnist", 64, "742edef2a1fd1524b2efff4bd7ba9364"),
-    ("breastmnist", 128, "363e4b3f8d712e9b5de15470a2aaadf1"),
-    ("breastmnist", 224, "b56378a6eefa9fed602bb16d192d4c8b"),
-    ("bloodmnist", 28, "7053d0359d879ad8a5505303e11de1dc"),
-    ("bloodmnist", 64, "2b94928a2ae4916078ca51e05b6b800b"),
-    ("bloodmnist", 128, "adace1e0ed228fccda1f39692059dd4c"),
-    ("bloodmnist", 224, "b718ff6835fcbdb22ba9eacccd7b2601"),
-    ("tissuemnist", 28, "ebe78ee8b05294063de985d821c1c34b"),
-    ("tissuemnist", 64, "123ece2eba09d0aa5d698fda57103344"),
-    ("tissuemnist", 128, "61b955355d7425a89687b06cca3ce0c2"),
-    ("tissuemnist", 224, "b077128c4a949f0a4eb01517f9037b9c"),
-    ("organamnist", 28, "68e3f8846a6bd62f0c9bf841c0d9eacc"),
-    ("organamnist", 64, "2dcccc29b88e6da5a01161ef20cda288"),
-    ("organamnist", 128, "eeae80d0a227a8d099027e1b3cfd3b60"),
-    ("organamnist", 224, "50747347e05c87dd3aaf92c49f9f3170"),
-    ("organcmnist", 28, "b9ceb9546e10131b32923c5bbeaea2b1"),
-    ("organcmnist", 64, "3ce34a8724ea6f548e6db4744d03b6a9"),
-    ("organcmnist", 128, "773c1f009daa3fe5d9a2a201b2a7ed94"),
-    ("organcmnist", 224, "050f5e875dc056f6768abf94ec9995d1"),
-    ("organsmnist", 28, "9ab87b696fb54e2a387ebe992d6ed5f1"),
-    ("organsmnist", 64, "53a6d115339d874c25e309a994ff46d3"),
-    ("organsmnist", 128, "ded0c5fa01a95dc4978b956f613e9b8e"),
-    ("organsmnist", 224, "b354719e553fbbb2513d5533f52a4cb1"),
-];
-
-pub fn url(flag: &str, size: i64) -> String {
-    if size == 28 {
-        format!("https://zenodo.org/records/10519652/files/{flag}.npz?download=1")
-    } else {
-        format!("https://zenodo.org/records/10519652/files/{flag}_{size}.npz?download=1")
-    }
-}
-
-pub fn md5_hex(bytes: &[u8]) -> String {
-    Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
 
 #[derive(clap::Args, Debug)]
 pub struct FetchArgs {
@@ -94,58 +27,10 @@ pub fn run(cmd: DataCommand) -> Result<()> {
     if a.collection != "medmnist" {
         bail!("unknown collection '{}' (available: medmnist)", a.collection);
     }
-    let Some(&(_, _, md5)) = TABLE.iter().find(|(f, s, _)| *f == a.flag && *s == a.size) else {
-        let flags: std::collections::BTreeSet<&str> = TABLE.iter().map(|t| t.0).collect();
-        bail!(
-            "no MedMNIST file '{}' at size {} (flags: {}; sizes 28, 64, 128, 224)",
-            a.flag,
-            a.size,
-            flags.into_iter().collect::<Vec<_>>().join(", ")
-        );
-    };
-    let name = if a.size == 28 { format!("{}.npz", a.flag) } else { format!("{}_{}.npz", a.flag, a.size) };
-    let dest = a.dir.join(&name);
-    if dest.exists() {
-        let have = md5_hex(&std::fs::read(&dest).with_context(|| format!("{}: cannot read", dest.display()))?);
-        if have == md5 {
-            eprintln!("{} is already here and verified (md5 {md5})", dest.display());
-            return Ok(());
-        }
-        bail!("{}: exists but its md5 is {have}, not the official {md5}; remove it to download again", dest.display());
+    let f = crate::data::fetch::medmnist(&a.flag, a.size, &a.dir)?;
+    match f.downloaded {
+        None => tracing::info!("{} is already here and verified (md5 {})", f.path.display(), f.md5),
+        Some(n) => tracing::info!("wrote {} ({n} bytes, md5 {} verified)", f.path.display(), f.md5),
     }
-    let u = url(&a.flag, a.size);
-    eprintln!("downloading {u}");
-    let resp = ureq::get(&u)
-        .call()
-        .map_err(|e| anyhow!("cannot download {u}: {e} (offline? copy the file into {} by hand)", a.dir.display()))?;
-    let mut bytes = Vec::new();
-    resp.into_body().into_reader().read_to_end(&mut bytes).map_err(|e| anyhow!("download of {u} broke off: {e}"))?;
-    let have = md5_hex(&bytes);
-    if have != md5 {
-        bail!("{u}: downloaded file has md5 {have}, not the official {md5}; nothing written");
-    }
-    std::fs::create_dir_all(&a.dir).with_context(|| format!("{}: cannot create", a.dir.display()))?;
-    crate::peft::io::write_atomic(&dest, |p| {
-        std::fs::write(p, &bytes).with_context(|| format!("{}: cannot write", p.display()))
-    })?;
-    eprintln!("wrote {} ({} bytes, md5 {md5} verified)", dest.display(), bytes.len());
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn table_matches_the_shipped_files() {
-        // The two files shipped in data/ carry the official md5s of the table.
-        for (flag, file) in [("breastmnist", "breastmnist.npz"), ("pneumoniamnist", "pneumoniamnist.npz")] {
-            let bytes =
-                std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(file)).unwrap();
-            let want = TABLE.iter().find(|t| t.0 == flag && t.1 == 28).unwrap().2;
-            assert_eq!(md5_hex(&bytes), want);
-        }
-        assert_eq!(TABLE.len(), 48);
-        assert!(url("breastmnist", 224).ends_with("breastmnist_224.npz?download=1"));
-    }
 }

@@ -1,9 +1,10 @@
+//! `tpp embed`: pooled backbone features of images.
 use super::BackboneArgs;
-use crate::backbone::Backbone;
-use crate::data::{images, npy};
-use anyhow::{Result, bail};
+use crate::data::images::Normalize;
+use crate::experiment::inference::{EmbedInput, embed};
+use anyhow::Result;
 use std::path::PathBuf;
-use tch::{Device, Tensor};
+use tch::Device;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -26,34 +27,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args, device: Device) -> Result<()> {
-    if a.batch_size <= 0 {
-        bail!("--batch-size must be positive");
-    }
-    let (bb, _ck) = Backbone::load(&a.backbone.backbone, &a.backbone.load_options(), device)?;
-    let size = bb.vit.cfg.img_size;
-    let input = if a.input.extension().is_some_and(|e| e == "npy") {
-        npy::read_f32(&a.input)?
-    } else {
-        let norm = images::Normalize::parse(&a.norm)?;
-        let files = images::list_images(&a.input)?;
-        let imgs =
-            files.iter().map(|f| images::load_image(f, size as u32, a.grey, &norm)).collect::<Result<Vec<_>>>()?;
-        Tensor::stack(&imgs, 0)
-    };
-    bb.check_input(&input.size()).map_err(|e| anyhow::anyhow!("{}: {e}", a.input.display()))?;
-    let _g = tch::no_grad_guard();
-    let n = input.size()[0];
-    let mut outs = Vec::new();
-    let mut i = 0;
-    while i < n {
-        let b = a.batch_size.min(n - i);
-        let x = input.narrow(0, i, b).to_device(device);
-        let f = crate::device::autocast(device, || bb.vit.embed(&x));
-        outs.push(f.to_kind(tch::Kind::Float).to_device(Device::Cpu));
-        i += b;
-    }
-    let feats = Tensor::cat(&outs, 0);
-    npy::write_f32(&a.output, &feats)?;
-    eprintln!("wrote {} features of dim {} to {}", n, feats.size()[1], a.output.display());
+    let what = EmbedInput { input: a.input, norm: Normalize::parse(&a.norm)?, grey: a.grey, batch_size: a.batch_size };
+    let feats = embed(&a.backbone.source(), &what, device)?;
+    crate::data::npy::write_f32(&a.output, &feats)?;
+    tracing::info!("wrote {} features of dim {} to {}", feats.size()[0], feats.size()[1], a.output.display());
     Ok(())
 }

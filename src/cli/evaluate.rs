@@ -1,8 +1,5 @@
 //! `tpp evaluate --run <dir> [--data <path>]`: test metrics of a finished run.
-use super::run::RunRecord;
-use crate::data::loader::LoaderConfig;
-use crate::train::finetune::evaluate;
-use anyhow::{Result, bail};
+use anyhow::Result;
 use std::path::PathBuf;
 use tch::Device;
 
@@ -21,31 +18,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args, device: Device) -> Result<()> {
-    let mut rec = RunRecord::read(&a.run)?;
-    let data = a.data.clone().unwrap_or_else(|| rec.data.clone());
-    if a.format.is_some() {
-        rec.format = a.format.clone();
-    }
-    let model = rec.load_trained(&a.run, device)?;
-    let (ds, _) = rec.open_data(&model, Some(&data))?;
-    if ds.task != rec.task || ds.num_classes != rec.num_classes {
-        bail!(
-            "{}: task {:?} with {} classes, but the run was trained for {:?} with {}",
-            data.display(),
-            ds.task,
-            ds.num_classes,
-            rec.task,
-            rec.num_classes
-        );
-    }
-    let loader = LoaderConfig {
-        batch_size: 128,
-        image_size: model.bb.vit.cfg.img_size,
-        norm: rec.config.norm,
-        device,
-        drop_last: false,
-    };
-    let ev = evaluate(&model, &ds.test, ds.task, ds.num_classes, loader, "test")?;
+    let (ev, data) = crate::experiment::inference::evaluate_run(&a.run, a.data.as_deref(), a.format.clone(), device)?;
     println!("{} test images of {}", ev.n, data.display());
     for (k, v) in &ev.metrics {
         match ev.ci95.get(k) {

@@ -1,15 +1,13 @@
-//! `tpp export --run <dir> --merge --out <file.safetensors>`: fold the run's PEFT updates into the
-//! backbone and write a plain timm-format checkpoint (with the task head).
-use super::run::RunRecord;
-use anyhow::{Result, anyhow, bail};
+//! `tpp export --run <dir> --merge --out <file.safetensors>`: a plain timm checkpoint with the run's PEFT
+//! updates folded in (and the task head).
+use anyhow::{Result, bail};
 use std::path::PathBuf;
-use tch::Device;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[arg(long)]
     pub run: PathBuf,
-    /// Merge LoRA/DoRA/SSF/BitFit into the weights (the only export mode: a plain timm checkpoint)
+    /// Merge LoRA/DoRA/SSF/BitFit/IA³ into the weights (the only export mode: a plain timm checkpoint)
     #[arg(long)]
     pub merge: bool,
     #[arg(long)]
@@ -23,12 +21,7 @@ pub fn run(a: Args) -> Result<()> {
             a.run.display()
         );
     }
-    let rec = RunRecord::read(&a.run)?;
-    // Merging happens in fp32 on the CPU, whatever device trained the run.
-    let mut model = rec.load_trained(&a.run, Device::Cpu)?;
-    crate::peft::merge(&mut model.bb.vit, &rec.peft).map_err(|e| anyhow!("{}: {e}", a.run.display()))?;
-    let named = model.bb.vit.state_dict().map_err(|e| anyhow!("{}: {e}", a.run.display()))?;
-    crate::peft::io::write_safetensors_atomic(&a.out, &named)?;
-    eprintln!("wrote merged timm checkpoint ({} tensors) to {}", named.len(), a.out.display());
+    let n = crate::experiment::inference::export_merged(&a.run, &a.out)?;
+    tracing::info!("wrote merged timm checkpoint ({n} tensors) to {}", a.out.display());
     Ok(())
 }

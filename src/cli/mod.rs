@@ -1,4 +1,5 @@
-//! Command-line interface: one file per subcommand.
+//! The command-line program: one file per subcommand, each parsing its arguments and calling the
+//! library; [`output`] draws logs and progress.
 pub mod args;
 mod bench;
 pub mod compare;
@@ -9,9 +10,9 @@ mod evaluate;
 mod export;
 pub mod finetune;
 mod inspect;
+pub mod output;
 mod predict;
 pub mod pretrain;
-pub mod run;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +30,12 @@ pub struct Cli {
     /// CPU threads for libtorch (0: one per core)
     #[arg(long, global = true, default_value_t = 0)]
     pub threads: usize,
+    /// More log lines (-v debug, -vv trace); RUST_LOG, when set, decides instead
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Warnings and errors only
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
     #[command(subcommand)]
     pub cmd: Command,
 }
@@ -80,8 +87,14 @@ pub struct BackboneArgs {
 }
 
 impl BackboneArgs {
-    pub fn load_options(&self) -> crate::backbone::LoadOptions {
-        crate::backbone::LoadOptions { num_heads: self.heads, img_size: self.img_size, pool: self.pool }
+    /// The backbone these flags name.
+    pub fn source(&self) -> crate::experiment::BackboneSource {
+        crate::experiment::BackboneSource {
+            path: self.backbone.clone(),
+            heads: self.heads,
+            img_size: self.img_size,
+            pool: self.pool,
+        }
     }
 }
 

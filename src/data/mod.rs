@@ -2,6 +2,7 @@
 pub mod dataset;
 pub mod decode;
 pub mod dicom;
+pub mod fetch;
 pub mod folder;
 pub mod images;
 pub mod loader;

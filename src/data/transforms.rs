@@ -9,13 +9,13 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Augment {
     pub hflip: bool,
     pub vflip: bool,
     /// Random resized crop: minimum area fraction (1.0: no crop).
     pub crop_min_area: f64,
     /// Random resized crop: maximum area fraction.
-    #[serde(default = "one")]
     pub crop_max_area: f64,
     /// Maximum rotation in degrees.
     pub rotate_deg: f64,
@@ -23,12 +23,7 @@ pub struct Augment {
     pub jitter: f64,
     /// Reflect-pad this many pixels, then crop back to the input size at a random offset, one offset
     /// per batch (the MedMNIST pilot protocol's augmentation; 0: none).
-    #[serde(default)]
     pub pad_crop: i64,
-}
-
-fn one() -> f64 {
-    1.0
 }
 
 impl Default for Augment {
@@ -46,6 +41,48 @@ impl Default for Augment {
 }
 
 impl Augment {
+    /// A training augmentation: random resized crop down to `crop_min_area` (default 0.8, or 1, no crop,
+    /// with a pad-crop, so the two crops are not stacked by accident), flips, rotation, jitter.
+    pub fn training(
+        crop_min_area: Option<f64>,
+        pad_crop: i64,
+        hflip: bool,
+        rotate: f64,
+        jitter: f64,
+    ) -> anyhow::Result<Augment> {
+        let crop = crop_min_area.unwrap_or(if pad_crop > 0 { 1.0 } else { 0.8 });
+        let a = Augment {
+            hflip,
+            vflip: false,
+            crop_min_area: crop,
+            crop_max_area: 1.0,
+            rotate_deg: rotate,
+            jitter,
+            pad_crop,
+        };
+        a.validate()?;
+        Ok(a)
+    }
+
+    /// Rejects values no augmentation can use, naming the field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let crop = self.crop_min_area;
+        if !(crop > 0.0 && crop <= 1.0) {
+            anyhow::bail!("crop_min_area must be in (0, 1], got {crop}");
+        }
+        if !(self.crop_max_area >= crop && self.crop_max_area <= 1.0) {
+            anyhow::bail!("crop_max_area must be in [crop_min_area, 1], got {}", self.crop_max_area);
+        }
+        if self.pad_crop < 0 {
+            anyhow::bail!("pad_crop must be >= 0, got {}", self.pad_crop);
+        }
+        if !(self.rotate_deg >= 0.0 && self.jitter >= 0.0) {
+            anyhow::bail!("rotate and jitter must be >= 0");
+        }
+        Ok(())
+    }
+
+    /// No augmentation.
     pub const NONE: Augment = Augment {
         hflip: false,
         vflip: false,
@@ -137,6 +174,29 @@ impl Augment {
             x = (&x - &mean) * (j.get(0) + 1.0) + &mean + j.get(1);
         }
         (x, m)
+    }
+}
+
+/// A named normalisation, as configs and flags give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalization {
+    /// ImageNet mean and std (pre-trained RGB backbones).
+    Imagenet,
+    /// [-1, 1], as MedMNIST baselines and the pilot protocol use.
+    Half,
+    /// The training split's own mean and std (recorded in the run).
+    Dataset,
+}
+
+impl Normalization {
+    /// The channel statistics ([`Norm::DATASET`] until resolved on a training split).
+    pub fn norm(self) -> Norm {
+        match self {
+            Normalization::Imagenet => Norm::IMAGENET,
+            Normalization::Half => Norm::HALF,
+            Normalization::Dataset => Norm::DATASET,
+        }
     }
 }
 

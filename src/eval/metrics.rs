@@ -62,50 +62,123 @@ pub fn quadratic_kappa(cm: &[Vec<i64>]) -> f64 {
     if den == 0.0 { 0.0 } else { 1.0 - num / den }
 }
 
+/// A metric to select models by or to report (their names in `metrics.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Metric {
+    /// ROC AUC (one-vs-rest mean for several classes or labels).
+    Auc,
+    /// Accuracy.
+    Accuracy,
+    /// Mean per-class recall.
+    BalancedAccuracy,
+    /// Macro F1.
+    F1,
+    /// Recall of the positive class (binary tasks).
+    Sensitivity,
+    /// Recall of the negative class (binary tasks).
+    Specificity,
+    /// Quadratic-weighted Cohen's kappa (ordinal tasks).
+    Kappa,
+    /// Dice, per image, averaged (segmentation).
+    Dice,
+    /// IoU, per image, averaged (segmentation).
+    Iou,
+}
+
+impl Metric {
+    /// The name under which metric maps hold it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Auc => "auc",
+            Metric::Accuracy => "accuracy",
+            Metric::BalancedAccuracy => "balanced_accuracy",
+            Metric::F1 => "f1",
+            Metric::Sensitivity => "sensitivity",
+            Metric::Specificity => "specificity",
+            Metric::Kappa => "kappa",
+            Metric::Dice => "dice",
+            Metric::Iou => "iou",
+        }
+    }
+
+    /// The default selection metric of a task: kappa (ordinal), Dice (segmentation), else AUC.
+    pub fn default_for(task: Task) -> Metric {
+        match task {
+            Task::Ordinal => Metric::Kappa,
+            Task::Segmentation => Metric::Dice,
+            _ => Metric::Auc,
+        }
+    }
+}
+
+impl std::fmt::Display for Metric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Classification metrics from class probabilities [N][K] (single-label) or label probabilities
 /// (multi-label), under their lower-case names.
 pub fn classification(task: Task, truth: &[Vec<f64>], probs: &[Vec<f64>]) -> BTreeMap<String, f64> {
+    if probs.is_empty() {
+        return BTreeMap::new();
+    }
+    if task == Task::Multilabel { multilabel(truth, probs) } else { single_label(task, truth, probs) }
+}
+
+/// Mean of a list, None when empty.
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// F1 from counts (0 when there is nothing to count).
+fn f1(tp: f64, fp: f64, fn_: f64) -> f64 {
+    if tp + fp + fn_ == 0.0 { 0.0 } else { 2.0 * tp / (2.0 * tp + fp + fn_) }
+}
+
+/// Multi-label: macro AUC over labels with both values, element accuracy at 0.5, macro F1.
+fn multilabel(truth: &[Vec<f64>], probs: &[Vec<f64>]) -> BTreeMap<String, f64> {
+    let (n, k) = (probs.len(), probs[0].len());
     let mut m = BTreeMap::new();
-    let n = probs.len();
-    if n == 0 {
-        return m;
+    let aucs: Vec<f64> = (0..k)
+        .filter_map(|j| {
+            roc_auc(
+                &truth.iter().map(|t| t[j] > 0.5).collect::<Vec<_>>(),
+                &probs.iter().map(|p| p[j]).collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    if let Some(a) = mean(&aucs) {
+        m.insert("auc".into(), a);
     }
-    let k = probs[0].len();
-    if task == Task::Multilabel {
-        let aucs: Vec<f64> = (0..k)
-            .filter_map(|j| {
-                roc_auc(
-                    &truth.iter().map(|t| t[j] > 0.5).collect::<Vec<_>>(),
-                    &probs.iter().map(|p| p[j]).collect::<Vec<_>>(),
-                )
-            })
-            .collect();
-        if !aucs.is_empty() {
-            m.insert("auc".into(), aucs.iter().sum::<f64>() / aucs.len() as f64);
-        }
-        let correct = truth
-            .iter()
-            .zip(probs)
-            .map(|(t, p)| (0..k).filter(|&j| (p[j] > 0.5) == (t[j] > 0.5)).count())
-            .sum::<usize>();
-        m.insert("accuracy".into(), correct as f64 / (n * k) as f64);
-        let f1s: Vec<f64> = (0..k)
-            .map(|j| {
-                let (mut tp, mut fp, mut fn_) = (0.0, 0.0, 0.0);
-                for (t, p) in truth.iter().zip(probs) {
-                    match (t[j] > 0.5, p[j] > 0.5) {
-                        (true, true) => tp += 1.0,
-                        (false, true) => fp += 1.0,
-                        (true, false) => fn_ += 1.0,
-                        _ => {}
-                    }
+    let correct =
+        truth.iter().zip(probs).map(|(t, p)| (0..k).filter(|&j| (p[j] > 0.5) == (t[j] > 0.5)).count()).sum::<usize>();
+    m.insert("accuracy".into(), correct as f64 / (n * k) as f64);
+    let f1s: Vec<f64> = (0..k)
+        .map(|j| {
+            let (mut tp, mut fp, mut fn_) = (0.0, 0.0, 0.0);
+            for (t, p) in truth.iter().zip(probs) {
+                match (t[j] > 0.5, p[j] > 0.5) {
+                    (true, true) => tp += 1.0,
+                    (false, true) => fp += 1.0,
+                    (true, false) => fn_ += 1.0,
+                    _ => {}
                 }
-                if tp + fp + fn_ == 0.0 { 0.0 } else { 2.0 * tp / (2.0 * tp + fp + fn_) }
-            })
-            .collect();
-        m.insert("f1".into(), f1s.iter().sum::<f64>() / k as f64);
-        return m;
-    }
+            }
+            f1(tp, fp, fn_)
+        })
+        .collect();
+    m.insert("f1".into(), f1s.iter().sum::<f64>() / k as f64);
+    m
+}
+
+/// Binary, multi-class and ordinal: accuracy, balanced accuracy, macro F1, AUC (one-vs-rest macro for
+/// more than two classes), sensitivity and specificity (binary), quadratic kappa (ordinal).
+fn single_label(task: Task, truth: &[Vec<f64>], probs: &[Vec<f64>]) -> BTreeMap<String, f64> {
+    let (n, k) = (probs.len(), probs[0].len());
+    let mut m = BTreeMap::new();
     let t: Vec<i64> = truth.iter().map(|v| v[0] as i64).collect();
     let pred: Vec<i64> =
         probs.iter().map(|p| (0..k).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0) as i64).collect();
@@ -121,33 +194,23 @@ pub fn classification(task: Task, truth: &[Vec<f64>], probs: &[Vec<f64>]) -> BTr
         .map(|i| {
             let tp = cm[i][i] as f64;
             let fp = (0..k).map(|r| cm[r][i]).sum::<i64>() as f64 - tp;
-            let fn_ = cm[i].iter().sum::<i64>() as f64 - tp;
-            if tp + fp + fn_ == 0.0 { 0.0 } else { 2.0 * tp / (2.0 * tp + fp + fn_) }
+            f1(tp, fp, cm[i].iter().sum::<i64>() as f64 - tp)
         })
         .collect();
     m.insert("f1".into(), f1s.iter().sum::<f64>() / k as f64);
+    let auc_of = |j: usize| {
+        roc_auc(&t.iter().map(|&x| x == j as i64).collect::<Vec<_>>(), &probs.iter().map(|p| p[j]).collect::<Vec<_>>())
+    };
     if k == 2 {
-        if let Some(a) =
-            roc_auc(&t.iter().map(|&x| x == 1).collect::<Vec<_>>(), &probs.iter().map(|p| p[1]).collect::<Vec<_>>())
-        {
+        if let Some(a) = auc_of(1) {
             m.insert("auc".into(), a);
         }
         let (tp, fn_, fp, tn) = (cm[1][1] as f64, cm[1][0] as f64, cm[0][1] as f64, cm[0][0] as f64);
         m.insert("sensitivity".into(), if tp + fn_ > 0.0 { tp / (tp + fn_) } else { 0.0 });
         m.insert("specificity".into(), if tn + fp > 0.0 { tn / (tn + fp) } else { 0.0 });
-    } else {
+    } else if let Some(a) = mean(&(0..k).filter_map(auc_of).collect::<Vec<_>>()) {
         // Macro one-vs-rest AUC over classes present (sklearn multi_class="ovr", average="macro").
-        let aucs: Vec<f64> = (0..k)
-            .filter_map(|j| {
-                roc_auc(
-                    &t.iter().map(|&x| x == j as i64).collect::<Vec<_>>(),
-                    &probs.iter().map(|p| p[j]).collect::<Vec<_>>(),
-                )
-            })
-            .collect();
-        if !aucs.is_empty() {
-            m.insert("auc".into(), aucs.iter().sum::<f64>() / aucs.len() as f64);
-        }
+        m.insert("auc".into(), a);
     }
     if task == Task::Ordinal {
         m.insert("kappa".into(), quadratic_kappa(&cm));

@@ -1,4 +1,5 @@
 //! Evaluation: metrics, reports and images.
+pub mod evaluate;
 pub mod images;
 pub mod metrics;
 pub mod plots;

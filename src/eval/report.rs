@@ -1,51 +1,15 @@
-//! The report of `tpp compare`: `report.md` (method x {PEFT, PEFT+TPP, delta} and every variant with mean
-//! +- std over seeds, 95% bootstrap intervals, cost), `results.json`, and PNG plots.
-use crate::cli::compare::{Cell, CompareConfig};
-use crate::cli::pretrain::Pretext;
+//! The report of a comparison, rendered from its [`CompareResults`]: `report.md` (method x {PEFT,
+//! PEFT+TPP, delta} and every variant with mean +- std over seeds, 95% bootstrap intervals, cost),
+//! `results.json`, and PNG plots.
+use crate::data::Task;
 use crate::eval::{metrics, plots};
-use anyhow::{Context, Result, anyhow};
+use crate::experiment::compare::{CellResult, CompareConfig, CompareResults};
+use crate::pretext::Pretext;
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
-
-struct CellResult {
-    metrics: BTreeMap<String, f64>,
-    probs: Vec<Vec<f64>>,
-    truth: Vec<Vec<f64>>,
-    run: Value,
-    curve: Vec<(f64, f64)>,
-}
-
-fn read_cell(c: &Cell, select: &str) -> Result<CellResult> {
-    let p = c.dir.join("metrics.json");
-    let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?)
-            .map_err(|e| anyhow!("{}: {e}", p.display()))?;
-    let metrics = v
-        .as_object()
-        .map(|o| o.iter().filter_map(|(k, x)| x.as_f64().map(|f| (k.clone(), f))).collect())
-        .unwrap_or_default();
-    let grid = |key: &str| -> Vec<Vec<f64>> {
-        v["predictions"][key]
-            .as_array()
-            .map(|rows| {
-                rows.iter()
-                    .map(|r| r.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let h: Value = std::fs::read_to_string(c.dir.join("history.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null);
-    let curve = h
-        .as_array()
-        .map(|a| a.iter().filter_map(|r| Some((r["epoch"].as_f64()?, r["val"][select].as_f64()?))).collect())
-        .unwrap_or_default();
-    Ok(CellResult { metrics, probs: grid("probs"), truth: grid("truth"), run: v["run"].clone(), curve })
-}
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
@@ -62,110 +26,139 @@ fn fmt_bytes(b: Option<f64>) -> String {
     }
 }
 
-pub fn build(cfg: &CompareConfig, cells: &[Cell], metric: &str, out: &Path) -> Result<String> {
-    let task = cells.first().map(|c| c.record.task).ok_or_else(|| anyhow!("compare: no runs"))?;
-    let select = cells[0].record.config.select.clone();
-    let mut variants: Vec<String> = Vec::new();
-    let mut by: BTreeMap<String, Vec<(u64, CellResult)>> = BTreeMap::new();
-    for c in cells {
-        if !variants.contains(&c.variant) {
-            variants.push(c.variant.clone());
-        }
-        by.entry(c.variant.clone()).or_default().push((c.seed, read_cell(c, &select)?));
+fn fmt_ci(ci: Option<metrics::Interval>, signed: bool) -> String {
+    match (ci, signed) {
+        (None, _) => "n/a".into(),
+        (Some(c), false) => format!("{:.3} – {:.3}", c.low, c.high),
+        (Some(c), true) => format!("{:+.3} – {:+.3}", c.low, c.high),
     }
-    // Joint bootstrap over test images: each resample scores every seed's predictions on the same images.
-    let n_test = by.values().next().and_then(|v| v.first()).map_or(0, |(_, r)| r.probs.len());
-    let seed_mean = |rs: &[(u64, CellResult)], idx: &[usize]| -> f64 {
-        let vals: Vec<f64> = rs
+}
+
+/// Statistics over test images, shared by every variant: each bootstrap resample scores every seed's
+/// predictions on the same images (joint resampling), so Δ intervals are paired.
+struct Stats<'a> {
+    r: &'a CompareResults,
+    n_test: usize,
+}
+
+impl Stats<'_> {
+    /// The metric averaged over a variant's seeds, on the test images `idx`.
+    fn seed_mean(&self, cells: &[CellResult], idx: &[usize]) -> f64 {
+        let metric = self.r.metric.name();
+        let vals: Vec<f64> = cells
             .iter()
-            .filter_map(|(_, r)| {
-                if task == crate::data::Task::Segmentation {
+            .filter_map(|c| {
+                if self.r.task == Task::Segmentation {
                     // Segmentation runs store per-image Dice as their "predictions": the metric is their mean.
-                    let v: f64 = idx.iter().map(|&i| r.probs[i][0]).sum();
+                    let v: f64 = idx.iter().map(|&i| c.probs[i][0]).sum();
                     return Some(v / idx.len().max(1) as f64);
                 }
-                let t: Vec<Vec<f64>> = idx.iter().map(|&i| r.truth[i].clone()).collect();
-                let p: Vec<Vec<f64>> = idx.iter().map(|&i| r.probs[i].clone()).collect();
-                metrics::classification(task, &t, &p).get(metric).copied()
+                let t: Vec<Vec<f64>> = idx.iter().map(|&i| c.truth[i].clone()).collect();
+                let p: Vec<Vec<f64>> = idx.iter().map(|&i| c.probs[i].clone()).collect();
+                metrics::classification(self.r.task, &t, &p).get(metric).copied()
             })
             .collect();
         vals.iter().sum::<f64>() / vals.len().max(1) as f64
-    };
-    let ci_of = |f: &dyn Fn(&[usize]) -> f64| -> Option<metrics::Interval> {
-        let b = metrics::bootstrap(n_test, 1000, 7, |idx| BTreeMap::from([("x".to_string(), f(idx))]));
+    }
+
+    /// 95% percentile-bootstrap interval (1000 resamples) of a statistic of the test images.
+    fn ci(&self, f: &dyn Fn(&[usize]) -> f64) -> Option<metrics::Interval> {
+        let b = metrics::bootstrap(self.n_test, 1000, 7, |idx| BTreeMap::from([("x".to_string(), f(idx))]));
         b.get("x").copied()
-    };
-    // The second column: accuracy for classification, IoU for segmentation.
-    let second = if task == crate::data::Task::Segmentation { "iou" } else { "accuracy" };
-    let mut results = json!({"metric": metric, "select": select, "seeds": cfg.seeds, "data": cfg.data, "backbone": cfg.backbone, "variants": {}});
-    let mut summary: BTreeMap<String, (f64, f64, Option<metrics::Interval>)> = BTreeMap::new();
-    let mut rows = String::new();
-    for v in &variants {
-        let rs = &by[v];
-        let vals: Vec<f64> = rs.iter().filter_map(|(_, r)| r.metrics.get(metric).copied()).collect();
-        let accs: Vec<f64> = rs.iter().filter_map(|(_, r)| r.metrics.get(second).copied()).collect();
-        let (m, s) = mean_std(&vals);
-        let (am, asd) = mean_std(&accs);
-        let ci = ci_of(&|idx| seed_mean(rs, idx));
-        let trainable = rs[0].1.run["trainable_params"].as_i64().unwrap_or(0);
-        let total = rs[0].1.run["total_params"].as_i64().unwrap_or(0);
-        let secs = mean_std(&rs.iter().filter_map(|(_, r)| r.run["seconds"].as_f64()).collect::<Vec<_>>()).0;
-        let ips = mean_std(&rs.iter().filter_map(|(_, r)| r.run["images_per_s"].as_f64()).collect::<Vec<_>>()).0;
-        let peak = rs
-            .iter()
-            .filter_map(|(_, r)| r.run["peak_memory_bytes"].as_f64())
-            .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
-        let _ = writeln!(
-            rows,
-            "| {v} | {trainable} ({:.2}%) | {m:.3} ± {s:.3} | {} | {am:.3} ± {asd:.3} | {secs:.0} s | {ips:.0} | {} |",
-            100.0 * trainable as f64 / total.max(1) as f64,
-            ci.map_or("n/a".into(), |c| format!("{:.3} – {:.3}", c.low, c.high)),
-            fmt_bytes(peak)
-        );
-        summary.insert(v.clone(), (m, s, ci));
-        results["variants"][v] = json!({
-            "per_seed": rs.iter().map(|(seed, r)| json!({"seed": seed, "metrics": r.metrics, "run": r.run})).collect::<Vec<_>>(),
-            "mean": m, "std": s, "ci95_of_mean": ci, "accuracy_mean": am, "accuracy_std": asd,
-            "trainable_params": trainable, "total_params": total, "seconds_per_run": secs, "images_per_s": ips, "peak_memory_bytes": peak,
-        });
     }
-    let mut head = String::new();
-    let _ = writeln!(head, "| method | PEFT | PEFT+TPP | Δ (TPP − PEFT) | 95% CI of Δ |");
-    let _ = writeln!(head, "|---|---|---|---|---|");
-    for m in &cfg.methods {
-        let (Some(a), Some(b)) = (by.get(m), by.get(&format!("{m}+tpp"))) else { continue };
-        let (pm, ps, _) = summary[m];
-        let (tm, ts, _) = summary[&format!("{m}+tpp")];
-        let dci = ci_of(&|idx| seed_mean(b, idx) - seed_mean(a, idx));
-        let _ = writeln!(
-            head,
-            "| {m} | {pm:.3} ± {ps:.3} | {tm:.3} ± {ts:.3} | {:+.3} | {} |",
-            tm - pm,
-            dci.map_or("n/a".into(), |c| format!("{:+.3} – {:+.3}", c.low, c.high))
-        );
-        results["delta"][m] = json!({"delta": tm - pm, "ci95": dci});
+}
+
+/// One variant's summary: the table row, the JSON entry, and (mean, std, interval).
+fn variant_summary(stats: &Stats, v: &str, second: &str) -> (String, Value, (f64, f64)) {
+    let rs = &stats.r.cells[v];
+    let metric = stats.r.metric.name();
+    let vals: Vec<f64> = rs.iter().filter_map(|c| c.metrics.get(metric).copied()).collect();
+    let seconds: Vec<f64> = rs.iter().filter_map(|c| c.metrics.get(second).copied()).collect();
+    let (m, s) = mean_std(&vals);
+    let (am, asd) = mean_std(&seconds);
+    let ci = stats.ci(&|idx| stats.seed_mean(rs, idx));
+    let trainable = rs[0].run["trainable_params"].as_i64().unwrap_or(0);
+    let total = rs[0].run["total_params"].as_i64().unwrap_or(0);
+    let mean_of = |k: &str| mean_std(&rs.iter().filter_map(|c| c.run[k].as_f64()).collect::<Vec<_>>()).0;
+    let (secs, ips) = (mean_of("seconds"), mean_of("images_per_s"));
+    let peak = rs.iter().filter_map(|c| c.run["peak_memory_bytes"].as_f64()).reduce(f64::max);
+    let row = format!(
+        "| {v} | {trainable} ({:.2}%) | {m:.3} ± {s:.3} | {} | {am:.3} ± {asd:.3} | {secs:.0} s | {ips:.0} | {} |",
+        100.0 * trainable as f64 / total.max(1) as f64,
+        fmt_ci(ci, false),
+        fmt_bytes(peak)
+    );
+    let per_seed: Vec<Value> = rs.iter().map(|c| json!({"seed": c.seed, "metrics": c.metrics, "run": c.run})).collect();
+    let entry = json!({
+        "per_seed": per_seed, "mean": m, "std": s, "ci95_of_mean": ci, "accuracy_mean": am, "accuracy_std": asd,
+        "trainable_params": trainable, "total_params": total, "seconds_per_run": secs, "images_per_s": ips,
+        "peak_memory_bytes": peak,
+    });
+    (row, entry, (m, s))
+}
+
+/// The PEFT vs PEFT + TPP table, with paired intervals of Δ; fills `results["delta"]`.
+fn delta_table(
+    cfg: &CompareConfig,
+    stats: &Stats,
+    summary: &BTreeMap<String, (f64, f64)>,
+    results: &mut Value,
+) -> String {
+    let mut t = String::from("| method | PEFT | PEFT+TPP | Δ (TPP − PEFT) | 95% CI of Δ |\n|---|---|---|---|---|\n");
+    for m in cfg.methods.iter().map(ToString::to_string) {
+        let tpp = format!("{m}+tpp");
+        let (Some(a), Some(b)) = (stats.r.cells.get(&m), stats.r.cells.get(&tpp)) else { continue };
+        let ((pm, ps), (tm, ts)) = (summary[&m], summary[&tpp]);
+        let dci = stats.ci(&|idx| stats.seed_mean(b, idx) - stats.seed_mean(a, idx));
+        let _ =
+            writeln!(t, "| {m} | {pm:.3} ± {ps:.3} | {tm:.3} ± {ts:.3} | {:+.3} | {} |", tm - pm, fmt_ci(dci, true));
+        results["delta"][&m] = json!({"delta": tm - pm, "ci95": dci});
     }
-    let mut md = String::new();
-    // The pretext's own settings: a DINO run has no decoder or mask ratio to report.
-    let t = &cfg.tpp;
-    let (pretext_name, pretext) = match cfg.pretext {
-        Pretext::Mae => {
-            ("MAE", format!("MAE, mask {}, decoder {} {}x{}", t.mask_ratio, t.decoder, t.decoder_depth, t.decoder_dim))
-        }
-        Pretext::Dino => (
-            "DINO",
-            format!(
-                "DINO, {} prototypes, {} local crops, teacher temperature {}, EMA momentum {}",
-                cfg.dino.out_dim, cfg.dino.local_crops, cfg.dino.teacher_temp, cfg.dino.momentum
-            ),
+    t
+}
+
+/// The pretext's name and its own settings: a DINO run has no decoder or mask ratio to report.
+fn pretext_line(cfg: &CompareConfig) -> (&'static str, String) {
+    let (t, d) = (&cfg.tpp, &cfg.dino);
+    let settings = match cfg.pretext {
+        Pretext::Mae => format!(
+            "MAE, mask {}, decoder {} {}x{}",
+            t.config.mae.mask_ratio, t.decoder, t.config.mae.decoder_depth, t.config.mae.decoder_dim
+        ),
+        Pretext::Dino => format!(
+            "DINO, {} prototypes, {} local crops, teacher temperature {}, EMA momentum {}",
+            d.out_dim, d.local_crops, d.teacher_temp, d.momentum
         ),
     };
+    (cfg.pretext.title(), settings)
+}
+
+/// Writes `report.md`, `results.json` and the plots of `r` into `out`; returns the markdown.
+pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<String> {
+    let n_test = r.cells.values().next().and_then(|v| v.first()).map_or(0, |c| c.probs.len());
+    let stats = Stats { r, n_test };
+    let (metric, select) = (r.metric.name(), r.select.name());
+    // The second column: accuracy for classification, IoU for segmentation.
+    let second = if r.task == Task::Segmentation { "iou" } else { "accuracy" };
+    let mut results = json!({"metric": metric, "select": select, "seeds": cfg.seeds, "data": cfg.data,
+        "backbone": cfg.backbone.path, "variants": {}});
+    let mut summary = BTreeMap::new();
+    let mut rows = String::new();
+    for v in &r.variants {
+        let (row, entry, ms) = variant_summary(&stats, v, second);
+        let _ = writeln!(rows, "{row}");
+        results["variants"][v] = entry;
+        summary.insert(v.clone(), ms);
+    }
+    let head = delta_table(cfg, &stats, &summary, &mut results);
+    let (pretext_name, pretext) = pretext_line(cfg);
+    let (f, t) = (&cfg.finetune, &cfg.tpp.config);
+    let mut md = String::new();
     let _ = writeln!(md, "# tpp compare: {}\n", cfg.data.display());
     let _ = writeln!(
         md,
-        "Backbone `{}`; pretext {}; seeds {:?}; test metric `{metric}` (model selection on validation `{select}`; the test split is scored once per run, at the best validation epoch).\n",
-        cfg.backbone.display(),
-        pretext_name,
+        "Backbone `{}`; pretext {pretext_name}; seeds {:?}; test metric `{metric}` (model selection on validation `{select}`; the test split is scored once per run, at the best validation epoch).\n",
+        cfg.backbone.path.display(),
         cfg.seeds
     );
     let _ = writeln!(md, "## PEFT vs PEFT + TPP (test {metric}, mean ± sample std over seeds)\n\n{head}");
@@ -179,25 +172,31 @@ pub fn build(cfg: &CompareConfig, cells: &[Cell], metric: &str, out: &Path) -> R
     let _ = writeln!(
         md,
         "\nIntervals: percentile bootstrap over test images (1000 resamples), each resample scoring every seed's predictions; Δ intervals are paired (same resamples). Fine-tuning: {} epochs, batch {}, lr {} (full: {}); TPP: {} epochs, batch {}, lr {}, {pretext}. Every setting: `compare.toml`.",
-        cfg.finetune.epochs,
-        cfg.finetune.batch_size,
-        cfg.finetune.lr,
-        cfg.finetune.full_lr,
-        t.epochs,
-        t.batch_size,
-        t.lr,
+        f.config.epochs, f.config.batch_size, f.config.lr, f.full_lr, t.epochs, t.batch_size, t.lr,
     );
     std::fs::write(out.join("report.md"), &md).with_context(|| format!("{}: cannot write report", out.display()))?;
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
-    let bars: Vec<(String, f64, f64)> = variants.iter().map(|v| (v.clone(), summary[v].0, summary[v].1)).collect();
+    write_plots(cfg, r, &summary, out)?;
+    Ok(md)
+}
+
+/// `<metric>.png` (bars with error bars) and `curves_<method>.png` (validation curves, PEFT vs PEFT + TPP).
+fn write_plots(
+    cfg: &CompareConfig,
+    r: &CompareResults,
+    summary: &BTreeMap<String, (f64, f64)>,
+    out: &Path,
+) -> Result<()> {
+    let (metric, select) = (r.metric.name(), r.select.name());
+    let bars: Vec<(String, f64, f64)> = r.variants.iter().map(|v| (v.clone(), summary[v].0, summary[v].1)).collect();
     plots::bars(&out.join(format!("{metric}.png")), &format!("test {metric} (mean ± std over seeds)"), metric, &bars)?;
-    for m in &cfg.methods {
+    for m in cfg.methods.iter().map(ToString::to_string) {
         let mut series = Vec::new();
         for v in [m.clone(), format!("{m}+tpp")] {
-            let Some(rs) = by.get(&v) else { continue };
-            let len = rs.iter().map(|(_, r)| r.curve.len()).min().unwrap_or(0);
+            let Some(rs) = r.cells.get(&v) else { continue };
+            let len = rs.iter().map(|c| c.curve.len()).min().unwrap_or(0);
             let pts: Vec<(f64, f64)> = (0..len)
-                .map(|i| (rs[0].1.curve[i].0, rs.iter().map(|(_, r)| r.curve[i].1).sum::<f64>() / rs.len() as f64))
+                .map(|i| (rs[0].curve[i].0, rs.iter().map(|c| c.curve[i].1).sum::<f64>() / rs.len() as f64))
                 .collect();
             series.push((v, pts));
         }
@@ -205,9 +204,9 @@ pub fn build(cfg: &CompareConfig, cells: &[Cell], metric: &str, out: &Path) -> R
             &out.join(format!("curves_{}.png", m.replace('+', "_"))),
             &format!("{m}: validation {select} (mean over seeds)"),
             "epoch",
-            &select,
+            select,
             &series,
         )?;
     }
-    Ok(md)
+    Ok(())
 }

@@ -108,7 +108,7 @@ impl PeftMethod for Ia3 {
         }))
     }
 
-    fn from_hf_peft_config(&self, cfg: &Value) -> Option<Result<PeftSpec>> {
+    fn read_hf_peft_config(&self, cfg: &Value) -> Option<Result<PeftSpec>> {
         if cfg["peft_type"] != "IA3" {
             return None;
         }
@@ -145,9 +145,9 @@ mod tests {
     #[test]
     fn peft_configs_other_than_qkv_and_fc2_are_refused() {
         let ok = json!({"peft_type": "IA3", "target_modules": ["qkv", "attn.fc2"], "feedforward_modules": "fc2"});
-        assert_eq!(Ia3.from_hf_peft_config(&ok).unwrap().unwrap().methods, [Method::IA3]);
+        assert_eq!(Ia3.read_hf_peft_config(&ok).unwrap().unwrap().methods, [Method::IA3]);
         let other = json!({"peft_type": "IA3", "target_modules": ["qkv", "fc1"], "feedforward_modules": ["fc1"]});
-        let e = Ia3.from_hf_peft_config(&other).unwrap().unwrap_err().to_string();
+        let e = Ia3.read_hf_peft_config(&other).unwrap().unwrap_err().to_string();
         assert!(e.contains("not supported") && e.contains("fc1"), "{e}");
     }
 }

@@ -73,7 +73,7 @@ pub fn read_spec(dir: &Path) -> Result<PeftSpec> {
     let text = std::fs::read_to_string(&peft).with_context(|| format!("{}: cannot read", peft.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON ({e})", peft.display()))?;
-    match REGISTRY.iter().find_map(|m| m.from_hf_peft_config(&v)) {
+    match REGISTRY.iter().find_map(|m| m.read_hf_peft_config(&v)) {
         Some(spec) => spec.map_err(|e| anyhow!("{}: {e:#}", peft.display())),
         None => {
             let mut known: Vec<String> = REGISTRY

@@ -150,7 +150,8 @@ fn attach(vit: &mut Vit, p: &nn::Path, opts: &Options, dora: bool) -> Result<i64
         let b = (&lp / "lora_B").var("weight", &[out_dim, r], Init::Const(0.0));
         // DoRA's magnitude starts at the row norms of W (B = 0), so the output is unchanged.
         let magnitude = dora.then(|| {
-            let norm = tch::no_grad(|| lin.weight().to_kind(Kind::Float).norm_scalaropt_dim(2, [1i64].as_slice(), false));
+            let norm =
+                tch::no_grad(|| lin.weight().to_kind(Kind::Float).norm_scalaropt_dim(2, [1i64].as_slice(), false));
             lp.var_copy("lora_magnitude_vector", &norm)
         });
         let scale = c.lora_alpha / r as f64;
@@ -257,7 +258,7 @@ impl PeftMethod for Lora {
     fn hf_peft_config(&self, opts: &Options, has_head: bool) -> Option<Value> {
         peft_config(opts, false, has_head)
     }
-    fn from_hf_peft_config(&self, cfg: &Value) -> Option<Result<PeftSpec>> {
+    fn read_hf_peft_config(&self, cfg: &Value) -> Option<Result<PeftSpec>> {
         from_peft_config(cfg)
     }
 }

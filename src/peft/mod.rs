@@ -105,7 +105,7 @@ pub trait PeftMethod: Sync {
 
     /// The spec of an HF PEFT `adapter_config.json` of this method's `peft_type` (None: not this
     /// method's type).
-    fn from_hf_peft_config(&self, cfg: &serde_json::Value) -> Option<Result<PeftSpec>> {
+    fn read_hf_peft_config(&self, cfg: &serde_json::Value) -> Option<Result<PeftSpec>> {
         let _ = cfg;
         None
     }

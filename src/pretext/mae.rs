@@ -8,12 +8,41 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
+/// Where the TPP stage's MAE decoder comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DecoderSource {
+    /// The checkpoint's decoder when it has one, else a fresh one.
+    Auto,
+    /// The checkpoint's decoder (an error if it has none).
+    Checkpoint,
+    /// A freshly initialised decoder.
+    Fresh,
+}
+
+impl std::fmt::Display for DecoderSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DecoderSource::Auto => "auto",
+            DecoderSource::Checkpoint => "checkpoint",
+            DecoderSource::Fresh => "fresh",
+        })
+    }
+}
+
+/// Options of the MAE pretext.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MaeConfig {
+    /// Fraction of patches masked.
     pub mask_ratio: f64,
+    /// Decoder width (a fresh decoder).
     pub decoder_dim: i64,
+    /// Decoder blocks.
     pub decoder_depth: i64,
+    /// Decoder attention heads.
     pub decoder_heads: i64,
+    /// Decoder MLP width over its width.
     pub decoder_mlp_ratio: f64,
     /// Per-patch normalised pixel targets (MAE's norm-pix loss).
     pub norm_pix: bool,

@@ -1,169 +1,199 @@
-//! The self-supervised training loop of the TPP stage (and of backbone pre-training): only the given
-//! parameters (target parameters + pretext head, or everything) are optimised; the rest stays frozen.
+//! The self-supervised stages on the one training loop: the TPP stage (target parameters + pretext head
+//! trained, backbone frozen) and backbone pre-training (everything trained), as MAE and DINO
+//! [`TrainStep`]s. Only the given parameters are optimised; the rest stays frozen.
+use super::callbacks::{EachEpoch, LossLog, ProgressReport};
+use super::optim::{AdamW, AdamWConfig};
+use super::schedule::WarmupCosine;
+use super::trainer::{Batches, TrainState, TrainStep, Trainer};
 use crate::data::Split;
-use crate::data::loader::{LoaderConfig, epoch_batches};
+use crate::data::loader::{Batch, LoaderConfig, epoch_batches};
 use crate::data::transforms::{Augment, Norm};
+use crate::pretext::dino::{self, DinoConfig, DinoHead};
 use crate::pretext::mae::{self, MaeConfig, MaeDecoder};
-use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::schedule::WarmupCosine;
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// Hyperparameters of a self-supervised stage (a TPP record's `config`; compare's `[tpp]` section). Every
+/// field has a default: `compare`'s TPP stage (a light 2 x 128 MAE decoder).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PretrainConfig {
+    /// Epochs.
     pub epochs: i64,
+    /// Images per batch.
     pub batch_size: i64,
+    /// Peak learning rate.
     pub lr: f64,
+    /// Learning rate at the end of the cosine.
     pub min_lr: f64,
+    /// Linear warm-up, as a fraction of all updates.
     pub warmup: f64,
+    /// AdamW weight decay.
     pub weight_decay: f64,
+    /// Gradient-norm clipping (0: off).
     pub clip: f64,
+    /// Seed of initialisation, shuffling, augmentation and masking.
     pub seed: u64,
+    /// Model input size (0: the backbone's).
     pub image_size: i64,
+    /// Pixel normalisation.
     pub norm: Norm,
+    /// Augmentation.
     pub augment: Augment,
+    /// The MAE pretext's options.
     pub mae: MaeConfig,
     /// Write a reconstruction preview every this many epochs (0: only at the end).
     pub preview_every: i64,
 }
 
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        PretrainConfig {
+            epochs: 100,
+            batch_size: 256,
+            lr: 1.5e-3,
+            min_lr: 0.0,
+            warmup: 0.05,
+            weight_decay: 0.05,
+            clip: 1.0,
+            seed: 0,
+            image_size: 0,
+            norm: Norm::IMAGENET,
+            augment: Augment::default(),
+            mae: MaeConfig { decoder_dim: 128, decoder_depth: 2, decoder_heads: 4, ..MaeConfig::default() },
+            preview_every: 0,
+        }
+    }
+}
+
+impl PretrainConfig {
+    /// Rejects values no run could use, naming the option.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs <= 0 || self.batch_size <= 0 {
+            bail!("--epochs and --batch-size must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// What a finished self-supervised stage reports.
 pub struct PretrainSummary {
     /// DINO: the teacher centre at the end.
     pub center: Option<Tensor>,
+    /// Optimiser updates.
     pub steps: i64,
+    /// Loss of the first update.
     pub first_loss: f64,
+    /// Loss of the last update.
     pub final_loss: f64,
+    /// Wall time.
     pub seconds: f64,
+    /// Training images per second.
     pub images_per_s: f64,
 }
 
-pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(len);
-    let style =
-        indicatif::ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}} {{msg}} ETA {{eta}}"))
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    pb.set_style(style);
-    pb
+/// The loop for a stage over `split` (full batches only) and its loader. AdamW with betas (0.9, `beta2`):
+/// MAE's recipe uses 0.95, DINO's 0.999.
+fn plan(
+    split: &Split,
+    cfg: &PretrainConfig,
+    params: Vec<(String, Tensor)>,
+    beta2: f64,
+    device: Device,
+) -> Result<(Trainer<'static>, LoaderConfig)> {
+    cfg.validate()?;
+    let n = split.len();
+    if n == 0 {
+        bail!("no training images");
+    }
+    let bs = cfg.batch_size.min(n);
+    let steps_per_epoch = (n / bs).max(1);
+    let total = steps_per_epoch * cfg.epochs;
+    let schedule = WarmupCosine {
+        base_lr: cfg.lr,
+        min_lr: cfg.min_lr,
+        warmup_steps: ((total as f64) * cfg.warmup).round() as i64,
+        total_steps: total,
+    };
+    let opt = AdamW::new(params, AdamWConfig { beta1: 0.9, beta2, eps: 1e-8, weight_decay: cfg.weight_decay });
+    let loader = LoaderConfig { batch_size: bs, image_size: cfg.image_size, norm: cfg.norm, device, drop_last: true };
+    let trainer =
+        Trainer { opt, schedule, clip: cfg.clip, accum: 1, epochs: cfg.epochs, steps_per_epoch, checkpoint: None };
+    Ok((trainer, loader))
 }
 
-/// Per-step loss log of a pretext run: `loss.csv` (one row per step), the progress bar, and a non-finite
-/// check. Losses stay on the device and are read every 20 steps, so a GPU is not synchronised each step.
-pub struct StepLog {
-    csv: std::io::BufWriter<std::fs::File>,
-    pb: indicatif::ProgressBar,
-    pending: Vec<(i64, i64, f64, Tensor)>,
-    window: Instant,
-    window_imgs: i64,
-    out: std::path::PathBuf,
-    pub first_loss: f64,
-    pub last_loss: f64,
+/// Runs a stage's loop with its loss log, progress and per-epoch callback; the summary of the run.
+fn run_stage(
+    trainer: &mut Trainer,
+    step: &mut dyn TrainStep,
+    batch_size: i64,
+    label: &str,
+    out: &Path,
+    each_epoch: &mut dyn FnMut(&super::trainer::EpochRecord) -> Result<()>,
+) -> Result<PretrainSummary> {
+    let mut log = LossLog::new(out)?;
+    let mut progress = ProgressReport::new(label, None);
+    let mut each = EachEpoch(each_epoch);
+    let mut state = TrainState::default();
+    let start = Instant::now();
+    trainer.fit(step, &mut state, &mut [&mut log, &mut progress, &mut each])?;
+    let seconds = start.elapsed().as_secs_f64();
+    let steps = state.epochs_done * trainer.steps_per_epoch;
+    Ok(PretrainSummary {
+        center: None,
+        steps,
+        first_loss: log.first_loss,
+        final_loss: log.last_loss,
+        seconds,
+        images_per_s: (steps * batch_size) as f64 / seconds,
+    })
 }
 
-impl StepLog {
-    pub fn new(out: &Path, total_steps: i64, what: &str) -> Result<Self> {
-        let csv_path = out.join("loss.csv");
-        let mut csv = std::io::BufWriter::new(
-            std::fs::File::create(&csv_path).with_context(|| format!("{}: cannot create", csv_path.display()))?,
-        );
-        writeln!(csv, "step,epoch,loss,lr,images_per_s")?;
-        Ok(StepLog {
-            csv,
-            pb: progress_bar(total_steps as u64, what),
-            pending: Vec::new(),
-            window: Instant::now(),
-            window_imgs: 0,
-            out: out.to_path_buf(),
-            first_loss: f64::NAN,
-            last_loss: f64::NAN,
-        })
-    }
-
-    pub fn push(&mut self, step: i64, epoch: i64, lr: f64, loss: &Tensor, images: i64, last: bool) -> Result<()> {
-        self.pending.push((step, epoch, lr, loss.detach()));
-        self.window_imgs += images;
-        if self.pending.len() >= 20 || last {
-            self.flush()?;
-        }
-        self.pb.set_position(step as u64 + 1);
-        Ok(())
-    }
-
-    pub fn flush(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let all: Vec<Tensor> = self.pending.iter().map(|p| p.3.to_kind(Kind::Double)).collect();
-        let losses = Vec::<f64>::try_from(Tensor::stack(&all, 0).to_device(Device::Cpu))?;
-        let ips = self.window_imgs as f64 / self.window.elapsed().as_secs_f64().max(1e-9);
-        let mut lr_now = 0.0;
-        for ((s, e, lr, _), l) in self.pending.drain(..).zip(losses) {
-            if !l.is_finite() {
-                self.pb.finish_and_clear();
-                bail!(
-                    "loss became {l} at step {s} (epoch {e}); stopping. What the last finished epoch saved is kept in {}",
-                    self.out.display()
-                );
-            }
-            if self.first_loss.is_nan() {
-                self.first_loss = l;
-            }
-            self.last_loss = l;
-            lr_now = lr;
-            writeln!(self.csv, "{s},{e},{l:.6},{lr:.6e},{ips:.1}")?;
-        }
-        self.pb.set_message(format!("loss {:.4} lr {lr_now:.2e} {ips:.0} img/s", self.last_loss));
-        self.window = Instant::now();
-        self.window_imgs = 0;
-        self.csv.flush()?;
-        Ok(())
-    }
-
-    pub fn finish(&mut self) -> Result<()> {
-        self.flush()?;
-        self.pb.finish_and_clear();
-        Ok(())
-    }
-}
-
-/// What a pretext run derives from its config: batch size, step count, schedule, optimiser, loader.
-struct Plan {
-    bs: i64,
-    total: i64,
-    sched: WarmupCosine,
-    opt: AdamW,
+/// One MAE update: per-sample random masking (seeded stream over the whole run), encoder + decoder, loss
+/// on the masked patches.
+pub struct MaeStep<'a> {
+    vit: &'a crate::backbone::Vit,
+    dec: &'a MaeDecoder,
+    split: &'a Split,
+    cfg: &'a PretrainConfig,
     loader: LoaderConfig,
+    noise_rng: ChaCha8Rng,
 }
 
-impl Plan {
-    /// AdamW with betas (0.9, `beta2`): MAE's recipe uses 0.95, DINO's 0.999.
-    fn new(
-        split: &Split,
-        cfg: &PretrainConfig,
-        params: Vec<(String, Tensor)>,
-        beta2: f64,
-        device: Device,
-    ) -> Result<Self> {
-        let n = split.len();
-        if n == 0 {
-            bail!("no training images");
-        }
-        let bs = cfg.batch_size.min(n);
-        let total = (n / bs).max(1) * cfg.epochs;
-        let sched = WarmupCosine {
-            base_lr: cfg.lr,
-            min_lr: cfg.min_lr,
-            warmup_steps: ((total as f64) * cfg.warmup).round() as i64,
-            total_steps: total,
-        };
-        let opt = AdamW::new(params, AdamWConfig { beta1: 0.9, beta2, eps: 1e-8, weight_decay: cfg.weight_decay });
-        let loader =
-            LoaderConfig { batch_size: bs, image_size: cfg.image_size, norm: cfg.norm, device, drop_last: true };
-        Ok(Plan { bs, total, sched, opt, loader })
+impl<'a> MaeStep<'a> {
+    /// The step for `vit` + `dec` on `split`'s images.
+    pub fn new(
+        vit: &'a crate::backbone::Vit,
+        dec: &'a MaeDecoder,
+        split: &'a Split,
+        cfg: &'a PretrainConfig,
+        loader: LoaderConfig,
+    ) -> Self {
+        let noise_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6d61_6500);
+        MaeStep { vit, dec, split, cfg, loader, noise_rng }
+    }
+}
+
+impl TrainStep for MaeStep<'_> {
+    fn batches(&mut self, epoch: i64) -> Batches {
+        let seed = self.cfg.seed.wrapping_add(epoch as u64 * 7919);
+        let iter = epoch_batches(self.split, self.loader, Some(self.cfg.augment), seed, false);
+        Batches { len: self.loader.num_batches(self.split.len()), iter: Box::new(iter) }
+    }
+
+    fn loss(&mut self, batch: &Batch) -> Result<Tensor> {
+        let b = batch.images.size()[0];
+        let n_patches = (self.cfg.image_size / self.vit.config().patch_size).pow(2);
+        let noise: Vec<f32> = (0..b * n_patches).map(|_| self.noise_rng.random::<f32>()).collect();
+        let noise = Tensor::from_slice(&noise).reshape([b, n_patches]).to_device(self.loader.device);
+        let out = crate::device::autocast(self.loader.device, || {
+            mae::forward(self.vit, self.dec, &batch.images, &self.cfg.mae, &noise, true)
+        });
+        Ok(out.loss)
     }
 }
 
@@ -180,46 +210,18 @@ pub fn train_mae(
     out: &Path,
     save: &mut dyn FnMut() -> Result<()>,
 ) -> Result<PretrainSummary> {
-    let Plan { bs, total, sched, mut opt, loader } = Plan::new(split, cfg, params, 0.95, device)?;
-    let n_patches = (cfg.image_size / vit.cfg.patch_size).pow(2);
-    let mut noise_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6d61_6500);
-    let mut log = StepLog::new(out, total, "TPP")?;
-    let start = Instant::now();
-    let mut step = 0i64;
-    for epoch in 0..cfg.epochs {
-        for batch in epoch_batches(split, loader, Some(cfg.augment), cfg.seed.wrapping_add(epoch as u64 * 7919), false)
-        {
-            let b = batch.images.size()[0];
-            let noise: Vec<f32> = (0..b * n_patches).map(|_| noise_rng.random::<f32>()).collect();
-            let noise = Tensor::from_slice(&noise).reshape([b, n_patches]).to_device(device);
-            let lr = sched.lr(step);
-            opt.zero_grad();
-            let out_mae =
-                crate::device::autocast(device, || mae::forward(vit, dec, &batch.images, &cfg.mae, &noise, true));
-            out_mae.loss.backward();
-            if cfg.clip > 0.0 {
-                let _ = opt.clip_grad_norm(cfg.clip);
-            }
-            opt.step(lr);
-            log.push(step, epoch, lr, &out_mae.loss, b, step + 1 == total)?;
-            step += 1;
-        }
+    let (mut trainer, loader) = plan(split, cfg, params, 0.95, device)?;
+    let mut step = MaeStep::new(vit, dec, split, cfg, loader);
+    let mut each_epoch = |r: &super::trainer::EpochRecord| -> Result<()> {
         save()?;
-        if cfg.preview_every > 0 && (epoch + 1) % cfg.preview_every == 0 && epoch + 1 < cfg.epochs {
-            write_preview(vit, dec, split, cfg, device, &out.join(format!("preview_epoch{:04}.png", epoch + 1)))?;
+        if cfg.preview_every > 0 && r.epoch % cfg.preview_every == 0 && r.epoch < cfg.epochs {
+            write_preview(vit, dec, split, cfg, device, &out.join(format!("preview_epoch{:04}.png", r.epoch)))?;
         }
-    }
-    log.finish()?;
+        Ok(())
+    };
+    let summary = run_stage(&mut trainer, &mut step, loader.batch_size, "TPP", out, &mut each_epoch)?;
     write_preview(vit, dec, split, cfg, device, &out.join("preview_final.png"))?;
-    let seconds = start.elapsed().as_secs_f64();
-    Ok(PretrainSummary {
-        center: None,
-        steps: step,
-        first_loss: log.first_loss,
-        final_loss: log.last_loss,
-        seconds,
-        images_per_s: (step * bs) as f64 / seconds,
-    })
+    Ok(summary)
 }
 
 /// A PNG of up to 8 training images: original, masked input, reconstruction (rows).
@@ -254,110 +256,139 @@ pub fn write_preview(
 /// The pieces of a DINO run: student and teacher views of one frozen backbone, their heads, and the
 /// stores the EMA runs over (teacher <- student, name by name).
 pub struct DinoParts<'a> {
+    /// The student: backbone + trained target parameters.
     pub student: &'a crate::backbone::Vit,
+    /// The teacher: the same backbone + EMA target parameters.
     pub teacher: &'a crate::backbone::Vit,
-    pub s_head: &'a crate::pretext::dino::DinoHead,
-    pub t_head: &'a crate::pretext::dino::DinoHead,
+    /// The student's projection head (trained).
+    pub s_head: &'a DinoHead,
+    /// The teacher's projection head (EMA).
+    pub t_head: &'a DinoHead,
     /// (teacher store, student store) pairs: target parameters and heads.
     pub ema: Vec<(&'a tch::nn::VarStore, &'a tch::nn::VarStore)>,
 }
 
+/// One DINO update: two global and some local crops per image, the teacher (no gradient) on the global
+/// ones, the cross-entropy over crop pairs, the centre update; the EMA teacher follows after the update.
+pub struct DinoStep<'a> {
+    parts: &'a DinoParts<'a>,
+    split: &'a Split,
+    cfg: &'a PretrainConfig,
+    dino: &'a DinoConfig,
+    loader: LoaderConfig,
+    global_aug: Augment,
+    local_aug: Augment,
+    local: i64,
+    /// The teacher centre.
+    pub center: Tensor,
+    rng: ChaCha8Rng,
+    t_temp: f64,
+}
+
+impl<'a> DinoStep<'a> {
+    /// The step for `parts` on `split`'s images.
+    pub fn new(
+        parts: &'a DinoParts<'a>,
+        split: &'a Split,
+        cfg: &'a PretrainConfig,
+        dino: &'a DinoConfig,
+        loader: LoaderConfig,
+    ) -> Self {
+        let p = parts.student.config().patch_size;
+        let g = cfg.image_size;
+        let local = if dino.local_size > 0 {
+            dino.local_size
+        } else {
+            ((g as f64 * 0.43 / p as f64).round() as i64).max(2) * p
+        };
+        let crops = |min: f64, max: f64| Augment {
+            hflip: true,
+            crop_min_area: min,
+            crop_max_area: max,
+            jitter: cfg.augment.jitter,
+            pad_crop: cfg.augment.pad_crop,
+            ..Augment::NONE
+        };
+        DinoStep {
+            parts,
+            split,
+            cfg,
+            dino,
+            loader,
+            global_aug: crops(dino.global_scale_min, 1.0),
+            local_aug: crops(0.05, dino.local_scale_max),
+            local,
+            center: Tensor::zeros([1, dino.out_dim], (Kind::Float, loader.device)),
+            rng: ChaCha8Rng::seed_from_u64(0),
+            t_temp: dino.teacher_temp,
+        }
+    }
+}
+
+impl TrainStep for DinoStep<'_> {
+    fn batches(&mut self, epoch: i64) -> Batches {
+        self.t_temp = dino::teacher_temp(self.dino, epoch);
+        let seed = self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64) ^ 0x6469_6e6f;
+        self.rng = ChaCha8Rng::seed_from_u64(seed);
+        // Shuffled batches without the loader's own warp: the crops are the augmentation.
+        let seed = self.cfg.seed.wrapping_add(epoch as u64 * 7919);
+        let iter = epoch_batches(self.split, self.loader, Some(Augment::NONE), seed, false);
+        Batches { len: self.loader.num_batches(self.split.len()), iter: Box::new(iter) }
+    }
+
+    fn loss(&mut self, batch: &Batch) -> Result<Tensor> {
+        let (g, parts, device) = (self.cfg.image_size, self.parts, self.loader.device);
+        let globals: Vec<Tensor> =
+            (0..2).map(|_| self.global_aug.warp(&batch.images, None, (g, g), &mut self.rng).0).collect();
+        let locals: Vec<Tensor> = (0..self.dino.local_crops)
+            .map(|_| self.local_aug.warp(&batch.images, None, (self.local, self.local), &mut self.rng).0)
+            .collect();
+        let teacher_out = tch::no_grad(|| {
+            crate::device::autocast(device, || {
+                dino::project(parts.teacher, parts.t_head, &Tensor::cat(&globals, 0), false)
+            })
+        })
+        .chunk(2, 0);
+        let loss = crate::device::autocast(device, || {
+            let mut s = dino::project(parts.student, parts.s_head, &Tensor::cat(&globals, 0), true).chunk(2, 0);
+            if !locals.is_empty() {
+                let l = dino::project(parts.student, parts.s_head, &Tensor::cat(&locals, 0), true);
+                s.extend(l.chunk(locals.len() as i64, 0));
+            }
+            let (l, batch_center) = dino::loss(&s, &teacher_out, &self.center, self.dino, self.t_temp);
+            let _g = tch::no_grad_guard();
+            let m = self.dino.center_momentum;
+            self.center = &self.center * m + batch_center * (1.0 - m);
+            l
+        });
+        Ok(loss)
+    }
+
+    fn after_update(&mut self, step: i64, total_steps: i64) -> Result<()> {
+        let m = dino::momentum(self.dino, step, total_steps);
+        for (t, s) in &self.parts.ema {
+            dino::ema_update(t, s, m)?;
+        }
+        Ok(())
+    }
+}
+
 /// Trains `params` (student target parameters + student head) with the DINO loss on `split` (labels
-/// unused); the teacher follows as an EMA after every step.
+/// unused); the teacher follows as an EMA after every update. `save` is called after every epoch.
 #[allow(clippy::too_many_arguments)]
 pub fn train_dino(
     parts: &DinoParts,
     params: Vec<(String, Tensor)>,
     split: &Split,
     cfg: &PretrainConfig,
-    dino: &crate::pretext::dino::DinoConfig,
+    dino: &DinoConfig,
     device: Device,
     out: &Path,
     save: &mut dyn FnMut() -> Result<()>,
 ) -> Result<PretrainSummary> {
-    use crate::pretext::dino;
-    let Plan { bs, total, sched, mut opt, loader } = Plan::new(split, cfg, params, 0.999, device)?;
-    let p = parts.student.cfg.patch_size;
-    let g = cfg.image_size;
-    let local =
-        if dino.local_size > 0 { dino.local_size } else { ((g as f64 * 0.43 / p as f64).round() as i64).max(2) * p };
-    let global_aug = Augment {
-        hflip: true,
-        crop_min_area: dino.global_scale_min,
-        crop_max_area: 1.0,
-        jitter: cfg.augment.jitter,
-        pad_crop: cfg.augment.pad_crop,
-        ..Augment::NONE
-    };
-    let local_aug = Augment {
-        hflip: true,
-        crop_min_area: 0.05,
-        crop_max_area: dino.local_scale_max,
-        jitter: cfg.augment.jitter,
-        pad_crop: cfg.augment.pad_crop,
-        ..Augment::NONE
-    };
-    let mut center = Tensor::zeros([1, dino.out_dim], (Kind::Float, device));
-    let mut log = StepLog::new(out, total, "TPP-DINO")?;
-    let start = Instant::now();
-    let mut step = 0i64;
-    for epoch in 0..cfg.epochs {
-        let t_temp = dino::teacher_temp(dino, epoch);
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64) ^ 0x6469_6e6f);
-        // Shuffled batches without the loader's own warp: the crops below are the augmentation.
-        for batch in
-            epoch_batches(split, loader, Some(Augment::NONE), cfg.seed.wrapping_add(epoch as u64 * 7919), false)
-        {
-            let b = batch.images.size()[0];
-            let globals: Vec<Tensor> =
-                (0..2).map(|_| global_aug.warp(&batch.images, None, (g, g), &mut rng).0).collect();
-            let locals: Vec<Tensor> = (0..dino.local_crops)
-                .map(|_| local_aug.warp(&batch.images, None, (local, local), &mut rng).0)
-                .collect();
-            let lr = sched.lr(step);
-            opt.zero_grad();
-            let teacher_out = tch::no_grad(|| {
-                crate::device::autocast(device, || {
-                    dino::project(parts.teacher, parts.t_head, &Tensor::cat(&globals, 0), false)
-                })
-            })
-            .chunk(2, 0);
-            let loss = crate::device::autocast(device, || {
-                let mut s = dino::project(parts.student, parts.s_head, &Tensor::cat(&globals, 0), true).chunk(2, 0);
-                if !locals.is_empty() {
-                    s.extend(
-                        dino::project(parts.student, parts.s_head, &Tensor::cat(&locals, 0), true)
-                            .chunk(locals.len() as i64, 0),
-                    );
-                }
-                let (l, batch_center) = dino::loss(&s, &teacher_out, &center, dino, t_temp);
-                let _g = tch::no_grad_guard();
-                center = &center * dino.center_momentum + batch_center * (1.0 - dino.center_momentum);
-                l
-            });
-            loss.backward();
-            if cfg.clip > 0.0 {
-                let _ = opt.clip_grad_norm(cfg.clip);
-            }
-            opt.step(lr);
-            let m = dino::momentum(dino, step, total);
-            for (t, s) in &parts.ema {
-                dino::ema_update(t, s, m)?;
-            }
-            log.push(step, epoch, lr, &loss, b, step + 1 == total)?;
-            step += 1;
-        }
-        save()?;
-    }
-    log.finish()?;
-    let seconds = start.elapsed().as_secs_f64();
-    Ok(PretrainSummary {
-        center: Some(center),
-        steps: step,
-        first_loss: log.first_loss,
-        final_loss: log.last_loss,
-        seconds,
-        images_per_s: (step * bs) as f64 / seconds,
-    })
+    let (mut trainer, loader) = plan(split, cfg, params, 0.999, device)?;
+    let mut step = DinoStep::new(parts, split, cfg, dino, loader);
+    let mut each_epoch = |_: &super::trainer::EpochRecord| save();
+    let summary = run_stage(&mut trainer, &mut step, loader.batch_size, "TPP-DINO", out, &mut each_epoch)?;
+    Ok(PretrainSummary { center: Some(step.center.shallow_clone()), ..summary })
 }

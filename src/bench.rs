@@ -1,0 +1,154 @@
+//! Training-step throughput and peak memory for the same work as the PyTorch/timm peer script
+//! (random-weight timm-shaped ViT, random images, AdamW lr 1e-4 wd 0.05): `lora_ft` (LoRA r=8 on qkv +
+//! head), `tpp_mae` (LoRA + 8x512 MAE decoder, 75% masking, norm-pix) and `full_ft` (everything); and
+//! data-loading speed (decode and augment). Each result is one JSON object, like the peer's.
+use crate::backbone::{Backbone, VitConfig};
+use crate::model::PeftModel;
+use crate::peft::{Method, PeftSpec};
+use crate::pretext::mae::{self, MaeConfig, MaeDecoder};
+use crate::train::optim::{AdamW, AdamWConfig};
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor, nn};
+
+/// The works [`steps`] knows.
+pub const WORKS: &[&str] = &["lora_ft", "tpp_mae", "full_ft"];
+
+/// What to time.
+#[derive(Debug, Clone)]
+pub struct StepBench {
+    /// timm preset name of the model.
+    pub model: String,
+    /// Images per step.
+    pub batch: i64,
+    /// Timed steps (after 3 warm-up steps); the median is reported.
+    pub steps: usize,
+    /// Works to time, some of [`WORKS`].
+    pub works: Vec<String>,
+}
+
+/// Decodes (all cores) and augments the data set at `path` at `size` px in batches of `batch`; images/s
+/// of each.
+pub fn data(path: &std::path::Path, size: i64, batch: i64, device: Device) -> Result<Value> {
+    use crate::data::loader::{LoaderConfig, epoch_batches};
+    use crate::data::transforms::{Augment, Norm};
+    let t = Instant::now();
+    let o = crate::data::DataOptions { image_size: Some(size), mask_classes: 2, ..Default::default() };
+    let (ds, _) = crate::data::open_with(path, &o)?;
+    let n = ds.train.len() + ds.val.len() + ds.test.len();
+    let decode_s = t.elapsed().as_secs_f64();
+    let seg = ds.task == crate::data::Task::Segmentation;
+    let loader = LoaderConfig { batch_size: batch, image_size: size, norm: Norm::IMAGENET, device, drop_last: false };
+    let aug = Augment { hflip: true, crop_min_area: 0.5, rotate_deg: 10.0, jitter: 0.1, ..Augment::NONE };
+    let t = Instant::now();
+    let mut seen = 0;
+    for b in epoch_batches(&ds.train, loader, Some(aug), 0, seg) {
+        seen += b.images.size()[0];
+        let _ = b.images.sum(Kind::Float).double_value(&[]);
+    }
+    let aug_s = t.elapsed().as_secs_f64();
+    let r = json!({
+        "work": "data", "data": path, "size": size, "images": n, "threads": rayon::current_num_threads(),
+        "decode_img_per_s": (n as f64 / decode_s * 10.0).round() / 10.0,
+        "augment_img_per_s": (seen as f64 / aug_s * 10.0).round() / 10.0, "device": format!("{device:?}"),
+    });
+    Ok(r)
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(n) = device {
+        tch::Cuda::synchronize(n as i64);
+    }
+}
+
+fn time_steps(device: Device, steps: usize, mut step: impl FnMut()) -> f64 {
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..steps + 3 {
+        sync(device);
+        let t = Instant::now();
+        step();
+        sync(device);
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// One line naming the build and device, for the head of a benchmark log.
+pub fn banner(device: Device) -> String {
+    let dev = match device {
+        Device::Cuda(_) => "cuda".to_string(),
+        _ => format!("cpu ({} threads)", tch::get_num_threads()),
+    };
+    format!("tpp {} libtorch (tch 0.24) device {dev}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Times the training step of each work of `b`: median step time, images/s, peak memory (CUDA).
+pub fn steps(b: &StepBench, device: Device) -> Result<Vec<Value>> {
+    let mut cfg = VitConfig::preset(&b.model).ok_or_else(|| {
+        anyhow::anyhow!("--model '{}': unknown preset (known: {})", b.model, VitConfig::PRESETS.join(", "))
+    })?;
+    cfg.num_classes = 0;
+    if b.batch <= 0 || b.steps == 0 {
+        bail!("--batch and --steps must be positive");
+    }
+    if let Some(w) = b.works.iter().find(|w| !WORKS.contains(&w.as_str())) {
+        bail!("--work: unknown '{w}' (expected {})", WORKS.join(", "));
+    }
+    tch::manual_seed(0);
+    let imgs = Tensor::randn([b.batch, 3, cfg.img_size, cfg.img_size], (Kind::Float, device));
+    let tgt = Tensor::randint(10, [b.batch], (Kind::Int64, device));
+    let mut out = Vec::new();
+    for work in &b.works {
+        let spec = PeftSpec::with_methods(&[if work == "full_ft" { Method::FULL } else { Method::LORA }]);
+        let bb = Backbone::fresh(&cfg, device)?;
+        let mut model = PeftModel::from_backbone(bb, &spec, device, 0)?;
+        crate::device::reset_peak_memory(device);
+        let (med, trainable) = if work == "tpp_mae" {
+            time_mae(&model, &cfg, &imgs, b, device)?
+        } else {
+            model.add_head(10);
+            let params = model.trainable();
+            let trainable: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
+            let mut opt = AdamW::new(params, AdamWConfig { weight_decay: 0.05, ..Default::default() });
+            let med = time_steps(device, b.steps, || {
+                let logits = crate::device::autocast(device, || model.bb.vit.forward_t(&imgs, true));
+                let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&tgt);
+                opt.zero_grad();
+                loss.backward();
+                opt.step(1e-4);
+            });
+            (med, trainable)
+        };
+        let peak = crate::device::peak_memory(device).map(|p| (p as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0);
+        out.push(json!({
+            "work": work, "model": b.model, "batch": b.batch, "dtype": if device.is_cuda() { "bf16" } else { "fp32" },
+            "step_ms": (med * 1e5).round() / 100.0, "img_per_s": (b.batch as f64 / med * 10.0).round() / 10.0,
+            "peak_gib": peak, "trainable": trainable,
+        }));
+    }
+    Ok(out)
+}
+
+/// The TPP-MAE step: LoRA + an 8 x 512 decoder, 75% masking.
+fn time_mae(model: &PeftModel, cfg: &VitConfig, imgs: &Tensor, b: &StepBench, device: Device) -> Result<(f64, i64)> {
+    let dec_vs = nn::VarStore::new(device);
+    let mcfg = MaeConfig::default();
+    let dec = MaeDecoder::new(&dec_vs.root(), cfg, &mcfg, 3)?;
+    let mut params = model.trainable();
+    params.extend(dec_vs.variables().into_iter().map(|(k, v)| (format!("pretext.{k}"), v)));
+    let trainable: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
+    let mut opt = AdamW::new(params, AdamWConfig { weight_decay: 0.05, ..Default::default() });
+    let n = cfg.num_patches();
+    let med = time_steps(device, b.steps, || {
+        let noise = Tensor::rand([b.batch, n], (Kind::Float, device));
+        let out = crate::device::autocast(device, || mae::forward(&model.bb.vit, &dec, imgs, &mcfg, &noise, true));
+        opt.zero_grad();
+        out.loss.backward();
+        opt.step(1e-4);
+    });
+    Ok((med, trainable))
+}

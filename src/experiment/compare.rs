@@ -1,0 +1,528 @@
+//! The paper's experiment in one call. For every PEFT method: plain PEFT and PEFT + TPP (target
+//! parameters pre-trained with the pretext task on the downstream training images), plus the references
+//! linear probe and full fine-tuning, on the same splits and seeds ([`Grid`]). Cells that finished are
+//! not recomputed after an interruption (if they ran the configuration asked for now); an interrupted
+//! fine-tuning cell resumes. [`run`] returns the [`CompareResults`] that `crate::eval::report` renders.
+use super::records::{BackboneSource, DataSource, RUN_JSON, RunRecord, TppRecord};
+use super::sections::{FinetuneSection, TppSection};
+use crate::data::Task;
+use crate::data::transforms::{Norm, Normalization};
+use crate::eval::metrics::Metric;
+use crate::peft::{Method, Options, PeftSpec};
+use crate::pretext::Pretext;
+use crate::pretext::dino::DinoConfig;
+use crate::train::finetune::FinetuneConfig;
+use crate::train::pretrain::PretrainConfig;
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use tch::Device;
+
+/// PEFT methods used together in one variant, written `lora` or `lora+vpt-deep`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodSet(pub Vec<Method>);
+
+impl std::str::FromStr for MethodSet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split('+').map(str::parse).collect::<Result<Vec<Method>, String>>().map(MethodSet)
+    }
+}
+
+impl fmt::Display for MethodSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.0.iter().map(|m| m.name()).collect();
+        f.write_str(&names.join("+"))
+    }
+}
+
+impl Serialize for MethodSet {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MethodSet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A reference baseline of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Reference {
+    /// Linear probe: a head on the frozen backbone.
+    Linear,
+    /// Full fine-tuning.
+    Full,
+}
+
+impl Reference {
+    /// The method the reference runs.
+    pub fn method(self) -> Method {
+        match self {
+            Reference::Linear => Method::LINEAR,
+            Reference::Full => Method::FULL,
+        }
+    }
+}
+
+/// The TOML config of a comparison (every key has a default but `backbone` and `data`; unknown keys
+/// are errors).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompareConfig {
+    /// The backbone (`backbone`, `heads`, `img_size`, `pool`).
+    #[serde(flatten)]
+    pub backbone: BackboneSource,
+    /// The data set.
+    pub data: PathBuf,
+    /// Its format, when the path does not tell.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Pixel normalisation.
+    #[serde(default = "default_norm")]
+    pub norm: Normalization,
+    /// PEFT methods to compare, each alone or combined ("lora+vpt-deep").
+    #[serde(default = "default_methods")]
+    pub methods: Vec<MethodSet>,
+    /// The TPP stage's pretext.
+    #[serde(default = "default_pretext")]
+    pub pretext: Pretext,
+    /// Seeds of the runs.
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    /// Reference baselines.
+    #[serde(default = "default_refs")]
+    pub references: Vec<Reference>,
+    /// Validation metric for model selection (default: the task's).
+    #[serde(default)]
+    pub select: Option<Metric>,
+    /// Test metric of the report (default: the selection metric).
+    #[serde(default)]
+    pub metric: Option<Metric>,
+    /// PEFT options by name (`lora_rank`, `adapter_dim`, ...), for every method that has them.
+    #[serde(default)]
+    pub peft: Options,
+    /// The TPP stage.
+    #[serde(default)]
+    pub tpp: TppSection,
+    /// Fine-tuning.
+    #[serde(default)]
+    pub finetune: FinetuneSection,
+    /// Options of the DINO pretext (used when `pretext = "dino"`).
+    #[serde(default)]
+    pub dino: DinoConfig,
+}
+
+fn default_norm() -> Normalization {
+    Normalization::Imagenet
+}
+fn default_methods() -> Vec<MethodSet> {
+    vec![MethodSet(vec![Method::LORA])]
+}
+fn default_pretext() -> Pretext {
+    Pretext::Mae
+}
+fn default_seeds() -> Vec<u64> {
+    vec![0, 1, 2]
+}
+fn default_refs() -> Vec<Reference> {
+    vec![Reference::Linear, Reference::Full]
+}
+
+impl CompareConfig {
+    /// A config with every default a TOML file leaves out (the same ones serde fills in).
+    pub fn new(backbone: BackboneSource, data: PathBuf) -> Self {
+        CompareConfig {
+            backbone,
+            data,
+            format: None,
+            norm: default_norm(),
+            methods: default_methods(),
+            pretext: default_pretext(),
+            seeds: default_seeds(),
+            references: default_refs(),
+            select: None,
+            metric: None,
+            peft: Options::default(),
+            tpp: TppSection::default(),
+            finetune: FinetuneSection::default(),
+            dino: DinoConfig::default(),
+        }
+    }
+
+    /// Reads a TOML config; errors name the file and the key.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let invalid = |e: String| anyhow!("{}: invalid config: {}", path.display(), e.replace('\n', " "));
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+        let keys: Vec<String> = table.keys().cloned().collect();
+        let cfg: CompareConfig =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+        // serde cannot reject unknown keys next to flattened ones: every key must be a field.
+        let known = serde_json::to_value(&cfg)?;
+        if let Some(k) = keys.iter().find(|k| known.get(k.as_str()).is_none()) {
+            return Err(invalid(format!("unknown key `{k}`")));
+        }
+        PeftSpec::new(Vec::new(), &cfg.peft).map_err(|e| invalid(format!("[peft]: {e}")))?;
+        Ok(cfg)
+    }
+
+    /// The spec of one method set with the config's PEFT options.
+    fn spec(&self, methods: &MethodSet) -> Result<PeftSpec> {
+        let spec = PeftSpec::new(methods.0.clone(), &self.peft)?;
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+/// One fine-tuning cell of the grid.
+pub struct Cell {
+    /// `lora`, `lora+tpp`, `linear`, ...
+    pub variant: String,
+    /// The method set (or reference) it runs.
+    pub method: String,
+    /// Whether its targets start from a TPP stage.
+    pub tpp: bool,
+    /// Its seed.
+    pub seed: u64,
+    /// Its run folder.
+    pub dir: PathBuf,
+    /// Its run.
+    pub record: RunRecord,
+}
+
+/// One TPP stage of the grid.
+pub struct TppJob {
+    /// Its output folder.
+    pub dir: PathBuf,
+    /// The stage.
+    pub record: TppRecord,
+}
+
+/// Every stage of a comparison, in the order they run, and what they are scored on.
+pub struct Grid {
+    /// TPP stages (one per method set and seed).
+    pub tpp: Vec<TppJob>,
+    /// Fine-tuning runs.
+    pub cells: Vec<Cell>,
+    /// The task of the data.
+    pub task: Task,
+    /// The selection metric.
+    pub select: Metric,
+}
+
+impl CompareConfig {
+    /// The fine-tuning config of a run of `seed` (the full reference at its own lr).
+    fn finetune_config(&self, seed: u64, full: bool, select: Metric) -> FinetuneConfig {
+        let f = &self.finetune;
+        FinetuneConfig {
+            lr: if full { f.full_lr } else { f.config.lr },
+            seed,
+            image_size: 0,
+            norm: self.norm.norm(),
+            select,
+            ..f.config.clone()
+        }
+    }
+
+    fn run_record(&self, spec: PeftSpec, seed: u64, init: Option<PathBuf>, task: (Task, i64, Metric)) -> RunRecord {
+        let full = spec.trains_backbone();
+        RunRecord {
+            backbone: self.backbone.clone(),
+            peft: spec,
+            init_targets: init,
+            data: DataSource { format: self.format.clone(), ..DataSource::new(&self.data) },
+            train_fraction: self.finetune.train_fraction,
+            task: task.0,
+            num_classes: task.1,
+            config: self.finetune_config(seed, full, task.2),
+        }
+    }
+
+    fn tpp_record(&self, spec: PeftSpec, seed: u64) -> TppRecord {
+        TppRecord {
+            backbone: self.backbone.clone(),
+            peft: spec,
+            data: self.data.clone(),
+            format: self.format.clone(),
+            pretext: self.pretext,
+            config: PretrainConfig { seed, image_size: 0, norm: self.norm.norm(), ..self.tpp.config.clone() },
+            decoder: self.tpp.decoder,
+            freeze_decoder: false,
+            dino: self.dino.clone(),
+        }
+    }
+
+    /// Every stage of the comparison into `out`.
+    pub fn grid(&self, out: &Path) -> Result<Grid> {
+        if self.seeds.is_empty() {
+            bail!("compare: no seeds");
+        }
+        // Task and classes only; each run reads the data at its model's size.
+        let (task, num_classes) =
+            DataSource { format: self.format.clone(), ..DataSource::new(&self.data) }.describe()?;
+        let select = self.select.unwrap_or(Metric::default_for(task));
+        let t = (task, num_classes, select);
+        let (mut tpp, mut cells) = (Vec::new(), Vec::new());
+        let seed_dir = |kind: &str, v: &str, seed: u64| out.join(kind).join(v).join(format!("seed{seed}"));
+        for m in &self.methods {
+            let spec = self.spec(m)?;
+            if !spec.adds_parameters() {
+                bail!("compare: '{m}' is a reference, not a PEFT method (list it under references)");
+            }
+            let name = m.to_string();
+            for &seed in &self.seeds {
+                let tpp_dir = seed_dir("tpp", &name, seed);
+                tpp.push(TppJob { dir: tpp_dir.clone(), record: self.tpp_record(spec.clone(), seed) });
+                for (with_tpp, init) in [(false, None), (true, Some(tpp_dir))] {
+                    let variant = if with_tpp { format!("{name}+tpp") } else { name.clone() };
+                    let record = self.run_record(spec.clone(), seed, init, t);
+                    let dir = seed_dir("runs", &variant, seed);
+                    cells.push(Cell { variant, method: name.clone(), tpp: with_tpp, seed, dir, record });
+                }
+            }
+        }
+        for r in &self.references {
+            let spec = PeftSpec::with_methods(&[r.method()]);
+            let name = r.method().name().to_string();
+            for &seed in &self.seeds {
+                let record = self.run_record(spec.clone(), seed, None, t);
+                let dir = seed_dir("runs", &name, seed);
+                cells.push(Cell { variant: name.clone(), method: name.clone(), tpp: false, seed, dir, record });
+            }
+        }
+        Ok(Grid { tpp, cells, task, select })
+    }
+}
+
+/// Runs the whole grid of `cfg` into `out` (keeping finished cells) and collects the results.
+pub fn run(cfg: &CompareConfig, out: &Path, device: Device) -> Result<CompareResults> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let grid = cfg.grid(out)?;
+    // Before any work: finished results are reused only for the configuration asked for now.
+    for job in &grid.tpp {
+        if job.dir.join("config.json").exists() {
+            check_kept_tpp(&job.record, &job.dir)?;
+        }
+    }
+    for c in &grid.cells {
+        if c.dir.join("metrics.json").exists() {
+            check_kept_run(&c.record, &c.dir)?;
+        }
+    }
+    crate::peft::io::write_text_atomic(&out.join("compare.toml"), &toml::to_string_pretty(cfg)?)?;
+    let total = grid.tpp.len() + grid.cells.len();
+    for (k, job) in grid.tpp.iter().enumerate() {
+        let (label, seed) = (job.record.peft.label(), job.record.config.seed);
+        if job.dir.join("config.json").exists() {
+            tracing::info!("[{}/{total}] TPP {label} seed {seed}: done before, kept", k + 1);
+            continue;
+        }
+        tracing::info!("[{}/{total}] TPP {label} seed {seed}", k + 1);
+        super::tpp::pretrain_targets(&job.record, &job.dir, device)?;
+    }
+    for (k, c) in grid.cells.iter().enumerate() {
+        let k = grid.tpp.len() + k + 1;
+        if c.dir.join("metrics.json").exists() {
+            tracing::info!("[{k}/{total}] {} seed {}: done before, kept", c.variant, c.seed);
+            continue;
+        }
+        let resume = c.dir.join(RUN_JSON).exists();
+        tracing::info!("[{k}/{total}] {} seed {}{}", c.variant, c.seed, if resume { " (resuming)" } else { "" });
+        super::finetune::run(&c.record, &c.dir, resume, device)?;
+    }
+    CompareResults::collect(cfg, &grid)
+}
+
+/// A finished cell is reused only if it ran the configuration asked for now: re-running an edited config
+/// into the same folder must not mix old and new numbers silently.
+fn check_kept_run(want: &RunRecord, dir: &Path) -> Result<()> {
+    let old = RunRecord::read(dir)?;
+    let mut want = want.clone();
+    adopt_filled_in((&mut want.config.image_size, &mut want.config.norm), (old.config.image_size, old.config.norm));
+    check_same(&dir.join(RUN_JSON), &old, &want)
+}
+
+fn check_kept_tpp(want: &TppRecord, dir: &Path) -> Result<()> {
+    let file = dir.join("config.json");
+    let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON ({e})", file.display()))?;
+    let old: TppRecord = serde_json::from_value(v["record"].clone())
+        .map_err(|e| anyhow!("{}: no valid TPP record ({e})", file.display()))?;
+    let mut want = want.clone();
+    adopt_filled_in((&mut want.config.image_size, &mut want.config.norm), (old.config.image_size, old.config.norm));
+    check_same(&file, &old, &want)
+}
+
+/// Fields a run fills in itself (the model's input size, the resolved dataset normalisation) are taken
+/// from the finished record where the request leaves them open.
+fn adopt_filled_in(want: (&mut i64, &mut Norm), old: (i64, Norm)) {
+    if *want.0 == 0 {
+        *want.0 = old.0;
+    }
+    if *want.1 == Norm::DATASET {
+        *want.1 = old.1;
+    }
+}
+
+/// Ok when the two records agree; otherwise one error naming `file` and every changed field.
+fn check_same<T: Serialize>(file: &Path, old: &T, want: &T) -> Result<()> {
+    let (old, want) = (serde_json::to_value(old)?, serde_json::to_value(want)?);
+    if old == want {
+        return Ok(());
+    }
+    let mut diffs = Vec::new();
+    diff_leaves("", &old, &want, &mut diffs);
+    bail!(
+        "{}: this finished run used another configuration ({}); choose another --out or delete the folder to \
+         recompute it",
+        file.display(),
+        diffs.join(", ")
+    )
+}
+
+/// `path: old -> new` for every differing leaf of two JSON values.
+fn diff_leaves(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                diff_leaves(&p, x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null), out);
+            }
+        }
+        _ if a != b => out.push(format!("{path}: {a} -> {b}")),
+        _ => {}
+    }
+}
+
+/// One finished cell's test results, as its run folder holds them.
+#[derive(Debug, Clone)]
+pub struct CellResult {
+    /// Its seed.
+    pub seed: u64,
+    /// Test metrics by name.
+    pub metrics: BTreeMap<String, f64>,
+    /// Test predictions (per-image Dice for segmentation).
+    pub probs: Vec<Vec<f64>>,
+    /// Test truths.
+    pub truth: Vec<Vec<f64>>,
+    /// The run's cost (`metrics.json`'s `run`).
+    pub run: Value,
+    /// Validation curve of the selection metric: (epoch, value).
+    pub curve: Vec<(f64, f64)>,
+}
+
+/// What a comparison produced: every variant's cells, in grid order.
+pub struct CompareResults {
+    /// The task.
+    pub task: Task,
+    /// The selection metric.
+    pub select: Metric,
+    /// The report's test metric.
+    pub metric: Metric,
+    /// Variants in grid order (`lora`, `lora+tpp`, ..., references).
+    pub variants: Vec<String>,
+    /// Each variant's cells, by seed order.
+    pub cells: BTreeMap<String, Vec<CellResult>>,
+}
+
+impl CellResult {
+    fn read(c: &Cell, select: Metric) -> Result<Self> {
+        let p = c.dir.join("metrics.json");
+        let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?;
+        let metrics = v
+            .as_object()
+            .map(|o| o.iter().filter_map(|(k, x)| x.as_f64().map(|f| (k.clone(), f))).collect())
+            .unwrap_or_default();
+        let grid = |key: &str| -> Vec<Vec<f64>> {
+            let rows = v["predictions"][key].as_array().cloned().unwrap_or_default();
+            rows.iter()
+                .map(|r| r.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default())
+                .collect()
+        };
+        let h: Value = std::fs::read_to_string(c.dir.join("history.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        let curve = h
+            .as_array()
+            .map(|a| a.iter().filter_map(|r| Some((r["epoch"].as_f64()?, r["val"][select.name()].as_f64()?))).collect())
+            .unwrap_or_default();
+        Ok(CellResult {
+            seed: c.seed,
+            metrics,
+            probs: grid("probs"),
+            truth: grid("truth"),
+            run: v["run"].clone(),
+            curve,
+        })
+    }
+}
+
+impl CompareResults {
+    /// Reads every cell of a finished grid.
+    pub fn collect(cfg: &CompareConfig, grid: &Grid) -> Result<Self> {
+        let mut variants: Vec<String> = Vec::new();
+        let mut cells: BTreeMap<String, Vec<CellResult>> = BTreeMap::new();
+        for c in &grid.cells {
+            if !variants.contains(&c.variant) {
+                variants.push(c.variant.clone());
+            }
+            cells.entry(c.variant.clone()).or_default().push(CellResult::read(c, grid.select)?);
+        }
+        if variants.is_empty() {
+            bail!("compare: no runs");
+        }
+        let metric = cfg.metric.unwrap_or(grid.select);
+        Ok(CompareResults { task: grid.task, select: grid.select, metric, variants, cells })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(name: &str, text: &str) -> Result<CompareConfig> {
+        let path = std::env::temp_dir().join(format!("tpp_compare_{}_{name}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let cfg = CompareConfig::read(&path);
+        std::fs::remove_file(&path).unwrap();
+        cfg
+    }
+
+    #[test]
+    fn dino_section_overrides_only_what_it_names() {
+        let base = "backbone = \"b.safetensors\"\ndata = \"d.npz\"\npretext = \"dino\"\n";
+        let cfg = parse("ok", &format!("{base}[dino]\nout_dim = 256\nlocal_crops = 2\n")).unwrap();
+        let d = DinoConfig::default();
+        assert_eq!((cfg.dino.out_dim, cfg.dino.local_crops), (256, 2));
+        assert_eq!((cfg.dino.teacher_temp, cfg.dino.momentum), (d.teacher_temp, d.momentum));
+        assert_eq!(parse("none", base).unwrap().dino, d);
+        // A misspelt option is an error naming the file, not a silently ignored line.
+        let err = parse("typo", &format!("{base}[dino]\nout_dims = 256\n")).unwrap_err().to_string();
+        assert!(err.contains("tpp_compare_") && err.contains("typo.toml") && err.contains("out_dims"), "{err}");
+    }
+
+    #[test]
+    fn unknown_top_level_keys_and_bad_names_are_errors() {
+        let base = "backbone = \"b.safetensors\"\ndata = \"d.npz\"\n";
+        let err = parse("top", &format!("{base}seed = [1]\n")).unwrap_err().to_string();
+        assert!(err.contains("top.toml") && err.contains("unknown key `seed`"), "{err}");
+        let err = parse("method", &format!("{base}methods = [\"lora+vtp\"]\n")).unwrap_err().to_string();
+        assert!(err.contains("unknown PEFT method 'vtp'"), "{err}");
+        let err = parse("ref", &format!("{base}references = [\"lineal\"]\n")).unwrap_err().to_string();
+        assert!(err.contains("lineal"), "{err}");
+        let cfg = parse("ok", &format!("{base}heads = 6\n[peft]\nlora_rank = 4\n")).unwrap();
+        assert_eq!((cfg.backbone.heads, cfg.peft.get("lora_rank")), (Some(6), Some(&serde_json::json!(4))));
+        // What compare writes as compare.toml reads back the same.
+        let again = parse("again", &toml::to_string_pretty(&cfg).unwrap()).unwrap();
+        assert_eq!(serde_json::to_value(&again).unwrap(), serde_json::to_value(&cfg).unwrap());
+    }
+}

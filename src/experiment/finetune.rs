@@ -1,0 +1,145 @@
+//! A fine-tuning run in its folder: build the model (target parameters from a TPP stage when asked),
+//! train with selection on validation, then score the best weights once on the test split and write the
+//! run folder (`run.json`, `adapter/`, `best/`, `checkpoint/`, `metrics.json`, `metrics.csv`, plots).
+use super::records::{RUN_JSON, RunRecord, targets_dir};
+use crate::backbone::Checkpoint;
+use crate::data::loader::LoaderConfig;
+use crate::data::{Dataset, SplitRecord};
+use crate::eval::evaluate::{Evaluation, RunStats, evaluate, write_evaluation};
+use crate::model::PeftModel;
+use crate::peft;
+use crate::train::callbacks::Checkpointable;
+use crate::train::finetune::finetune;
+use crate::train::trainer::TrainState;
+use anyhow::{Context, Result, anyhow, bail};
+use std::path::Path;
+use tch::Device;
+
+/// The model and data of a run before training.
+pub struct Prepared {
+    /// Backbone, target parameters (from the TPP stage when the run names one) and a fresh task head.
+    pub model: PeftModel,
+    /// The data, with the training labels thinned to the run's fraction.
+    pub ds: Dataset,
+    /// The backbone checkpoint.
+    pub checkpoint: Checkpoint,
+    /// Files and split of file-based data (for `splits.csv`).
+    pub files: Option<SplitRecord>,
+}
+
+/// What a finished run gives.
+pub struct Outcome {
+    /// The training run's final state (history, best epoch).
+    pub state: TrainState,
+    /// The test-split evaluation of the best weights.
+    pub evaluation: Evaluation,
+}
+
+/// The model of a run before training: backbone, target parameters (from `init_targets` when given,
+/// their usual init otherwise) and a fresh head; with the (label-subsetted) dataset.
+pub fn prepare(rec: &RunRecord, device: Device) -> Result<Prepared> {
+    let spec = &rec.peft;
+    let (mut model, checkpoint) = rec.backbone.model(spec, device, rec.config.seed)?;
+    let (ds, files) = rec.open_data(&model, None)?;
+    let ds = ds.with_train_fraction(rec.train_fraction, rec.config.seed)?;
+    let img = model.bb.vit.config().img_size;
+    model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow!("{}: {e}", rec.data.data.display()))?;
+    if let Some(init) = &rec.init_targets {
+        let dir = targets_dir(init)?;
+        let saved = peft::io::read_spec(&dir)?;
+        if saved.methods != spec.methods {
+            bail!("{}: target parameters of '{}', but --peft is '{}'", dir.display(), saved.label(), spec.label());
+        }
+        peft::io::load_values(&model.targets, &dir, false)?;
+    }
+    model.add_task_head(ds.task, ds.num_classes);
+    Ok(Prepared { model, ds, checkpoint, files })
+}
+
+/// Checks the run folder: a run already there continues only with `resume` and the same record.
+fn claim_folder(rec: &RunRecord, out: &Path, resume: bool) -> Result<()> {
+    let exists = out.join(RUN_JSON).exists();
+    if exists && !resume {
+        bail!("{}: a run already exists here; pass --resume to continue it or choose another --out", out.display());
+    }
+    if resume && exists && RunRecord::read(out)? != *rec {
+        bail!("{}: --resume with arguments that differ from the recorded run (see run.json)", out.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))
+}
+
+/// Runs (or resumes) the fine-tuning run of `rec` in `out`: train with selection on validation, then one
+/// evaluation of the best weights on the test split. Writes the run folder.
+pub fn run(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Result<Outcome> {
+    let Prepared { model, ds, checkpoint, files } = prepare(rec, device)?;
+    let mut rec = rec.clone();
+    rec.config.image_size = model.bb.vit.config().img_size;
+    rec.config.norm = rec.config.norm.resolve(&ds.train.images);
+    rec.config.validate()?;
+    claim_folder(&rec, out, resume)?;
+    rec.write(out)?;
+    if let Some((f, parts)) = &files {
+        crate::data::folder::write_splits(&out.join("splits.csv"), f, parts)?;
+    }
+    let (trainable, total) = model.counts();
+    tracing::info!(
+        "fine-tuning {} ({:?}, {} classes; train/val/test {}/{}/{}) from {} [{}]: {} {}{}",
+        ds.name,
+        ds.task,
+        ds.num_classes,
+        ds.train.len(),
+        ds.val.len(),
+        ds.test.len(),
+        rec.backbone.path.display(),
+        checkpoint.format,
+        rec.peft.label(),
+        peft::count_line(trainable, total),
+        if rec.init_targets.is_some() { "; targets from TPP" } else { "" }
+    );
+    crate::device::reset_peak_memory(device);
+    let state = finetune(&model, &ds, &rec.config, out, resume)?;
+    let evaluation = finish(&model, &ds, &rec, &state, out)?;
+    Ok(Outcome { state, evaluation })
+}
+
+/// After training: the best-on-validation weights meet the test split once; `adapter/`, `metrics.json`,
+/// curves and the confusion matrix are written.
+fn finish(model: &PeftModel, ds: &Dataset, rec: &RunRecord, state: &TrainState, out: &Path) -> Result<Evaluation> {
+    let cfg = &rec.config;
+    model.load(&out.join("best"))?;
+    let loader = LoaderConfig {
+        batch_size: 128,
+        image_size: cfg.image_size,
+        norm: cfg.norm,
+        device: model.device,
+        drop_last: false,
+    };
+    let ev = evaluate(model, &ds.test, ds.task, ds.num_classes, loader, "test")?;
+    model.save(&out.join("adapter"))?;
+    let (trainable, total) = model.counts();
+    let h = &state.history;
+    let stats = RunStats {
+        trainable_params: trainable,
+        total_params: total,
+        seconds: h.iter().map(|r| r.seconds).sum(),
+        images_per_s: h.iter().map(|r| r.images_per_s).sum::<f64>() / h.len().max(1) as f64,
+        peak_memory_bytes: crate::device::peak_memory(model.device),
+        best_epoch: state.best_epoch,
+        best_val: state.best_value,
+    };
+    write_evaluation(&ev, out, &stats)?;
+    let select = cfg.select.name();
+    let loss: Vec<(f64, f64)> = h.iter().map(|r| (r.epoch as f64, r.train_loss)).collect();
+    let val: Vec<(f64, f64)> = h.iter().filter_map(|r| Some((r.epoch as f64, *r.val.get(select)?))).collect();
+    crate::eval::plots::lines(
+        &out.join("curves.png"),
+        "training loss and validation metric",
+        "epoch",
+        "value",
+        &[("train loss".to_string(), loss), (format!("val {select}"), val)],
+    )?;
+    if let Some(cm) = &ev.confusion {
+        crate::eval::plots::confusion(&out.join("confusion.png"), cm)?;
+    }
+    Ok(ev)
+}

@@ -1,0 +1,199 @@
+//! Using what a run produced: test metrics of a finished run on its data or other data
+//! ([`evaluate_run`]), predictions for new images ([`predict`]: a CSV of probabilities, or mask PNGs for
+//! segmentation runs), a merged timm checkpoint ([`export_merged`]), and pooled backbone features
+//! ([`embed`]).
+use super::records::{BackboneSource, RunRecord};
+use crate::data::loader::LoaderConfig;
+use crate::data::transforms::resize;
+use crate::data::{Task, images, npy};
+use crate::eval::evaluate::{Evaluation, evaluate};
+use crate::model::PeftModel;
+use anyhow::{Context, Result, anyhow, bail};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Test metrics (with 95% bootstrap intervals) of the finished run in `run`, on its data or on `data`
+/// (another data set of the same task; its test split), read as `format` when given. Returns them with
+/// the data set used.
+pub fn evaluate_run(
+    run: &Path,
+    data: Option<&Path>,
+    format: Option<String>,
+    device: Device,
+) -> Result<(Evaluation, PathBuf)> {
+    let mut rec = RunRecord::read(run)?;
+    if format.is_some() {
+        rec.data.format = format;
+    }
+    let model = rec.load_trained(run, device)?;
+    let (ds, _) = rec.open_data(&model, data)?;
+    let used = data.unwrap_or(&rec.data.data).to_path_buf();
+    if ds.task != rec.task || ds.num_classes != rec.num_classes {
+        bail!(
+            "{}: task {:?} with {} classes, but the run was trained for {:?} with {}",
+            used.display(),
+            ds.task,
+            ds.num_classes,
+            rec.task,
+            rec.num_classes
+        );
+    }
+    let loader = LoaderConfig {
+        batch_size: 128,
+        image_size: model.bb.vit.config().img_size,
+        norm: rec.config.norm,
+        device,
+        drop_last: false,
+    };
+    Ok((evaluate(&model, &ds.test, ds.task, ds.num_classes, loader, "test")?, used))
+}
+
+/// Images to predict: a float32 `.npy` [N, C, H, W] already normalised, or image files (an image or a
+/// folder) normalised as the run was. Returns their names and the batch (at the files' own size).
+fn read_inputs(input: &Path, rec: &RunRecord, model: &PeftModel) -> Result<(Vec<String>, Tensor)> {
+    let size = model.bb.vit.config().img_size;
+    let (names, x) = if input.extension().is_some_and(|e| e == "npy") {
+        let x = npy::read_f32(input)?;
+        ((0..x.size()[0]).map(|i| format!("{}[{i}]", input.display())).collect(), x)
+    } else {
+        let files = images::list_images(input)?;
+        let grey = model.bb.vit.config().in_chans == 1;
+        let n = &rec.config.norm;
+        let norm = images::Normalize { mean: n.mean.map(|v| v as f32), std: n.std.map(|v| v as f32) };
+        let imgs = files.iter().map(|f| images::load_image(f, size as u32, grey, &norm)).collect::<Result<Vec<_>>>()?;
+        (files.iter().map(|f| f.display().to_string()).collect(), Tensor::stack(&imgs, 0))
+    };
+    // Inputs are resized to the model's size: only their channel count must fit.
+    let mut shape = x.size();
+    if shape.len() == 4 {
+        (shape[2], shape[3]) = (size, size);
+    }
+    model.bb.check_input(&shape).map_err(|e| anyhow!("{}: {e}", input.display()))?;
+    Ok((names, x))
+}
+
+/// Predictions of the finished run in `run` for `input` (an image, a folder of images, or a float32
+/// `.npy`), written to `out`: a CSV (input, label, one probability column per class) or, for
+/// segmentation runs, a folder of PNG masks. Returns how many were written.
+pub fn predict(run: &Path, input: &Path, out: &Path, device: Device) -> Result<usize> {
+    let rec = RunRecord::read(run)?;
+    let model = rec.load_trained(run, device)?;
+    let (names, x) = read_inputs(input, &rec, &model)?;
+    let size = model.bb.vit.config().img_size;
+    let _g = tch::no_grad_guard();
+    // The inputs stay on the host; only one batch at a time goes to the device (any number of files).
+    let batch = |i: i64, b: i64| resize(&x.narrow(0, i, b).to_device(device), size);
+    if rec.task == Task::Segmentation {
+        return write_masks(&model, &batch, &names, out);
+    }
+    let n = x.size()[0];
+    let chunks: Vec<Tensor> = (0..n).step_by(64).map(|i| model.logits(&batch(i, 64.min(n - i)), false)).collect();
+    let logits = Tensor::cat(&chunks, 0);
+    let probs = if rec.task == Task::Multilabel { logits.sigmoid() } else { logits.softmax(-1, Kind::Float) };
+    let probs = probs.to_kind(Kind::Double).to_device(Device::Cpu);
+    let k = probs.size()[1] as usize;
+    let flat = Vec::<f64>::try_from(probs.flatten(0, -1))?;
+    let mut csv = String::from("input,label");
+    for j in 0..k {
+        let _ = write!(csv, ",prob_{j}");
+    }
+    csv.push('\n');
+    for (name, p) in names.iter().zip(flat.chunks(k)) {
+        let label = if rec.task == Task::Multilabel {
+            (0..k).filter(|&j| p[j] > 0.5).map(|j| j.to_string()).collect::<Vec<_>>().join(";")
+        } else {
+            (0..k).max_by(|&x, &y| p[x].total_cmp(&p[y])).unwrap_or(0).to_string()
+        };
+        let _ = write!(csv, "\"{}\",{label}", name.replace('"', "'"));
+        for v in p {
+            let _ = write!(csv, ",{v:.6}");
+        }
+        csv.push('\n');
+    }
+    std::fs::write(out, csv).with_context(|| format!("{}: cannot write", out.display()))?;
+    Ok(names.len())
+}
+
+/// One PNG mask per input in `out` (same names; 0/255 for binary, class ids otherwise), at each image's
+/// own size when the input is a file.
+fn write_masks(model: &PeftModel, batch: &dyn Fn(i64, i64) -> Tensor, names: &[String], out: &Path) -> Result<usize> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
+    let n = names.len() as i64;
+    for i in (0..n).step_by(16) {
+        let b = 16.min(n - i);
+        let logits = model.logits(&batch(i, b), false);
+        for j in 0..b {
+            let src = Path::new(&names[(i + j) as usize]);
+            let l = logits.get(j).unsqueeze(0);
+            let l = match image::image_dimensions(src) {
+                Ok((w, h)) => l.upsample_bilinear2d([h as i64, w as i64], false, None, None),
+                Err(_) => l,
+            };
+            let m = l.argmax(1, false).squeeze_dim(0).to_kind(Kind::Uint8).to_device(Device::Cpu);
+            let m = if logits.size()[1] == 2 { m * 255 } else { m };
+            let (h, w) = (m.size()[0] as u32, m.size()[1] as u32);
+            let px = Vec::<u8>::try_from(m.flatten(0, -1))?;
+            let stem = src.file_stem().and_then(|s| s.to_str()).map_or_else(|| format!("{}", i + j), str::to_string);
+            let path = out.join(format!("{stem}.png"));
+            image::GrayImage::from_raw(w, h, px)
+                .ok_or_else(|| anyhow!("mask buffer"))?
+                .save(&path)
+                .with_context(|| format!("{}: cannot write", path.display()))?;
+        }
+    }
+    Ok(names.len())
+}
+
+/// Folds the PEFT updates of the finished run in `run` into the backbone (in fp32 on the CPU, whatever
+/// device trained it) and writes a plain timm checkpoint with the task head to `out`. Returns the
+/// number of tensors written.
+pub fn export_merged(run: &Path, out: &Path) -> Result<usize> {
+    let rec = RunRecord::read(run)?;
+    let mut model = rec.load_trained(run, Device::Cpu)?;
+    crate::peft::merge(&mut model.bb.vit, &rec.peft).map_err(|e| anyhow!("{}: {e}", run.display()))?;
+    let named = model.bb.vit.state_dict().map_err(|e| anyhow!("{}: {e}", run.display()))?;
+    crate::peft::io::write_safetensors_atomic(out, &named)?;
+    Ok(named.len())
+}
+
+/// What to embed and how.
+pub struct EmbedInput {
+    /// An image file, a folder of images, or a float32 `.npy` of preprocessed images [N, C, H, W].
+    pub input: PathBuf,
+    /// Normalisation of image files.
+    pub norm: images::Normalize,
+    /// Read image files as 1-channel grey.
+    pub grey: bool,
+    /// Images per forward pass.
+    pub batch_size: i64,
+}
+
+/// Pooled backbone features [N, D] (fp32, on the CPU) of the images of `what`, in sorted file order.
+pub fn embed(backbone: &BackboneSource, what: &EmbedInput, device: Device) -> Result<Tensor> {
+    if what.batch_size <= 0 {
+        bail!("--batch-size must be positive");
+    }
+    let (bb, _) = backbone.load(device)?;
+    let size = bb.vit.config().img_size;
+    let input = if what.input.extension().is_some_and(|e| e == "npy") {
+        npy::read_f32(&what.input)?
+    } else {
+        let files = images::list_images(&what.input)?;
+        let imgs = files
+            .iter()
+            .map(|f| images::load_image(f, size as u32, what.grey, &what.norm))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&imgs, 0)
+    };
+    bb.check_input(&input.size()).map_err(|e| anyhow!("{}: {e}", what.input.display()))?;
+    let _g = tch::no_grad_guard();
+    let n = input.size()[0];
+    let mut outs = Vec::new();
+    for i in (0..n).step_by(what.batch_size as usize) {
+        let x = input.narrow(0, i, what.batch_size.min(n - i)).to_device(device);
+        let f = crate::device::autocast(device, || bb.vit.embed(&x));
+        outs.push(f.to_kind(Kind::Float).to_device(Device::Cpu));
+    }
+    Ok(Tensor::cat(&outs, 0))
+}

@@ -1,0 +1,269 @@
+//! The one training loop of every stage (MAE and DINO pretexts, supervised fine-tuning, backbone
+//! pre-training). What a stage does per batch is a [`TrainStep`]; the loop does the rest: seeded epochs,
+//! gradient accumulation, clipping, the learning-rate schedule, the optimiser, the non-finite loss check,
+//! and calls to separate pieces: checkpoint/resume ([`Checkpointer`]) and [`Callback`]s for progress,
+//! model selection, early stopping, logs and per-epoch saves (`super::callbacks`).
+use super::callbacks::Checkpointer;
+use super::optim::AdamW;
+use super::schedule::WarmupCosine;
+use crate::data::loader::Batch;
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// The batches of one epoch, with their number (the last one closes an accumulation window).
+pub struct Batches {
+    /// How many batches `iter` yields.
+    pub len: usize,
+    /// The batches.
+    pub iter: Box<dyn Iterator<Item = Batch>>,
+}
+
+/// What one kind of training does with a batch.
+pub trait TrainStep {
+    /// The batches of `epoch` (0-based), seeded by the epoch so that a resumed run sees the same ones.
+    fn batches(&mut self, epoch: i64) -> Batches;
+    /// Forward pass and loss (a scalar) of one batch; gradients flow to the trained parameters.
+    fn loss(&mut self, batch: &Batch) -> Result<Tensor>;
+    /// After every optimiser update (DINO's EMA teacher follows the student here).
+    fn after_update(&mut self, step: i64, total_steps: i64) -> Result<()> {
+        let _ = (step, total_steps);
+        Ok(())
+    }
+    /// Validation metrics at the end of an epoch (none by default).
+    fn validate(&mut self) -> Result<BTreeMap<String, f64>> {
+        Ok(BTreeMap::new())
+    }
+}
+
+/// One epoch's record (a row of `metrics.csv`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based.
+    pub epoch: i64,
+    /// Mean loss over the epoch's batches.
+    pub train_loss: f64,
+    /// Learning rate of the epoch's last update.
+    pub lr: f64,
+    /// Wall time of the epoch (training and validation).
+    pub seconds: f64,
+    /// Training images per second.
+    pub images_per_s: f64,
+    /// Validation metrics.
+    pub val: BTreeMap<String, f64>,
+}
+
+/// Where a run stands: what a checkpoint's `state.json` holds, so `--resume` continues exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Epochs finished.
+    pub epochs_done: i64,
+    /// Best epoch on validation so far (-1: none).
+    pub best_epoch: i64,
+    /// Its validation value.
+    pub best_value: f64,
+    /// Epochs since the best one.
+    pub bad_epochs: i64,
+    /// Every finished epoch.
+    pub history: Vec<EpochRecord>,
+    /// Early stopping ended the run.
+    pub stopped_early: bool,
+}
+
+impl Default for TrainState {
+    fn default() -> Self {
+        TrainState {
+            epochs_done: 0,
+            best_epoch: -1,
+            best_value: f64::NEG_INFINITY,
+            bad_epochs: 0,
+            history: Vec::new(),
+            stopped_early: false,
+        }
+    }
+}
+
+/// After an optimiser update.
+pub struct StepEnd<'a> {
+    /// 0-based update number over the whole run.
+    pub step: i64,
+    /// Updates in the whole run.
+    pub total_steps: i64,
+    /// 0-based epoch.
+    pub epoch: i64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Loss of the update's last batch (on the device: reading it synchronises).
+    pub loss: &'a Tensor,
+    /// Images in the update.
+    pub images: i64,
+}
+
+/// Pieces the loop calls at fixed points (Lightning's callbacks): they read the run, and may change its
+/// state (selection, early stopping) or write files.
+pub trait Callback {
+    /// Before training, with the updates already done (a resumed run) and the run's total.
+    fn on_train_start(&mut self, done_steps: i64, total_steps: i64) -> Result<()> {
+        let _ = (done_steps, total_steps);
+        Ok(())
+    }
+    /// Between backward and clipping, with every gradient of the update in place: the one call site where
+    /// data-parallel training averages gradients across processes.
+    fn on_before_optimizer_step(&mut self, opt: &AdamW) -> Result<()> {
+        let _ = opt;
+        Ok(())
+    }
+    /// After each optimiser update.
+    fn on_step_end(&mut self, s: &StepEnd) -> Result<()> {
+        let _ = s;
+        Ok(())
+    }
+    /// After each epoch, its record already in `state.history`.
+    fn on_epoch_end(&mut self, record: &EpochRecord, state: &mut TrainState) -> Result<()> {
+        let _ = (record, state);
+        Ok(())
+    }
+    /// After the last epoch (not after an error).
+    fn on_train_end(&mut self, state: &TrainState) -> Result<()> {
+        let _ = state;
+        Ok(())
+    }
+}
+
+/// The loop's settings and its optimiser.
+pub struct Trainer<'a> {
+    /// The optimiser over the trained parameters.
+    pub opt: AdamW,
+    /// Learning rate per update.
+    pub schedule: WarmupCosine,
+    /// Gradient-norm clipping (0: off).
+    pub clip: f64,
+    /// Batches per update (gradient accumulation).
+    pub accum: i64,
+    /// Epochs of the whole run.
+    pub epochs: i64,
+    /// Updates per epoch.
+    pub steps_per_epoch: i64,
+    /// Saves the run after every epoch and restores it on resume (None: no checkpoints).
+    pub checkpoint: Option<Checkpointer<'a>>,
+}
+
+/// What one epoch's batches gave.
+struct EpochSums {
+    losses: Vec<Tensor>,
+    images: i64,
+    lr: f64,
+}
+
+impl Trainer<'_> {
+    /// Restores the latest checkpoint into the model, the optimiser and `state` (when there is one).
+    pub fn resume(&mut self, state: &mut TrainState) -> Result<bool> {
+        match &self.checkpoint {
+            Some(c) => c.restore(&mut self.opt, state),
+            None => Ok(false),
+        }
+    }
+
+    /// Trains from `state.epochs_done` to the last epoch, or until a callback stops the run early.
+    pub fn fit(
+        &mut self,
+        step: &mut dyn TrainStep,
+        state: &mut TrainState,
+        callbacks: &mut [&mut dyn Callback],
+    ) -> Result<()> {
+        let total = self.steps_per_epoch * self.epochs;
+        let mut update = state.epochs_done * self.steps_per_epoch;
+        for cb in callbacks.iter_mut() {
+            cb.on_train_start(update, total)?;
+        }
+        for epoch in state.epochs_done..self.epochs {
+            if state.stopped_early {
+                break;
+            }
+            let t0 = Instant::now();
+            let sums = self.run_epoch(step, epoch, &mut update, total, callbacks)?;
+            if sums.losses.is_empty() {
+                bail!("epoch {} has no training batches", epoch + 1);
+            }
+            let train_loss = Tensor::stack(&sums.losses, 0).mean(Kind::Double).double_value(&[]);
+            if !train_loss.is_finite() {
+                let kept = match &self.checkpoint {
+                    Some(c) => format!(
+                        ". The last good checkpoint (epoch {}) is kept in {}",
+                        state.epochs_done,
+                        c.dir().display()
+                    ),
+                    None => String::new(),
+                };
+                bail!("training loss became {train_loss} in epoch {}; stopping{kept}", epoch + 1);
+            }
+            let val = step.validate()?;
+            let secs = t0.elapsed().as_secs_f64();
+            let images_per_s = sums.images as f64 / secs;
+            let record = EpochRecord { epoch: epoch + 1, train_loss, lr: sums.lr, seconds: secs, images_per_s, val };
+            state.history.push(record.clone());
+            state.epochs_done = epoch + 1;
+            for cb in callbacks.iter_mut() {
+                cb.on_epoch_end(&record, state)?;
+            }
+            if let Some(c) = &self.checkpoint {
+                c.save(&self.opt, state)?;
+            }
+        }
+        for cb in callbacks.iter_mut() {
+            cb.on_train_end(state)?;
+        }
+        Ok(())
+    }
+
+    /// The batches of one epoch: forward, backward, and an update every `accum` batches.
+    fn run_epoch(
+        &mut self,
+        step: &mut dyn TrainStep,
+        epoch: i64,
+        update: &mut i64,
+        total: i64,
+        callbacks: &mut [&mut dyn Callback],
+    ) -> Result<EpochSums> {
+        let accum = self.accum.max(1);
+        let mut sums = EpochSums { losses: Vec::new(), images: 0, lr: self.schedule.lr(*update) };
+        let mut window_images = 0;
+        self.opt.zero_grad();
+        let Batches { len, iter } = step.batches(epoch);
+        for (i, batch) in iter.enumerate() {
+            let loss = step.loss(&batch)?;
+            if accum == 1 {
+                loss.backward()
+            } else {
+                (&loss / accum as f64).backward()
+            }
+            let n = batch.images.size()[0];
+            sums.losses.push(loss.detach());
+            sums.images += n;
+            window_images += n;
+            if (i + 1) as i64 % accum != 0 && i + 1 != len {
+                continue;
+            }
+            for cb in callbacks.iter_mut() {
+                cb.on_before_optimizer_step(&self.opt)?;
+            }
+            if self.clip > 0.0 {
+                let _ = self.opt.clip_grad_norm(self.clip);
+            }
+            sums.lr = self.schedule.lr(*update);
+            self.opt.step(sums.lr);
+            self.opt.zero_grad();
+            step.after_update(*update, total)?;
+            let end =
+                StepEnd { step: *update, total_steps: total, epoch, lr: sums.lr, loss: &loss, images: window_images };
+            for cb in callbacks.iter_mut() {
+                cb.on_step_end(&end)?;
+            }
+            window_images = 0;
+            *update += 1;
+        }
+        Ok(sums)
+    }
+}
