@@ -70,6 +70,7 @@ pub fn peak_memory(device: Device) -> Option<u64> {
     }
 }
 
+/// Starts a new peak-memory measurement (CUDA; nothing on CPU).
 pub fn reset_peak_memory(device: Device) {
     if let Device::Cuda(n) = device {
         // SAFETY: as above.

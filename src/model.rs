@@ -5,9 +5,13 @@ use anyhow::Result;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
+/// A backbone with its target parameters and optional segmentation head.
 pub struct PeftModel {
+    /// The backbone.
     pub bb: Backbone,
+    /// The target parameters (and the classification head).
     pub targets: Targets,
+    /// Where it computes.
     pub device: Device,
     /// Segmentation head (target parameters), for segmentation tasks.
     pub seg_head: Option<crate::heads::segmentation::SegHead>,
@@ -28,6 +32,7 @@ impl PeftModel {
         Ok((Self::from_backbone(bb, spec, device, seed)?, ck))
     }
 
+    /// As [`Self::build`], on a backbone already loaded.
     pub fn from_backbone(mut bb: Backbone, spec: &PeftSpec, device: Device, seed: u64) -> Result<Self> {
         // A checkpoint's own classifier is not part of the task: heads are made per task.
         bb.vit.set_head(None);
@@ -42,6 +47,7 @@ impl PeftModel {
         Ok(PeftModel { bb, targets, device, seg_head: None })
     }
 
+    /// Whether the backbone itself trains (full fine-tuning).
     pub fn is_full(&self) -> bool {
         self.targets.spec.trains_backbone()
     }

@@ -223,3 +223,35 @@ fn missing_and_misshaped_keys_are_named() {
     let e = format!("{:#}", Backbone::load(&p, &LoadOptions::default(), Device::Cpu).err().unwrap());
     assert!(e.contains("'blocks.0.attn.proj.weight'") && e.contains("[64, 32]") && e.contains("[64, 64]"), "{e}");
 }
+
+#[test]
+fn failure_kinds_are_typed() {
+    let dir = tmp_dir("kinds");
+    let load = |p: &std::path::Path| Backbone::load(p, &LoadOptions::default(), Device::Cpu).err().unwrap();
+    let conv = Tensor::zeros([8, 3, 3, 3], (tch::Kind::Float, Device::Cpu));
+    let cnn = dir.join("cnn.safetensors");
+    Tensor::write_safetensors(&[("conv1.weight", &conv)], &cnn).unwrap();
+    assert!(matches!(tpp::Error::kind_of(&load(&cnn)), Some(tpp::Error::UnknownFormat { .. })));
+    let mut t = read_safetensors(&fixture("timm_vit_p16.safetensors")).unwrap();
+    t.remove("blocks.1.mlp.fc2.bias");
+    let p = dir.join("missing_key.safetensors");
+    let pairs: Vec<(&str, &Tensor)> = t.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    Tensor::write_safetensors(&pairs, &p).unwrap();
+    match tpp::Error::kind_of(&load(&p)) {
+        Some(tpp::Error::MissingKey { key, expected, .. }) => {
+            assert_eq!((key.as_str(), expected.as_slice()), ("blocks.1.mlp.fc2.bias", [64].as_slice()))
+        }
+        other => panic!("expected MissingKey, got {other:?}"),
+    }
+    let mut t = read_safetensors(&fixture("timm_vit_p16.safetensors")).unwrap();
+    t.insert("blocks.0.attn.proj.weight".into(), Tensor::zeros([64, 32], (tch::Kind::Float, Device::Cpu)));
+    let p = dir.join("bad_shape.safetensors");
+    let pairs: Vec<(&str, &Tensor)> = t.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    Tensor::write_safetensors(&pairs, &p).unwrap();
+    match tpp::Error::kind_of(&load(&p)) {
+        Some(tpp::Error::ShapeMismatch { found, expected, .. }) => {
+            assert_eq!((found, expected), (&vec![64, 32], &vec![64, 64]))
+        }
+        other => panic!("expected ShapeMismatch, got {other:?}"),
+    }
+}

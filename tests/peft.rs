@@ -330,7 +330,9 @@ fn nonsense_combinations_are_rejected() {
         (&[Method::FULL, Method::BITFIT], "cannot be combined"),
         (&[Method::VPT_SHALLOW, Method::VPT_DEEP], "pick one"),
     ] {
-        let e = PeftSpec::with_methods(methods).validate().unwrap_err().to_string();
+        let err = PeftSpec::with_methods(methods).validate().unwrap_err();
+        assert!(matches!(tpp::Error::kind_of(&err), Some(tpp::Error::InvalidSpec(_))), "{methods:?}: {err:?}");
+        let e = err.to_string();
         assert!(e.contains(needle), "{methods:?}: {e}");
     }
     assert!("lora2".parse::<Method>().unwrap_err().contains("expected one of"));

@@ -7,6 +7,7 @@
 //! - Hugging Face `ViTMAEForPreTraining` / `ViTMAEModel` (`vit.embeddings.*`, `decoder.decoder_layers.N.*`);
 //! - Hugging Face `Dinov2Model` (`embeddings.*`, `encoder.layer.N.attention.attention.query`, `layer_scale1`).
 use super::config::{Pool, VitConfig};
+use crate::Error;
 use anyhow::{Context, Result, anyhow, bail};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,11 +15,16 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
+/// A checkpoint layout tpp reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// timm's `VisionTransformer` names.
     Timm,
+    /// The original MAE: timm encoder names plus its decoder.
     Mae,
+    /// Hugging Face `ViTMAEForPreTraining` / `ViTMAEModel`.
     HfVitMae,
+    /// Hugging Face `Dinov2Model`.
     HfDinov2,
 }
 
@@ -36,9 +42,13 @@ impl fmt::Display for Format {
 /// Shape of the MAE decoder stored in a checkpoint, in the original MAE's names.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecoderInfo {
+    /// Decoder width.
     pub embed_dim: i64,
+    /// Decoder blocks.
     pub depth: i64,
+    /// Decoder attention heads.
     pub num_heads: i64,
+    /// Decoder MLP width.
     pub mlp_hidden: i64,
     /// Output per patch: patch * patch * in_chans.
     pub pred_dim: i64,
@@ -46,13 +56,17 @@ pub struct DecoderInfo {
 
 /// A checkpoint read into memory with timm (and MAE-decoder) key names.
 pub struct Checkpoint {
+    /// The file read.
     pub path: PathBuf,
+    /// Its detected layout.
     pub format: Format,
     /// Tensors in fp32 on CPU, keyed by timm / original-MAE names.
     pub tensors: BTreeMap<String, Tensor>,
     /// Keys of the file that no supported parameter uses (original names).
     pub unused: Vec<String>,
+    /// The architecture inferred from the shapes (and config.json, and the options).
     pub config: VitConfig,
+    /// The MAE decoder it holds, if any.
     pub decoder: Option<DecoderInfo>,
 }
 
@@ -74,8 +88,10 @@ fn kind_of(d: Dtype) -> Option<Kind> {
 /// Reads every tensor of a safetensors file (any float dtype becomes fp32). Errors name the file.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read file", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::UnknownFormat {
+        path: path.to_path_buf(),
+        detail: format!("not a valid safetensors file ({e})"),
+    })?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let kind = kind_of(view.dtype())
@@ -106,6 +122,7 @@ fn count_layers(keys: &BTreeMap<String, Tensor>, prefix: &str) -> i64 {
     seen.len() as i64
 }
 
+/// The layout of a file's tensors, from sentinel key names; None when none fits.
 pub fn detect(keys: &BTreeMap<String, Tensor>) -> Option<Format> {
     let any = |p: &str| keys.keys().any(|k| k.starts_with(p));
     let hf = any("embeddings.patch_embeddings.") && (any("encoder.layer.") || any("layers."));
@@ -384,12 +401,16 @@ fn is_model_key(k: &str) -> bool {
 /// Overrides the user may give where shapes cannot tell (heads) or where they want another geometry.
 #[derive(Debug, Default, Clone)]
 pub struct LoadOptions {
+    /// Attention heads (default: config.json beside the file, else head dim 64).
     pub num_heads: Option<i64>,
+    /// Input size; position embeddings are resampled to it.
     pub img_size: Option<i64>,
+    /// Pooling (default: as the checkpoint implies).
     pub pool: Option<Pool>,
 }
 
 impl Checkpoint {
+    /// Reads a checkpoint file of any supported layout under timm names, and its architecture.
     pub fn open(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let src = read_safetensors(path)?;
         let ctx = || path.display().to_string();
@@ -398,7 +419,10 @@ impl Checkpoint {
             src.into_iter().map(|(k, v)| (k.strip_prefix("module.").map(str::to_string).unwrap_or(k), v)).collect();
         let format = detect(&src).ok_or_else(|| {
             let sample: Vec<&str> = src.keys().take(5).map(String::as_str).collect();
-            anyhow!("{}: not a ViT checkpoint of a supported format (timm, MAE, HF ViTMAE, HF Dinov2); first keys: {sample:?}", ctx())
+            Error::UnknownFormat {
+                path: path.to_path_buf(),
+                detail: format!("not a ViT checkpoint of a supported format (timm, MAE, HF ViTMAE, HF Dinov2); first keys: {sample:?}"),
+            }
         })?;
         let hf = read_hf_config(path)?;
         if let Some(act) = &hf.hidden_act
@@ -458,9 +482,12 @@ pub fn load_into(vs: &tch::nn::VarStore, tensors: &BTreeMap<String, Tensor>, pre
     for name in names {
         let key = &name[prefix.len()..];
         let var = &vars[name];
-        let src = tensors
-            .get(key)
-            .ok_or_else(|| anyhow!("{}: missing key '{key}' (model expects shape {:?})", file.display(), var.size()))?;
+        let src = tensors.get(key).ok_or_else(|| Error::MissingKey {
+            file: file.to_path_buf(),
+            what: "key",
+            key: key.to_string(),
+            expected: var.size(),
+        })?;
         copy_checked(var, src, file, &format!("key '{key}'"))?;
     }
     Ok(())
@@ -470,12 +497,8 @@ pub fn load_into(vs: &tch::nn::VarStore, tensors: &BTreeMap<String, Tensor>, pre
 /// place every loader (backbone, adapters, optimiser state) reports a mismatch, naming file and tensor.
 pub fn copy_checked(dst: &Tensor, src: &Tensor, file: &Path, what: &str) -> Result<()> {
     if src.size() != dst.size() {
-        bail!(
-            "{}: {what} has shape {:?} in the file but the model expects {:?}",
-            file.display(),
-            src.size(),
-            dst.size()
-        );
+        let (found, expected) = (src.size(), dst.size());
+        return Err(Error::ShapeMismatch { file: file.to_path_buf(), what: what.to_string(), found, expected }.into());
     }
     let _guard = tch::no_grad_guard();
     let mut d = dst.shallow_clone();

@@ -22,44 +22,60 @@ impl std::str::FromStr for Pool {
     }
 }
 
+/// A ViT architecture, in timm's `VisionTransformer` arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VitConfig {
+    /// Input image size (square).
     pub img_size: i64,
+    /// Patch size.
     pub patch_size: i64,
+    /// Input channels of the patch embedding.
     pub in_chans: i64,
+    /// Token width D.
     pub embed_dim: i64,
+    /// Transformer blocks.
     pub depth: i64,
+    /// Attention heads.
     pub num_heads: i64,
     /// Hidden width of the MLP (timm: `embed_dim * mlp_ratio`).
     pub mlp_hidden: i64,
+    /// Bias on the qkv projection.
     pub qkv_bias: bool,
     /// LayerScale present (`blocks.N.ls1.gamma`); the value is its init for fresh models.
     pub layer_scale: Option<f64>,
+    /// A class token.
     pub class_token: bool,
+    /// Register tokens (DINOv2 with registers).
     pub reg_tokens: i64,
     /// How many prefix tokens (class, then registers) have a position embedding: 0 (timm
     /// `no_embed_class`), 1 (class token only, HF Dinov2 with registers) or all of them.
     pub pos_prefix: i64,
+    /// How the representation is pooled.
     pub pool: Pool,
     /// Final LayerNorm over all tokens (`norm`).
     pub final_norm: bool,
     /// LayerNorm after pooling (`fc_norm`, timm's MAE-style mean pooling).
     pub fc_norm: bool,
+    /// LayerNorm epsilon.
     pub norm_eps: f64,
     /// Classifier outputs (`head`), 0 for none.
     pub num_classes: i64,
 }
 
 impl VitConfig {
+    /// Patches per side.
     pub fn grid(&self) -> i64 {
         self.img_size / self.patch_size
     }
+    /// Patches per image.
     pub fn num_patches(&self) -> i64 {
         self.grid() * self.grid()
     }
+    /// Class and register tokens.
     pub fn num_prefix_tokens(&self) -> i64 {
         i64::from(self.class_token) + self.reg_tokens
     }
+    /// Width of one attention head.
     pub fn head_dim(&self) -> i64 {
         self.embed_dim / self.num_heads
     }
@@ -101,6 +117,7 @@ impl VitConfig {
         Some(c)
     }
 
+    /// The preset names.
     pub const PRESETS: &'static [&'static str] = &[
         "vit_tiny_patch16_224",
         "vit_small_patch16_224",

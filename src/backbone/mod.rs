@@ -20,7 +20,9 @@ pub const NO_WEIGHT_DECAY: &[&str] = &["cls_token", "reg_token", "pos_embed"];
 /// A backbone whose weights live in their own VarStore, so that freezing it (or storing it in bf16) never
 /// touches the target parameters, which live elsewhere.
 pub struct Backbone {
+    /// The backbone's weights, frozen unless fully fine-tuned.
     pub vs: nn::VarStore,
+    /// The model.
     pub vit: Vit,
 }
 
@@ -42,6 +44,7 @@ impl Backbone {
         Ok((bb, ckpt))
     }
 
+    /// The backbone of a checkpoint already read, on `device`.
     pub fn from_checkpoint(ckpt: &Checkpoint, device: Device) -> Result<Self> {
         let bb = Self::fresh(&ckpt.config, device)?;
         checkpoint::load_into(&bb.vs, &ckpt.tensors, "", &ckpt.path)?;

@@ -1,28 +1,25 @@
 //! The command-line program: one file per subcommand, each parsing its arguments and calling the
 //! library; [`output`] draws logs and progress.
-pub mod args;
+mod args;
 mod bench;
-pub mod compare;
+mod compare;
 mod data;
 mod demo;
 mod embed;
 mod evaluate;
 mod export;
-pub mod finetune;
+mod finetune;
 mod inspect;
 pub mod output;
 mod predict;
-pub mod pretrain;
+mod pretrain;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+/// Target Parameter Pre-training and PEFT for vision transformers on medical images
 #[derive(Parser, Debug)]
-#[command(
-    name = "tpp",
-    version,
-    about = "Target Parameter Pre-training and PEFT for vision transformers on medical images"
-)]
+#[command(name = "tpp", version)]
 pub struct Cli {
     /// cpu, cuda or cuda:N
     #[arg(long, global = true, default_value = "cpu")]
@@ -36,10 +33,12 @@ pub struct Cli {
     /// Warnings and errors only
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
+    /// The command
     #[command(subcommand)]
     pub cmd: Command,
 }
 
+/// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Data sets: `tpp data fetch medmnist <flag> [--size N] [--dir D]`
@@ -98,6 +97,7 @@ impl BackboneArgs {
     }
 }
 
+/// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     crate::device::set_threads(cli.threads);
     let device = crate::device::parse_device(&cli.device)?;

@@ -6,51 +6,69 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+/// What the labels mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
+    /// Two classes.
     Binary,
+    /// More than two exclusive classes.
     Multiclass,
     /// Several independent binary labels (BCE).
     Multilabel,
     /// Ordered classes, trained as multi-class, reported with quadratic-weighted kappa too.
     Ordinal,
+    /// Per-pixel classes (masks).
     Segmentation,
 }
 
 /// One split: `images` uint8 [N, C, H, W]; `labels` int64 [N] (classes), float [N, L] (multi-label) or
 /// int64 [N, H, W] (segmentation masks).
 pub struct Split {
+    /// uint8 [N, C, H, W].
     pub images: Tensor,
+    /// int64 [N] (classes), float [N, L] (multi-label) or int64 [N, H, W] (masks).
     pub labels: Tensor,
 }
 
 impl Split {
+    /// Number of samples.
     pub fn len(&self) -> i64 {
         self.images.size()[0]
     }
+    /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The samples at `idx`, in that order.
     pub fn subset(&self, idx: &[i64]) -> Split {
         let i = Tensor::from_slice(idx);
         Split { images: self.images.index_select(0, &i), labels: self.labels.index_select(0, &i) }
     }
 }
 
+/// A data set read into memory: three splits and what their labels mean.
 pub struct Dataset {
+    /// Its name (the file or folder stem).
     pub name: String,
+    /// The task.
     pub task: Task,
+    /// Classes (labels for multi-label, mask classes for segmentation).
     pub num_classes: i64,
+    /// Training split.
     pub train: Split,
+    /// Validation split (model selection).
     pub val: Split,
+    /// Test split (scored once per run).
     pub test: Split,
 }
 
 impl Dataset {
+    /// Image channels.
     pub fn channels(&self) -> i64 {
         self.train.images.size()[1]
     }
+    /// Stored image size (height, width).
     pub fn image_size(&self) -> (i64, i64) {
         let s = self.train.images.size();
         (s[2], s[3])
@@ -79,6 +97,7 @@ fn strata(split: &Split, task: Task) -> Vec<i64> {
     }
 }
 
+/// A stratified, seeded `fraction` of a split's sample indices (at least one per stratum), sorted.
 pub fn stratified_subset(split: &Split, task: Task, fraction: f64, seed: u64) -> Vec<i64> {
     let keys = strata(split, task);
     let mut by: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();

@@ -10,6 +10,7 @@ use dicom_pixeldata::{
 };
 use std::path::Path;
 
+/// Whether a file is DICOM (the `DICM` preamble or a `.dcm` name).
 pub fn is_dicom(path: &Path) -> bool {
     if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("dcm")) {
         return true;
@@ -23,6 +24,7 @@ pub fn is_dicom(path: &Path) -> bool {
 /// Rescaled values of one frame (row-major), with rows, columns and the file's first window if any.
 pub type Frame = (Vec<f32>, u32, u32, Option<(f64, f64)>);
 
+/// The first frame's pixel values after the modality LUT, its size, and the file's window.
 pub fn read_frame(path: &Path) -> Result<Frame> {
     let obj = open_file(path).map_err(|e| anyhow!("{}: cannot read DICOM ({e})", path.display()))?;
     let window = (|| {

@@ -57,6 +57,7 @@ pub const TABLE: &[(&str, i64, &str)] = &[
     ("organsmnist", 224, "b354719e553fbbb2513d5533f52a4cb1"),
 ];
 
+/// Zenodo's address of a MedMNIST file.
 pub fn url(flag: &str, size: i64) -> String {
     if size == 28 {
         format!("https://zenodo.org/records/10519652/files/{flag}.npz?download=1")
@@ -65,6 +66,7 @@ pub fn url(flag: &str, size: i64) -> String {
     }
 }
 
+/// The md5 of bytes, in hex.
 pub fn md5_hex(bytes: &[u8]) -> String {
     Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }

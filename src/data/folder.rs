@@ -12,19 +12,27 @@ use tch::{Kind, Tensor};
 /// How files become tensors.
 #[derive(Debug, Clone, Copy)]
 pub struct FileOptions {
+    /// Decoded image size.
     pub image_size: i64,
+    /// Decode as 1-channel grey.
     pub grey: bool,
+    /// Skip unreadable files instead of stopping.
     pub skip_bad: bool,
 }
 
 /// Items (file, label row) before decoding.
 pub struct Items {
+    /// Image files.
     pub files: Vec<PathBuf>,
+    /// One label row per file (a class index, or 0/1 per label).
     pub labels: Vec<Vec<f64>>,
+    /// Class (or label) names.
     pub class_names: Vec<String>,
+    /// The task.
     pub task: Task,
 }
 
+/// The items of an image folder `root/<class>/*`.
 pub fn folder_items(root: &Path) -> Result<Items> {
     let mut classes: Vec<PathBuf> = std::fs::read_dir(root)
         .with_context(|| format!("{}: cannot list folder", root.display()))?
@@ -56,6 +64,7 @@ pub fn folder_items(root: &Path) -> Result<Items> {
     Ok(Items { files, labels, class_names: names, task })
 }
 
+/// The items of a CSV manifest (`path,label` or `path,<l1>,<l2>,...`).
 pub fn csv_items(csv: &Path) -> Result<Items> {
     let text = std::fs::read_to_string(csv).with_context(|| format!("{}: cannot read", csv.display()))?;
     let base = csv.parent().unwrap_or(Path::new("."));

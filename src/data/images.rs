@@ -7,16 +7,21 @@ use tch::Tensor;
 /// Per-channel normalisation applied after scaling pixels to [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Normalize {
+    /// Channel means.
     pub mean: [f32; 3],
+    /// Channel standard deviations.
     pub std: [f32; 3],
 }
 
 impl Normalize {
+    /// ImageNet statistics.
     pub const IMAGENET: Normalize = Normalize { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
     /// Pixels to [-1, 1].
     pub const HALF: Normalize = Normalize { mean: [0.5; 3], std: [0.5; 3] };
+    /// [0, 1], unchanged.
     pub const NONE: Normalize = Normalize { mean: [0.0; 3], std: [1.0; 3] };
 
+    /// `imagenet`, `half` or `none`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "imagenet" => Ok(Self::IMAGENET),
@@ -29,6 +34,7 @@ impl Normalize {
 
 const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm"];
 
+/// Whether a file name is an image tpp decodes (PNG, JPEG, TIFF, BMP, DICOM).
 pub fn is_image(p: &Path) -> bool {
     p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }

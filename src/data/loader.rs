@@ -8,12 +8,18 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
 
+/// How batches are made.
 #[derive(Debug, Clone, Copy)]
 pub struct LoaderConfig {
+    /// Images per batch.
     pub batch_size: i64,
+    /// Size the images are resized to.
     pub image_size: i64,
+    /// Normalisation.
     pub norm: Norm,
+    /// Where batches go.
     pub device: Device,
+    /// Drop the last, smaller batch.
     pub drop_last: bool,
 }
 
@@ -25,9 +31,13 @@ impl LoaderConfig {
     }
 }
 
+/// A batch on the compute device.
 pub struct Batch {
+    /// Normalised float images [B, C, S, S].
     pub images: Tensor,
+    /// Labels (masks resized with the images).
     pub labels: Tensor,
+    /// Indices of the samples in the split.
     pub index: Tensor,
 }
 

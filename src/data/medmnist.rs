@@ -47,6 +47,7 @@ fn split(
     Ok(Split { images, labels })
 }
 
+/// Reads a MedMNIST `.npz` (official splits; 1 or 3 channels; any size).
 pub fn open(path: &Path) -> Result<Dataset> {
     let mut npz = npyz::npz::NpzArchive::open(path)
         .with_context(|| format!("{}: cannot open as .npz", path.display()))

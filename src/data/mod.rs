@@ -24,9 +24,13 @@ use std::path::{Path, PathBuf};
 /// own size; batches are resized to the model's input anyway).
 #[derive(Debug, Clone, Default)]
 pub struct DataOptions {
+    /// Format name, when the path does not tell.
     pub format: Option<String>,
+    /// Decoded image size of file-based formats (default 224).
     pub image_size: Option<i64>,
+    /// Decode file-based images as 1-channel grey.
     pub grey: bool,
+    /// Skip unreadable files instead of stopping.
     pub skip_bad: bool,
     /// Segmentation masks: number of classes (2: binarised at 127).
     pub mask_classes: i64,
@@ -47,10 +51,11 @@ pub fn infer_format(path: &Path) -> Result<&'static str> {
         _ if nifti::is_nifti(path) => "nifti",
         _ if path.is_dir() && segpairs::is_segpairs(path) => "segpairs",
         _ if path.is_dir() => "folder",
-        _ => bail!(
-            "{}: cannot infer the dataset format (.npz MedMNIST, .csv manifest, image folder, or images/ + masks/); use --format",
-            path.display()
-        ),
+        _ => {
+            let detail = "cannot infer the dataset format (.npz MedMNIST, .csv manifest, image folder, or images/ + \
+                          masks/); use --format";
+            return Err(crate::Error::UnknownFormat { path: path.to_path_buf(), detail: detail.into() }.into());
+        }
     })
 }
 

@@ -8,6 +8,7 @@ use nifti::{IntoNdArray, NiftiObject, ReaderOptions};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
+/// Whether a path names a NIfTI volume (`.nii`, `.nii.gz`).
 pub fn is_nifti(path: &Path) -> bool {
     let n = path.file_name().and_then(|s| s.to_str()).unwrap_or("").to_ascii_lowercase();
     n.ends_with(".nii") || n.ends_with(".nii.gz")
@@ -54,6 +55,7 @@ fn slice(v: &[f32], dims: [usize; 3], k: usize, size: u32, nearest: bool, map: i
     image::imageops::resize(&img, size, size, f).into_raw()
 }
 
+/// Axial slices of a volume with per-slice masks from its label volume, split by slice.
 pub fn open(image: &Path, labels: &Path, size: i64, mask_classes: i64) -> Result<Dataset> {
     let (v, dims) = read_volume(image)?;
     let (l, ldims) = read_volume(labels)?;

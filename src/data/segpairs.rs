@@ -25,10 +25,12 @@ fn stems(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     Ok(m)
 }
 
+/// Whether a folder holds `images/` and `masks/`.
 pub fn is_segpairs(root: &Path) -> bool {
     root.join("images").is_dir() && root.join("masks").is_dir()
 }
 
+/// Image/mask pairs matched by name, with their files and split.
 pub fn open(root: &Path, opts: FileOptions, mask_classes: i64) -> Result<(Dataset, Vec<PathBuf>, [Vec<i64>; 3])> {
     let imgs = stems(&root.join("images"))?;
     let masks = stems(&root.join("masks"))?;

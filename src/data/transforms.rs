@@ -8,10 +8,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+/// A training augmentation: one affine warp per sample, an optional pad-crop, intensity jitter.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Augment {
+    /// Random horizontal flips.
     pub hflip: bool,
+    /// Random vertical flips.
     pub vflip: bool,
     /// Random resized crop: minimum area fraction (1.0: no crop).
     pub crop_min_area: f64,
@@ -203,11 +206,14 @@ impl Normalization {
 /// Channel normalisation (after scaling uint8 pixels to [0, 1]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Norm {
+    /// Channel means.
     pub mean: [f64; 3],
+    /// Channel standard deviations.
     pub std: [f64; 3],
 }
 
 impl Norm {
+    /// ImageNet statistics.
     pub const IMAGENET: Norm = Norm { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
     /// [-1, 1], as MedMNIST baselines and the pilot protocol use.
     pub const HALF: Norm = Norm { mean: [0.5; 3], std: [0.5; 3] };
@@ -216,6 +222,7 @@ impl Norm {
     /// set is read (the resolved values are what run records keep).
     pub const DATASET: Norm = Norm { mean: [0.0; 3], std: [0.0; 3] };
 
+    /// `imagenet`, `half` or `dataset`.
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         match s {
             "imagenet" => Ok(Self::IMAGENET),

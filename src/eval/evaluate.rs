@@ -60,13 +60,20 @@ pub fn predict_split(model: &PeftModel, split: &Split, task: Task, loader: Loade
 /// Test-split evaluation of the current model: metrics, 95% bootstrap intervals, confusion matrix.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Evaluation {
+    /// The split's name.
     pub split: String,
+    /// Samples scored.
     pub n: usize,
+    /// Metrics by name.
     pub metrics: BTreeMap<String, f64>,
+    /// 95% bootstrap intervals by metric.
     pub ci95: BTreeMap<String, metrics::Interval>,
+    /// Confusion matrix (truth x prediction), single-label tasks.
     pub confusion: Option<Vec<Vec<i64>>>,
+    /// Predicted probabilities (per-image Dice for segmentation).
     #[serde(skip)]
     pub probs: Vec<Vec<f64>>,
+    /// Truths.
     #[serde(skip)]
     pub truth: Vec<Vec<f64>>,
 }
@@ -120,12 +127,19 @@ pub fn evaluate(
 /// Cost of a run, reported beside its metrics.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunStats {
+    /// Trained parameters.
     pub trainable_params: i64,
+    /// All parameters (replaced ones counted once).
     pub total_params: i64,
+    /// Training wall time.
     pub seconds: f64,
+    /// Mean training images per second.
     pub images_per_s: f64,
+    /// Peak GPU memory (None on CPU).
     pub peak_memory_bytes: Option<u64>,
+    /// Best validation epoch.
     pub best_epoch: i64,
+    /// Its validation value.
     pub best_val: f64,
 }
 

@@ -254,9 +254,12 @@ pub fn segmentation(counts: &[SegCounts]) -> BTreeMap<String, f64> {
     m
 }
 
+/// A confidence interval.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct Interval {
+    /// Lower bound.
     pub low: f64,
+    /// Upper bound.
     pub high: f64,
 }
 

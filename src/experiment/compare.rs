@@ -376,14 +376,9 @@ fn check_same<T: Serialize>(file: &Path, old: &T, want: &T) -> Result<()> {
     if old == want {
         return Ok(());
     }
-    let mut diffs = Vec::new();
-    diff_leaves("", &old, &want, &mut diffs);
-    bail!(
-        "{}: this finished run used another configuration ({}); choose another --out or delete the folder to \
-         recompute it",
-        file.display(),
-        diffs.join(", ")
-    )
+    let mut changes = Vec::new();
+    diff_leaves("", &old, &want, &mut changes);
+    Err(crate::Error::StaleRun { file: file.to_path_buf(), changes }.into())
 }
 
 /// `path: old -> new` for every differing leaf of two JSON values.
@@ -508,6 +503,20 @@ mod tests {
         // A misspelt option is an error naming the file, not a silently ignored line.
         let err = parse("typo", &format!("{base}[dino]\nout_dims = 256\n")).unwrap_err().to_string();
         assert!(err.contains("tpp_compare_") && err.contains("typo.toml") && err.contains("out_dims"), "{err}");
+    }
+
+    #[test]
+    fn a_changed_record_is_a_stale_run_naming_every_change() {
+        let old = serde_json::json!({"config": {"epochs": 1, "lr": 0.1}, "seed": 0});
+        let want = serde_json::json!({"config": {"epochs": 2, "lr": 0.1}, "seed": 1});
+        let err = check_same(Path::new("r/run.json"), &old, &want).unwrap_err();
+        match crate::Error::kind_of(&err) {
+            Some(crate::Error::StaleRun { changes, .. }) => {
+                assert_eq!(changes, &["config.epochs: 1 -> 2", "seed: 0 -> 1"])
+            }
+            other => panic!("expected StaleRun, got {other:?}"),
+        }
+        assert!(check_same(Path::new("r/run.json"), &old, &old).is_ok());
     }
 
     #[test]

@@ -8,9 +8,10 @@ use crate::backbone::Vit;
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
+/// A 2-D convolution (same padding).
 pub struct Conv {
-    pub w: Tensor,
-    pub b: Tensor,
+    pub(crate) w: Tensor,
+    pub(crate) b: Tensor,
 }
 
 impl Conv {
@@ -28,17 +29,19 @@ impl Conv {
     }
 }
 
+/// GroupNorm parameters.
 pub struct GroupNorm {
-    pub w: Tensor,
-    pub b: Tensor,
-    pub groups: i64,
+    pub(crate) w: Tensor,
+    pub(crate) b: Tensor,
+    pub(crate) groups: i64,
 }
 
+/// The segmentation head (its parameters are target parameters).
 pub struct SegHead {
-    pub levels: Vec<usize>,
-    pub proj: Conv,
-    pub stages: Vec<(Conv, GroupNorm)>,
-    pub cls: Conv,
+    pub(crate) levels: Vec<usize>,
+    pub(crate) proj: Conv,
+    pub(crate) stages: Vec<(Conv, GroupNorm)>,
+    pub(crate) cls: Conv,
 }
 
 /// 4 evenly spaced blocks ending with the last one (fewer for shallow models).
@@ -50,6 +53,7 @@ pub fn default_levels(depth: usize) -> Vec<usize> {
 }
 
 impl SegHead {
+    /// A fresh head under `p` for `vit`, `num_classes` outputs, `channels` after the projection.
     pub fn new(p: &nn::Path, vit: &Vit, num_classes: i64, channels: i64) -> Self {
         let levels = default_levels(vit.depth());
         let d = vit.config().embed_dim;

@@ -10,8 +10,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::Tensor;
 
+/// The parameters' file.
 pub const WEIGHTS: &str = "adapter_model.safetensors";
+/// tpp's spec file.
 pub const SPEC: &str = "tpp_peft.json";
+/// HF PEFT's config file.
 pub const PEFT_CONFIG: &str = "adapter_config.json";
 const PREFIX: &str = "base_model.model.";
 
@@ -68,7 +71,8 @@ pub fn read_spec(dir: &Path) -> Result<PeftSpec> {
     }
     let peft = dir.join(PEFT_CONFIG);
     if !peft.exists() {
-        bail!("{}: no {SPEC} or {PEFT_CONFIG} (not a target-parameter folder)", dir.display());
+        let detail = format!("no {SPEC} or {PEFT_CONFIG} (not a target-parameter folder)");
+        return Err(crate::Error::UnknownFormat { path: dir.to_path_buf(), detail }.into());
     }
     let text = std::fs::read_to_string(&peft).with_context(|| format!("{}: cannot read", peft.display()))?;
     let v: serde_json::Value =
@@ -82,7 +86,8 @@ pub fn read_spec(dir: &Path) -> Result<PeftSpec> {
                 .filter_map(|c| c["peft_type"].as_str().map(str::to_string))
                 .collect();
             known.dedup();
-            bail!("{}: peft_type {} is not supported (only {})", peft.display(), v["peft_type"], known.join(", "))
+            let detail = format!("peft_type {} is not supported (only {})", v["peft_type"], known.join(", "));
+            Err(crate::Error::UnknownFormat { path: peft, detail }.into())
         }
     }
 }
@@ -112,7 +117,8 @@ pub fn load_values(t: &Targets, dir: &Path, head: bool) -> Result<()> {
             if is_head {
                 continue;
             }
-            bail!("{}: missing target parameter '{name}' (model expects shape {:?})", file.display(), var.size());
+            let (key, expected) = (name.clone(), var.size());
+            return Err(crate::Error::MissingKey { file, what: "target parameter", key, expected }.into());
         };
         crate::backbone::checkpoint::copy_checked(var, &src, &file, &format!("'{name}'"))?;
     }

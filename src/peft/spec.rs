@@ -148,14 +148,14 @@ impl PeftSpec {
     /// A spec of `methods` with `options` (names any method knows; those of other methods are dropped).
     pub fn new(methods: Vec<Method>, options: &Options) -> Result<Self> {
         let known = known_options();
-        for k in options.0.keys() {
-            if !known.contains(k) {
-                bail!("unknown PEFT option '{k}' (known: {})", known.join(", "));
-            }
+        if let Some(k) = options.0.keys().find(|k| !known.contains(k)) {
+            let e = format!("unknown PEFT option '{k}' (known: {})", known.join(", "));
+            return Err(crate::Error::InvalidSpec(e).into());
         }
         let mut own = Options::default();
         for m in &methods {
-            own.extend(m.get().options(options).map_err(|e| anyhow!("--peft {m}: {e}"))?);
+            let opts = m.get().options(options).map_err(|e| crate::Error::InvalidSpec(format!("--peft {m}: {e:#}")))?;
+            own.extend(opts);
         }
         Ok(PeftSpec { methods, options: own })
     }
@@ -204,8 +204,12 @@ impl PeftSpec {
         v
     }
 
-    /// Rejects combinations and options that make no sense, with the reason.
+    /// Rejects combinations and options that make no sense, with the reason ([`crate::Error::InvalidSpec`]).
     pub fn validate(&self) -> Result<()> {
+        self.check().map_err(|e| crate::Error::InvalidSpec(format!("{e:#}")).into())
+    }
+
+    fn check(&self) -> Result<()> {
         if self.methods.is_empty() {
             bail!("--peft: no method given");
         }

@@ -15,20 +15,29 @@ use tch::{Kind, Tensor};
 pub struct DinoConfig {
     /// Prototypes (DINO: 65536; small data sets do better with fewer).
     pub out_dim: i64,
+    /// Hidden width of the head's MLP.
     pub hidden_dim: i64,
+    /// Width before the prototypes.
     pub bottleneck_dim: i64,
+    /// Local crops per image.
     pub local_crops: i64,
     /// Local crop size in pixels (multiple of the patch size).
     pub local_size: i64,
+    /// Smallest area of a global crop.
     pub global_scale_min: f64,
+    /// Largest area of a local crop.
     pub local_scale_max: f64,
+    /// Student temperature.
     pub student_temp: f64,
+    /// Teacher temperature (after warm-up).
     pub teacher_temp: f64,
+    /// Teacher temperature at the start of the warm-up.
     pub warmup_teacher_temp: f64,
     /// Epochs of linear teacher-temperature warm-up.
     pub warmup_teacher_epochs: i64,
     /// EMA momentum at the start (cosine-increased to 1).
     pub momentum: f64,
+    /// Momentum of the teacher centre.
     pub center_momentum: f64,
 }
 
@@ -55,14 +64,15 @@ impl Default for DinoConfig {
 /// DINO's projection head: 3-layer MLP (GELU) to a bottleneck, L2 normalisation, then a weight-normalised
 /// linear layer (norm fixed to 1) onto the prototypes.
 pub struct DinoHead {
-    pub fc1: Linear,
-    pub fc2: Linear,
-    pub fc3: Linear,
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
+    pub(crate) fc3: Linear,
     /// [out_dim, bottleneck]: direction of each prototype (weight norm with g = 1).
     pub last_v: Tensor,
 }
 
 impl DinoHead {
+    /// A fresh head under `p` for features of width `in_dim`.
     pub fn new(p: &nn::Path, in_dim: i64, cfg: &DinoConfig) -> Self {
         DinoHead {
             fc1: Linear::new(p / "mlp" / "0", in_dim, cfg.hidden_dim, true),
@@ -76,6 +86,7 @@ impl DinoHead {
         }
     }
 
+    /// Prototype logits (fp32) of features [B, in_dim].
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let h = self.fc1.forward(x, true).gelu("none");
         let h = self.fc2.forward(&h, true).gelu("none");

@@ -64,14 +64,13 @@ impl Default for MaeConfig {
 /// The MAE decoder, in the original MAE's names (`decoder_embed`, `mask_token`, `decoder_pos_embed`,
 /// `decoder_blocks.N`, `decoder_norm`, `decoder_pred`).
 pub struct MaeDecoder {
-    pub embed: Linear,
-    pub mask_token: Tensor,
+    pub(crate) embed: Linear,
+    pub(crate) mask_token: Tensor,
     /// [1, 1 + N, Dd]: a slot for the leading (class) token, then the patch grid. Not trained.
     pub pos: Tensor,
-    pub blocks: Vec<Block>,
-    pub norm: LayerNorm,
-    pub pred: Linear,
-    pub patch_size: i64,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: LayerNorm,
+    pub(crate) pred: Linear,
     /// Channels of the reconstruction target (pred = p * p * channels).
     pub channels: i64,
 }
@@ -121,7 +120,6 @@ impl MaeDecoder {
             blocks: (0..cfg.decoder_depth).map(|i| Block::new(p / "decoder_blocks" / i, &dcfg)).collect(),
             norm: LayerNorm::new(p / "decoder_norm", cfg.decoder_dim, enc.norm_eps),
             pred: Linear::new(p / "decoder_pred", cfg.decoder_dim, ps * ps * channels, true),
-            patch_size: ps,
             channels,
         })
     }
@@ -171,7 +169,9 @@ pub fn unpatchify(x: &Tensor, p: i64, c: i64, gh: i64, gw: i64) -> Tensor {
     x.reshape([b, gh, gw, p, p, c]).permute([0, 5, 1, 3, 2, 4]).reshape([b, c, gh * p, gw * p])
 }
 
+/// One MAE forward pass.
 pub struct MaeOutput {
+    /// Mean squared error over the masked patches.
     pub loss: Tensor,
     /// [B, N, p*p*C] predictions (normalised space when norm-pix).
     pub pred: Tensor,

@@ -6,11 +6,16 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
+/// AdamW's settings.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConfig {
+    /// First-moment decay.
     pub beta1: f64,
+    /// Second-moment decay.
     pub beta2: f64,
+    /// Denominator epsilon.
     pub eps: f64,
+    /// Decoupled weight decay (on the parameters that decay).
     pub weight_decay: f64,
 }
 
@@ -29,9 +34,12 @@ struct Param {
     v: Tensor,
 }
 
+/// AdamW over a list of named tensors.
 pub struct AdamW {
+    /// Its settings.
     pub cfg: AdamWConfig,
     params: Vec<Param>,
+    /// Updates done.
     pub step: i64,
 }
 
@@ -47,6 +55,7 @@ pub fn decays(name: &str, t: &Tensor) -> bool {
 }
 
 impl AdamW {
+    /// AdamW over `named` (weight decay as [`decays`] decides).
     pub fn new(named: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Self {
         let params = named
             .into_iter()
@@ -67,10 +76,12 @@ impl AdamW {
         }
     }
 
+    /// The optimised tensors (their gradients are what data-parallel training averages).
     pub fn tensors(&self) -> impl Iterator<Item = &Tensor> {
         self.params.iter().map(|p| &p.t)
     }
 
+    /// Zeroes the gradients.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
             let mut g = p.t.grad();
@@ -134,6 +145,7 @@ impl AdamW {
         out
     }
 
+    /// Restores what [`AdamW::state`] saved; `file` names the source in errors.
     pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, file: &Path) -> Result<()> {
         let step = state.get("step").ok_or_else(|| anyhow!("{}: optimiser step missing", file.display()))?;
         for p in &self.params {

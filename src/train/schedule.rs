@@ -1,13 +1,19 @@
 //! Learning-rate schedule: linear warm-up then cosine decay to `min_lr`, evaluated per step (MAE's recipe).
+/// Warm-up then cosine, per update.
 #[derive(Debug, Clone, Copy)]
 pub struct WarmupCosine {
+    /// Peak learning rate.
     pub base_lr: f64,
+    /// Final learning rate.
     pub min_lr: f64,
+    /// Linear warm-up updates.
     pub warmup_steps: i64,
+    /// All updates.
     pub total_steps: i64,
 }
 
 impl WarmupCosine {
+    /// The learning rate of update `step`.
     pub fn lr(&self, step: i64) -> f64 {
         if step < self.warmup_steps {
             return self.base_lr * (step + 1) as f64 / self.warmup_steps as f64;

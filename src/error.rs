@@ -1,0 +1,67 @@
+//! The failures a user acts on, as one type. Functions return `anyhow::Result` ([`Result`]) so that every
+//! error carries its context ("file: problem: cause"); where the failure is one of these kinds, the
+//! error holds a [`Error`], found with `err.downcast_ref::<tpp::Error>()` (context layers included).
+use std::path::PathBuf;
+
+/// `anyhow::Result`: every error of the crate, with context; [`Error`] where the kind matters.
+pub type Result<T> = anyhow::Result<T>;
+
+/// A failure kind a user (or a program driving tpp) can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file lacks a tensor the model needs.
+    #[error("{}: missing {what} '{key}' (model expects shape {expected:?})", file.display())]
+    MissingKey {
+        /// The file read.
+        file: PathBuf,
+        /// What kind of entry: "key", "target parameter".
+        what: &'static str,
+        /// The missing name.
+        key: String,
+        /// The shape the model has for it.
+        expected: Vec<i64>,
+    },
+    /// A stored tensor's shape differs from the model's.
+    #[error("{}: {what} has shape {found:?} in the file but the model expects {expected:?}", file.display())]
+    ShapeMismatch {
+        /// The file read.
+        file: PathBuf,
+        /// The entry, e.g. "key 'blocks.0.attn.qkv.weight'".
+        what: String,
+        /// Its shape in the file.
+        found: Vec<i64>,
+        /// The model's shape.
+        expected: Vec<i64>,
+    },
+    /// A file (or folder) is not in a format tpp reads.
+    #[error("{}: {detail}", path.display())]
+    UnknownFormat {
+        /// The file or folder.
+        path: PathBuf,
+        /// What was expected and found.
+        detail: String,
+    },
+    /// A finished run was made with another configuration than the one asked for now.
+    #[error(
+        "{}: this finished run used another configuration ({}); choose another --out or delete the folder to \
+         recompute it",
+        file.display(),
+        changes.join(", ")
+    )]
+    StaleRun {
+        /// The run's record.
+        file: PathBuf,
+        /// Every changed setting, `path: old -> new`.
+        changes: Vec<String>,
+    },
+    /// An invalid PEFT method, combination or option.
+    #[error("{0}")]
+    InvalidSpec(String),
+}
+
+impl Error {
+    /// The kind of `err`, when it is (or wraps) one of these.
+    pub fn kind_of(err: &anyhow::Error) -> Option<&Error> {
+        err.downcast_ref::<Error>()
+    }
+}
