@@ -39,10 +39,12 @@ impl Default for LoraConfig {
     }
 }
 
-/// LoRA: `W x + b + scale * B A dropout(x)`.
-pub struct Lora;
-/// DoRA: `m / ||W + scale B A||_row * (W x + scale B A x) + b`, the norm detached as in the paper and HF PEFT.
-pub struct Dora;
+/// LoRA: `W x + b + scale * B A dropout(x)`; with `dora`, DoRA:
+/// `m / ||W + scale B A||_row * (W x + scale B A x) + b`, the norm detached as in the paper and HF PEFT.
+pub struct Lora {
+    /// The weight-decomposed variant.
+    pub dora: bool,
+}
 
 /// The module on one linear.
 #[derive(Debug)]
@@ -238,7 +240,7 @@ fn from_peft_config(v: &Value) -> Option<Result<PeftSpec>> {
 
 impl PeftMethod for Lora {
     fn name(&self) -> &'static str {
-        Method::LORA.0
+        if self.dora { Method::DORA.0 } else { Method::LORA.0 }
     }
     fn options(&self, given: &Options) -> Result<Options> {
         given.normalised::<LoraConfig>()
@@ -247,42 +249,21 @@ impl PeftMethod for Lora {
         validate(opts)
     }
     fn incompatible(&self) -> &'static [(&'static str, &'static str)] {
-        &[("dora", "both adapt the same weights; DoRA is a LoRA variant, pick one")]
-    }
-    fn attach(&self, vit: &mut Vit, p: &nn::Path, opts: &Options) -> Result<i64> {
-        attach(vit, p, opts, false)
-    }
-    fn merge(&self, vit: &mut Vit) -> Result<()> {
-        merge(vit)
-    }
-    fn hf_peft_config(&self, opts: &Options, has_head: bool) -> Option<Value> {
-        peft_config(opts, false, has_head)
-    }
-    fn read_hf_peft_config(&self, cfg: &Value) -> Option<Result<PeftSpec>> {
-        from_peft_config(cfg)
-    }
-}
-
-impl PeftMethod for Dora {
-    fn name(&self) -> &'static str {
-        Method::DORA.0
-    }
-    fn options(&self, given: &Options) -> Result<Options> {
-        given.normalised::<LoraConfig>()
-    }
-    fn validate(&self, opts: &Options) -> Result<()> {
-        validate(opts)
+        if self.dora { &[] } else { &[("dora", "both adapt the same weights; DoRA is a LoRA variant, pick one")] }
     }
     fn no_weight_decay(&self) -> &'static [&'static str] {
         &["lora_magnitude_vector"]
     }
     fn attach(&self, vit: &mut Vit, p: &nn::Path, opts: &Options) -> Result<i64> {
-        attach(vit, p, opts, true)
+        attach(vit, p, opts, self.dora)
     }
     fn merge(&self, vit: &mut Vit) -> Result<()> {
         merge(vit)
     }
     fn hf_peft_config(&self, opts: &Options, has_head: bool) -> Option<Value> {
-        peft_config(opts, true, has_head)
+        peft_config(opts, self.dora, has_head)
+    }
+    fn read_hf_peft_config(&self, cfg: &Value) -> Option<Result<PeftSpec>> {
+        from_peft_config(cfg)
     }
 }

@@ -28,12 +28,12 @@ use tch::nn;
 
 /// Every method, in the order their modules attach (the first wraps a layer innermost) and merge.
 pub static REGISTRY: &[&dyn PeftMethod] = &[
-    &lora::Lora,
-    &lora::Dora,
+    &lora::Lora { dora: false },
+    &lora::Lora { dora: true },
     &adaptformer::AdaptFormer,
     &houlsby::Houlsby,
-    &vpt::VptShallow,
-    &vpt::VptDeep,
+    &vpt::Vpt { deep: false },
+    &vpt::Vpt { deep: true },
     &bitfit::BitFit,
     &ssf::Ssf,
     &ia3::Ia3,

@@ -31,10 +31,11 @@ impl Default for VptConfig {
     }
 }
 
-/// Shallow VPT.
-pub struct VptShallow;
-/// Deep VPT.
-pub struct VptDeep;
+/// VPT, shallow or deep.
+pub struct Vpt {
+    /// New prompts before every block.
+    pub deep: bool,
+}
 
 /// The prompts of a model.
 #[derive(Debug)]
@@ -81,9 +82,9 @@ fn attach(vit: &mut Vit, p: &nn::Path, opts: &Options, deep: bool) -> Result<i64
     Ok(0)
 }
 
-impl PeftMethod for VptShallow {
+impl PeftMethod for Vpt {
     fn name(&self) -> &'static str {
-        Method::VPT_SHALLOW.0
+        if self.deep { Method::VPT_DEEP.0 } else { Method::VPT_SHALLOW.0 }
     }
     fn options(&self, given: &Options) -> Result<Options> {
         given.normalised::<VptConfig>()
@@ -92,30 +93,12 @@ impl PeftMethod for VptShallow {
         validate(opts)
     }
     fn incompatible(&self) -> &'static [(&'static str, &'static str)] {
-        &[("vpt-deep", "are two depths of one method; pick one")]
+        if self.deep { &[] } else { &[("vpt-deep", "are two depths of one method; pick one")] }
     }
     fn no_weight_decay(&self) -> &'static [&'static str] {
         &["prompts"]
     }
     fn attach(&self, vit: &mut Vit, p: &nn::Path, opts: &Options) -> Result<i64> {
-        attach(vit, p, opts, false)
-    }
-}
-
-impl PeftMethod for VptDeep {
-    fn name(&self) -> &'static str {
-        Method::VPT_DEEP.0
-    }
-    fn options(&self, given: &Options) -> Result<Options> {
-        given.normalised::<VptConfig>()
-    }
-    fn validate(&self, opts: &Options) -> Result<()> {
-        validate(opts)
-    }
-    fn no_weight_decay(&self) -> &'static [&'static str] {
-        &["prompts"]
-    }
-    fn attach(&self, vit: &mut Vit, p: &nn::Path, opts: &Options) -> Result<i64> {
-        attach(vit, p, opts, true)
+        attach(vit, p, opts, self.deep)
     }
 }

@@ -226,13 +226,7 @@ fn layer_id(name: &str, depth: i64) -> i64 {
 fn trainer<'a>(model: &'a PeftModel, cfg: &FinetuneConfig, n: i64, out: &Path) -> Trainer<'a> {
     let bs = cfg.batch_size.min(n).max(1);
     let steps_per_epoch = ((n + bs - 1) / bs + cfg.accum - 1) / cfg.accum.max(1);
-    let total = steps_per_epoch * cfg.epochs;
-    let schedule = WarmupCosine {
-        base_lr: cfg.lr,
-        min_lr: cfg.min_lr,
-        warmup_steps: ((total as f64) * cfg.warmup).round() as i64,
-        total_steps: total,
-    };
+    let schedule = WarmupCosine::new(cfg.lr, cfg.min_lr, cfg.warmup, steps_per_epoch * cfg.epochs);
     let mut opt = AdamW::new(
         model.trainable(),
         AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay },

@@ -112,13 +112,7 @@ fn plan(
     }
     let bs = cfg.batch_size.min(n);
     let steps_per_epoch = (n / bs).max(1);
-    let total = steps_per_epoch * cfg.epochs;
-    let schedule = WarmupCosine {
-        base_lr: cfg.lr,
-        min_lr: cfg.min_lr,
-        warmup_steps: ((total as f64) * cfg.warmup).round() as i64,
-        total_steps: total,
-    };
+    let schedule = WarmupCosine::new(cfg.lr, cfg.min_lr, cfg.warmup, steps_per_epoch * cfg.epochs);
     let opt = AdamW::new(params, AdamWConfig { beta1: 0.9, beta2, eps: 1e-8, weight_decay: cfg.weight_decay });
     let loader = LoaderConfig { batch_size: bs, image_size: cfg.image_size, norm: cfg.norm, device, drop_last: true };
     let trainer =

@@ -13,6 +13,12 @@ pub struct WarmupCosine {
 }
 
 impl WarmupCosine {
+    /// `total_steps` updates from `base_lr` down to `min_lr`, the first `warmup` fraction of them warming up.
+    pub fn new(base_lr: f64, min_lr: f64, warmup: f64, total_steps: i64) -> Self {
+        let warmup_steps = ((total_steps as f64) * warmup).round() as i64;
+        WarmupCosine { base_lr, min_lr, warmup_steps, total_steps }
+    }
+
     /// The learning rate of update `step`.
     pub fn lr(&self, step: i64) -> f64 {
         if step < self.warmup_steps {
