@@ -209,40 +209,36 @@ fn loading_checks_names_and_shapes() {
     assert!(e.contains("does not have") && e.contains("mlp.fc2.lora_A.weight"), "{e}");
 }
 
-#[test]
-fn hf_peft_lora_adapter_loads_and_matches_peft() {
+/// The spec of an HF PEFT adapter fixture (`name/`), and the relative error of the timm fixture model
+/// with it loaded against the logits PEFT gave (`name_io.safetensors`).
+fn peft_fixture(name: &str) -> (PeftSpec, f64) {
     let opts = LoadOptions { num_heads: Some(4), ..Default::default() };
     let (mut bb, _) = Backbone::load(&fixture("timm_vit_p16.safetensors"), &opts, Device::Cpu).unwrap();
-    let dir = fixture("peft_lora");
+    let dir = fixture(name);
     let spec = peft::io::read_spec(&dir).unwrap();
-    let lora: tpp::peft::lora::LoraConfig = spec.options().parse().unwrap();
-    assert_eq!((lora.lora_rank, lora.lora_alpha), (4, 8.0));
-    assert_eq!(lora.lora_targets, vec!["qkv".to_string(), "fc1".to_string()]);
     // The checkpoint's own head is replaced by the adapter's trained head (modules_to_save).
     bb.vit.set_head(None);
     let t = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
     t.add_head(&mut bb.vit, 5);
     peft::io::load_values(&t, &dir, true).unwrap();
-    let io = tpp::backbone::checkpoint::read_safetensors(&fixture("peft_lora_io.safetensors")).unwrap();
+    let io = tpp::backbone::checkpoint::read_safetensors(&fixture(&format!("{name}_io.safetensors"))).unwrap();
     let _g = tch::no_grad_guard();
-    let e = rel_err(&bb.vit.forward(&io["input"]), &io["logits"]);
+    (spec, rel_err(&bb.vit.forward(&io["input"]), &io["logits"]))
+}
+
+#[test]
+fn hf_peft_lora_adapter_loads_and_matches_peft() {
+    let (spec, e) = peft_fixture("peft_lora");
+    let lora: tpp::peft::lora::LoraConfig = spec.options().parse().unwrap();
+    assert_eq!((lora.lora_rank, lora.lora_alpha), (4, 8.0));
+    assert_eq!(lora.lora_targets, vec!["qkv".to_string(), "fc1".to_string()]);
     assert!(e < 1e-4, "{e}");
 }
 
 #[test]
 fn hf_peft_ia3_adapter_loads_and_matches_peft() {
-    let opts = LoadOptions { num_heads: Some(4), ..Default::default() };
-    let (mut bb, _) = Backbone::load(&fixture("timm_vit_p16.safetensors"), &opts, Device::Cpu).unwrap();
-    let dir = fixture("peft_ia3");
-    let spec = peft::io::read_spec(&dir).unwrap();
+    let (spec, e) = peft_fixture("peft_ia3");
     assert_eq!(spec.methods, [Method::IA3]);
-    bb.vit.set_head(None);
-    let t = Targets::attach(&mut bb.vit, &spec, Device::Cpu).unwrap();
-    t.add_head(&mut bb.vit, 5);
-    peft::io::load_values(&t, &dir, true).unwrap();
-    let io = tpp::backbone::checkpoint::read_safetensors(&fixture("peft_ia3_io.safetensors")).unwrap();
-    let _g = tch::no_grad_guard();
-    let e = rel_err(&bb.vit.forward(&io["input"]), &io["logits"]);
     assert!(e < 1e-4, "{e}");
 }
 
