@@ -13,9 +13,8 @@ use std::path::PathBuf;
 /// PEFT method and its options (`--peft lora,vpt-deep --lora-rank 8 ...`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct PeftArgs {
-    /// PEFT method(s), comma-separated: lora, dora, adaptformer, houlsby, vpt-shallow, vpt-deep, bitfit,
-    /// ssf, ia3, linear (head only), full (everything)
-    #[arg(long, value_delimiter = ',', default_value = "lora")]
+    /// PEFT method(s), comma-separated (linear: the head only; full: every weight)
+    #[arg(long, value_delimiter = ',', default_value = "lora", value_parser = method_names())]
     pub peft: Vec<Method>,
     #[arg(long, default_value_t = LoraConfig::default().lora_rank)]
     pub lora_rank: i64,
@@ -40,6 +39,13 @@ pub struct PeftArgs {
     /// Any method option by its config name, NAME=VALUE (value as JSON, else a string); repeatable
     #[arg(long = "peft-option", value_name = "NAME=VALUE", value_parser = parse_option)]
     pub peft_options: Vec<(String, serde_json::Value)>,
+}
+
+/// `--peft`'s values: the registry's method names (listed in `--help`).
+fn method_names() -> impl clap::builder::TypedValueParser<Value = Method> {
+    use clap::builder::TypedValueParser;
+    let names: Vec<&'static str> = Method::all().map(Method::name).collect();
+    clap::builder::PossibleValuesParser::new(names).try_map(|s| s.parse::<Method>())
 }
 
 /// `NAME=VALUE`, the value read as JSON (`8`, `0.1`, `["qkv","fc2"]`) or else taken as a string.

@@ -146,7 +146,7 @@ pub fn build(name: &str, items: Items, opts: FileOptions) -> Result<(Dataset, Ve
     let size = opts.image_size;
     let (decoded, bad) = decode_all(&items.files, size as u32, opts.grey, false, opts.skip_bad)?;
     for (i, e) in &bad {
-        eprintln!("skipped bad file {}: {e}", items.files[*i].display());
+        tracing::warn!("skipped bad file {}: {e}", items.files[*i].display());
     }
     let keep: Vec<usize> = (0..items.files.len()).filter(|i| !bad.iter().any(|(b, _)| b == i)).collect();
     let files: Vec<PathBuf> = keep.iter().map(|&i| items.files[i].clone()).collect();

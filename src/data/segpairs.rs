@@ -38,7 +38,7 @@ pub fn open(root: &Path, opts: FileOptions, mask_classes: i64) -> Result<(Datase
     for (s, p) in &imgs {
         match masks.get(s) {
             Some(m) => pairs.push((p.clone(), m.clone())),
-            None if opts.skip_bad => eprintln!("skipped {}: no mask with the same name", p.display()),
+            None if opts.skip_bad => tracing::warn!("skipped {}: no mask with the same name", p.display()),
             None => bail!(
                 "{}: no mask with the same name in {} (use --skip-bad to skip)",
                 p.display(),
@@ -68,7 +68,7 @@ pub fn open(root: &Path, opts: FileOptions, mask_classes: i64) -> Result<(Datase
         bail!("{e} (use --skip-bad to skip)");
     }
     for (_, e) in &mismatched {
-        eprintln!("skipped: {e}");
+        tracing::warn!("skipped: {e}");
     }
     let pairs: Vec<(PathBuf, PathBuf)> = pairs
         .into_iter()
