@@ -506,6 +506,20 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_config_reads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                CompareConfig::read(&p).unwrap_or_else(|e| panic!("{e:#}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 10, "{n} configs");
+    }
+
+    #[test]
     fn a_changed_record_is_a_stale_run_naming_every_change() {
         let old = serde_json::json!({"config": {"epochs": 1, "lr": 0.1}, "seed": 0});
         let want = serde_json::json!({"config": {"epochs": 2, "lr": 0.1}, "seed": 1});
