@@ -57,11 +57,34 @@ pub enum Error {
     /// An invalid PEFT method, combination or option.
     #[error("{0}")]
     InvalidSpec(String),
+    /// Any other bad input: an option out of range, a data file that cannot be used as it is (its
+    /// message names the file or option and the problem).
+    #[error(transparent)]
+    Input(anyhow::Error),
 }
 
 impl Error {
     /// The kind of `err`, when it is (or wraps) one of these.
     pub fn kind_of(err: &anyhow::Error) -> Option<&Error> {
-        err.downcast_ref::<Error>()
+        err.chain().find_map(|e| e.downcast_ref::<Error>())
+    }
+
+    /// Whether `err` is bad input (every kind of [`Error`]) rather than a failure while running (I/O, a
+    /// diverging loss, the device).
+    pub fn is_input(err: &anyhow::Error) -> bool {
+        Error::kind_of(err).is_some()
     }
 }
+
+/// Marks any error of `r` as bad input ([`Error::Input`]), keeping its message.
+pub(crate) fn input<T>(r: anyhow::Result<T>) -> anyhow::Result<T> {
+    r.map_err(|e| if Error::is_input(&e) { e } else { Error::Input(e).into() })
+}
+
+/// A bad-input error with this message.
+macro_rules! bad_input {
+    ($($arg:tt)*) => {
+        anyhow::Error::from($crate::Error::Input(anyhow::anyhow!($($arg)*)))
+    };
+}
+pub(crate) use bad_input;

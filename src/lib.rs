@@ -22,6 +22,7 @@
 
 pub mod backbone;
 pub mod bench;
+mod check;
 pub mod cli;
 pub mod data;
 pub mod device;

@@ -412,50 +412,57 @@ pub struct LoadOptions {
 impl Checkpoint {
     /// Reads a checkpoint file of any supported layout under timm names, and its architecture.
     pub fn open(path: &Path, opts: &LoadOptions) -> Result<Self> {
-        let src = read_safetensors(path)?;
-        let ctx = || path.display().to_string();
-        // Tolerate the usual wrapper prefixes of training frameworks.
-        let src: BTreeMap<String, Tensor> =
-            src.into_iter().map(|(k, v)| (k.strip_prefix("module.").map(str::to_string).unwrap_or(k), v)).collect();
-        let format = detect(&src).ok_or_else(|| {
+        // Every failure here is a problem with the input named.
+        crate::error::input((|| -> Result<Self> {
+            let src = read_safetensors(path)?;
+            let ctx = || path.display().to_string();
+            // Tolerate the usual wrapper prefixes of training frameworks.
+            let src: BTreeMap<String, Tensor> =
+                src.into_iter().map(|(k, v)| (k.strip_prefix("module.").map(str::to_string).unwrap_or(k), v)).collect();
+            let format = detect(&src).ok_or_else(|| {
             let sample: Vec<&str> = src.keys().take(5).map(String::as_str).collect();
             Error::UnknownFormat {
                 path: path.to_path_buf(),
                 detail: format!("not a ViT checkpoint of a supported format (timm, MAE, HF ViTMAE, HF Dinov2); first keys: {sample:?}"),
             }
         })?;
-        let hf = read_hf_config(path)?;
-        if let Some(act) = &hf.hidden_act
-            && act != "gelu"
-        {
-            bail!("{}: activation '{act}' is not supported (only exact GELU)", ctx());
-        }
-        let (mut tensors, used) = to_timm(&src, format).with_context(|| format!("{}: {format} checkpoint", ctx()))?;
-        let default_eps = if format == Format::HfVitMae { 1e-12 } else { 1e-6 };
-        let mut config =
-            infer_config(&tensors, opts.num_heads.or(hf.num_attention_heads), hf.layer_norm_eps.unwrap_or(default_eps))
-                .with_context(|| format!("{}: {format} checkpoint", ctx()))?;
-        if let Some(p) = opts.pool {
-            config.pool = p;
-            config.validate().map_err(|e| anyhow!("{}: {e}", ctx()))?;
-        }
-        if let Some(size) = opts.img_size
-            && size != config.img_size
-        {
-            let mut c = config.clone();
-            c.img_size = size;
-            c.validate().map_err(|e| anyhow!("{}: --img-size: {e}", ctx()))?;
-            let g = c.grid();
-            let pos = &tensors["pos_embed"];
-            tensors.insert("pos_embed".into(), resample(pos, config.pos_prefix, g));
-            config = c;
-        }
-        let mut unused: Vec<String> = src.keys().filter(|k| !used.contains(*k)).cloned().collect();
-        unused.extend(tensors.keys().filter(|k| !is_model_key(k)).cloned());
-        unused.sort();
-        unused.dedup();
-        let decoder = infer_decoder(&tensors, hf.decoder_num_attention_heads);
-        Ok(Checkpoint { path: path.to_path_buf(), format, tensors, unused, config, decoder })
+            let hf = read_hf_config(path)?;
+            if let Some(act) = &hf.hidden_act
+                && act != "gelu"
+            {
+                bail!("{}: activation '{act}' is not supported (only exact GELU)", ctx());
+            }
+            let (mut tensors, used) =
+                to_timm(&src, format).with_context(|| format!("{}: {format} checkpoint", ctx()))?;
+            let default_eps = if format == Format::HfVitMae { 1e-12 } else { 1e-6 };
+            let mut config = infer_config(
+                &tensors,
+                opts.num_heads.or(hf.num_attention_heads),
+                hf.layer_norm_eps.unwrap_or(default_eps),
+            )
+            .with_context(|| format!("{}: {format} checkpoint", ctx()))?;
+            if let Some(p) = opts.pool {
+                config.pool = p;
+                config.validate().map_err(|e| anyhow!("{}: {e}", ctx()))?;
+            }
+            if let Some(size) = opts.img_size
+                && size != config.img_size
+            {
+                let mut c = config.clone();
+                c.img_size = size;
+                c.validate().map_err(|e| anyhow!("{}: --img-size: {e}", ctx()))?;
+                let g = c.grid();
+                let pos = &tensors["pos_embed"];
+                tensors.insert("pos_embed".into(), resample(pos, config.pos_prefix, g));
+                config = c;
+            }
+            let mut unused: Vec<String> = src.keys().filter(|k| !used.contains(*k)).cloned().collect();
+            unused.extend(tensors.keys().filter(|k| !is_model_key(k)).cloned());
+            unused.sort();
+            unused.dedup();
+            let decoder = infer_decoder(&tensors, hf.decoder_num_attention_heads);
+            Ok(Checkpoint { path: path.to_path_buf(), format, tensors, unused, config, decoder })
+        })())
     }
 
     /// Number of encoder parameters stored (decoder and unused keys excluded).

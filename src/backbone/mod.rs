@@ -14,6 +14,10 @@ use anyhow::{Result, bail};
 use std::path::Path;
 use tch::{Device, nn};
 
+/// The largest input size accepted (`--img-size`, configs): a 4096 px ViT-B/16 input already has 65536
+/// tokens; larger sizes would exhaust memory before any useful work.
+pub const MAX_IMG_SIZE: i64 = 4096;
+
 /// Parameters of the backbone that get no weight decay besides 1-D ones (timm's `no_weight_decay()`).
 pub const NO_WEIGHT_DECAY: &[&str] = &["cls_token", "reg_token", "pos_embed"];
 

@@ -16,25 +16,25 @@ pub struct PeftArgs {
     /// PEFT method(s), comma-separated (linear: the head only; full: every weight)
     #[arg(long, value_delimiter = ',', default_value = "lora", value_parser = method_names())]
     pub peft: Vec<Method>,
-    #[arg(long, default_value_t = LoraConfig::default().lora_rank)]
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = LoraConfig::default().lora_rank)]
     pub lora_rank: i64,
-    #[arg(long, default_value_t = LoraConfig::default().lora_alpha)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::POSITIVE), long, default_value_t = LoraConfig::default().lora_alpha)]
     pub lora_alpha: f64,
-    #[arg(long, default_value_t = LoraConfig::default().lora_dropout)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::UNIT_OPEN_HIGH), long, default_value_t = LoraConfig::default().lora_dropout)]
     pub lora_dropout: f64,
     /// Block linears LoRA/DoRA adapt: qkv, proj, fc1, fc2, or q, k, v inside the fused qkv
     #[arg(long, value_delimiter = ',', default_value = "qkv")]
     pub lora_targets: Vec<String>,
     /// Bottleneck width of AdaptFormer / Houlsby adapters
-    #[arg(long, default_value_t = AdaptFormerConfig::default().adapter_dim)]
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = AdaptFormerConfig::default().adapter_dim)]
     pub adapter_dim: i64,
     /// Output scale of AdaptFormer adapters
-    #[arg(long, default_value_t = AdaptFormerConfig::default().adapter_scale)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::FINITE), long, default_value_t = AdaptFormerConfig::default().adapter_scale)]
     pub adapter_scale: f64,
     /// VPT prompt tokens (per block for vpt-deep)
-    #[arg(long, default_value_t = VptConfig::default().prompt_len)]
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = VptConfig::default().prompt_len)]
     pub prompt_len: i64,
-    #[arg(long, default_value_t = VptConfig::default().prompt_dropout)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::UNIT_OPEN_HIGH), long, default_value_t = VptConfig::default().prompt_dropout)]
     pub prompt_dropout: f64,
     /// Any method option by its config name, NAME=VALUE (value as JSON, else a string); repeatable
     #[arg(long = "peft-option", value_name = "NAME=VALUE", value_parser = parse_option)]
@@ -90,16 +90,16 @@ pub struct DataArgs {
     /// split's own mean and std, recorded in the run)
     #[arg(long, value_enum, default_value = "imagenet")]
     pub norm: Normalization,
-    #[arg(long, default_value_t = 64)]
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = 64)]
     pub batch_size: i64,
     /// Keep a stratified, seeded fraction of the training labels (low-data studies)
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::UNIT_OPEN_LOW), long, default_value_t = 1.0)]
     pub train_fraction: f64,
     /// Skip unreadable or inconsistent files (listed on stderr) instead of stopping
     #[arg(long)]
     pub skip_bad: bool,
     /// Segmentation masks: number of classes (2: binarised at 127; more: pixel values are class ids)
-    #[arg(long, default_value_t = 2)]
+    #[arg(value_parser = crate::check::int_flag(2, 256), long, default_value_t = 2)]
     pub mask_classes: i64,
     /// NIfTI: the label volume giving each axial slice's mask
     #[arg(long)]
@@ -123,17 +123,17 @@ impl DataArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct AugArgs {
     /// Augmentation: random resized crop min area (1: none; default 0.8, or 1 with --pad-crop)
-    #[arg(long)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::UNIT_OPEN_LOW), long)]
     pub crop_min_area: Option<f64>,
     /// Augmentation: reflect-pad N pixels and crop back at a random offset per batch (0: none), as the
     /// MedMNIST pilot protocol does
-    #[arg(long, default_value_t = 0)]
+    #[arg(value_parser = crate::check::int_flag(0, i64::MAX), long, default_value_t = 0)]
     pub pad_crop: i64,
     /// Augmentation: max rotation in degrees
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::NON_NEGATIVE), long, default_value_t = 0.0)]
     pub rotate: f64,
     /// Augmentation: brightness/contrast jitter
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::NON_NEGATIVE), long, default_value_t = 0.0)]
     pub jitter: f64,
     #[arg(long)]
     pub no_hflip: bool,
@@ -149,20 +149,20 @@ impl AugArgs {
 /// Optimisation options shared by the TPP stage and fine-tuning.
 #[derive(clap::Args, Debug, Clone)]
 pub struct OptimArgs {
-    #[arg(long, default_value_t = 10)]
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = 10)]
     pub epochs: i64,
     /// Peak learning rate
-    #[arg(long)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::POSITIVE), long)]
     pub lr: Option<f64>,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::NON_NEGATIVE), long, default_value_t = 0.0)]
     pub min_lr: f64,
     /// Linear warm-up, as a fraction of all steps
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::UNIT), long, default_value_t = 0.05)]
     pub warmup: f64,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::NON_NEGATIVE), long, default_value_t = 0.05)]
     pub weight_decay: f64,
     /// Gradient-norm clipping (0: off)
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::NON_NEGATIVE), long, default_value_t = 1.0)]
     pub clip: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -171,14 +171,14 @@ pub struct OptimArgs {
 /// MAE pretext options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct MaeArgs {
-    #[arg(long, default_value_t = MaeConfig::default().mask_ratio)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::OPEN_UNIT), long, default_value_t = MaeConfig::default().mask_ratio)]
     pub mask_ratio: f64,
     /// Decoder width (a fresh decoder; ignored when the checkpoint's decoder is used)
-    #[arg(long, default_value_t = MaeConfig::default().decoder_dim)]
+    #[arg(value_parser = crate::check::int_flag(4, i64::MAX), long, default_value_t = MaeConfig::default().decoder_dim)]
     pub decoder_dim: i64,
-    #[arg(long, default_value_t = MaeConfig::default().decoder_depth)]
+    #[arg(value_parser = crate::check::int_flag(0, i64::MAX), long, default_value_t = MaeConfig::default().decoder_depth)]
     pub decoder_depth: i64,
-    #[arg(long, default_value_t = MaeConfig::default().decoder_heads)]
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = MaeConfig::default().decoder_heads)]
     pub decoder_heads: i64,
     /// Decoder source: auto (the checkpoint's when it has one), checkpoint, or fresh
     #[arg(long, value_enum, default_value = "auto")]
@@ -190,7 +190,7 @@ pub struct MaeArgs {
     #[arg(long)]
     pub no_norm_pix: bool,
     /// Write a reconstruction preview PNG every N epochs (0: only at the end)
-    #[arg(long, default_value_t = 0)]
+    #[arg(value_parser = crate::check::int_flag(0, i64::MAX), long, default_value_t = 0)]
     pub preview_every: i64,
 }
 
@@ -212,22 +212,22 @@ impl MaeArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct DinoArgs {
     /// Prototypes of the DINO head
-    #[arg(long, default_value_t = DinoConfig::default().out_dim)]
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = DinoConfig::default().out_dim)]
     pub dino_out_dim: i64,
-    #[arg(long, default_value_t = DinoConfig::default().local_crops)]
+    #[arg(value_parser = crate::check::int_flag(0, i64::MAX), long, default_value_t = DinoConfig::default().local_crops)]
     pub dino_local_crops: i64,
     /// Local crop size in pixels (default: 0.43 x image size, a multiple of the patch size)
-    #[arg(long, default_value_t = DinoConfig::default().local_size)]
+    #[arg(value_parser = crate::check::int_flag(0, crate::backbone::MAX_IMG_SIZE), long, default_value_t = DinoConfig::default().local_size)]
     pub dino_local_size: i64,
-    #[arg(long, default_value_t = DinoConfig::default().teacher_temp)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::POSITIVE), long, default_value_t = DinoConfig::default().teacher_temp)]
     pub dino_teacher_temp: f64,
     /// Teacher temperature at the start of the warm-up
-    #[arg(long, default_value_t = DinoConfig::default().warmup_teacher_temp)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::POSITIVE), long, default_value_t = DinoConfig::default().warmup_teacher_temp)]
     pub dino_warmup_teacher_temp: f64,
-    #[arg(long, default_value_t = DinoConfig::default().warmup_teacher_epochs)]
+    #[arg(value_parser = crate::check::int_flag(0, i64::MAX), long, default_value_t = DinoConfig::default().warmup_teacher_epochs)]
     pub dino_warmup_teacher_epochs: i64,
     /// EMA momentum at the start (cosine to 1)
-    #[arg(long, default_value_t = DinoConfig::default().momentum)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::UNIT), long, default_value_t = DinoConfig::default().momentum)]
     pub dino_momentum: f64,
 }
 

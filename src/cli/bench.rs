@@ -7,7 +7,7 @@ pub struct Args {
     /// timm preset name
     #[arg(long, default_value = "vit_base_patch16_224")]
     pub model: String,
-    #[arg(long, default_value_t = 128)]
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = 128)]
     pub batch: i64,
     /// Timed steps (after 3 warm-up steps); the median is reported
     #[arg(long, default_value_t = 20)]
@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long)]
     pub data: Option<std::path::PathBuf>,
     /// Image size for the data-loading benchmark
-    #[arg(long, default_value_t = 224)]
+    #[arg(value_parser = crate::check::int_flag(1, crate::backbone::MAX_IMG_SIZE), long, default_value_t = 224)]
     pub size: i64,
 }
 

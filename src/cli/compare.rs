@@ -36,14 +36,14 @@ pub struct Args {
     #[arg(long, value_enum)]
     pub pretext: Option<Pretext>,
     /// Model input size in pixels (default: the data's, or the checkpoint's)
-    #[arg(long)]
+    #[arg(value_parser = crate::check::int_flag(1, crate::backbone::MAX_IMG_SIZE), long)]
     pub img_size: Option<i64>,
     /// Comma-separated reference baselines: linear, full, or none
     #[arg(long, value_enum, value_delimiter = ',')]
     pub references: Option<Vec<ReferenceArg>>,
-    #[arg(long)]
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long)]
     pub tpp_epochs: Option<i64>,
-    #[arg(long)]
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long)]
     pub ft_epochs: Option<i64>,
     /// Report folder (report.md, results.json, plots, and every run)
     #[arg(long)]

@@ -16,7 +16,7 @@ pub struct Args {
     /// Output .npy: float32 [N, D] pooled features (rows in sorted file order for folders)
     #[arg(long)]
     pub output: PathBuf,
-    #[arg(long, default_value_t = 32)]
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = 32)]
     pub batch_size: i64,
     /// Normalisation of image files: imagenet, half ([-1, 1]) or none ([0, 1]); .npy input is used as is
     #[arg(long, default_value = "imagenet")]

@@ -22,19 +22,19 @@ pub struct Args {
     pub data: DataArgs,
     #[command(flatten)]
     pub optim: OptimArgs,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::UNIT_OPEN_HIGH), long, default_value_t = 0.0)]
     pub label_smoothing: f64,
     /// Mixup alpha (0: off)
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::NON_NEGATIVE), long, default_value_t = 0.0)]
     pub mixup: f64,
     /// Early stopping: epochs without validation improvement (0: off)
-    #[arg(long, default_value_t = 0)]
+    #[arg(value_parser = crate::check::int_flag(0, i64::MAX), long, default_value_t = 0)]
     pub patience: i64,
     /// Gradient accumulation steps
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
     pub accum: i64,
     /// Layer-wise lr decay (full fine-tuning)
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = crate::check::float_flag(crate::check::UNIT_OPEN_LOW), long, default_value_t = 1.0)]
     pub layer_decay: f64,
     #[command(flatten)]
     pub aug: AugArgs,

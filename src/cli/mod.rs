@@ -75,10 +75,10 @@ pub struct BackboneArgs {
     #[arg(long)]
     pub backbone: std::path::PathBuf,
     /// Attention heads, when neither shapes (head dim 64 assumed) nor a config.json beside the file tell
-    #[arg(long)]
+    #[arg(value_parser = crate::check::int_flag(1, 4096), long)]
     pub heads: Option<i64>,
     /// Input image size; position embeddings are resampled (bicubic) from the checkpoint's grid
-    #[arg(long)]
+    #[arg(value_parser = crate::check::int_flag(1, crate::backbone::MAX_IMG_SIZE), long)]
     pub img_size: Option<i64>,
     /// Pooling: cls or mean (default: as the checkpoint implies)
     #[arg(long)]

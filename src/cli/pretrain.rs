@@ -37,19 +37,19 @@ pub struct BackboneTrainArgs {
     /// Architecture preset (vit_tiny_patch16_224, ...); the flags below override its fields
     #[arg(long, default_value = "vit_tiny_patch16_224")]
     pub arch: String,
-    #[arg(long)]
+    #[arg(value_parser = crate::check::int_flag(1, 1024), long)]
     pub patch_size: Option<i64>,
-    #[arg(long)]
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long)]
     pub embed_dim: Option<i64>,
-    #[arg(long)]
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long)]
     pub depth: Option<i64>,
-    #[arg(long)]
+    #[arg(value_parser = crate::check::int_flag(1, 4096), long)]
     pub heads: Option<i64>,
     /// Image size (default: the dataset's)
-    #[arg(long)]
+    #[arg(value_parser = crate::check::int_flag(1, crate::backbone::MAX_IMG_SIZE), long)]
     pub img_size: Option<i64>,
     /// Input channels (default: the dataset's)
-    #[arg(long)]
+    #[arg(value_parser = crate::check::int_flag(1, 3), long)]
     pub in_chans: Option<i64>,
     #[command(flatten)]
     pub data: DataArgs,

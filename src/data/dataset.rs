@@ -115,6 +115,20 @@ pub fn stratified_subset(split: &Split, task: Task, fraction: f64, seed: u64) ->
     out
 }
 
+/// A segmentation split must hold foreground somewhere: masks that binarise to background everywhere
+/// (another encoding than 0/255 or 0/1, or labels that never exceed the threshold) would train to
+/// predict nothing and report a perfect Dice.
+pub fn check_foreground(train: &Split, source: &std::path::Path) -> Result<()> {
+    if train.labels.gt(0).any().int64_value(&[]) == 0 {
+        bail!(
+            "{}: no training mask has a foreground pixel (binary masks are read as 0/255 or 0/1 grey images, \
+             label volumes as > 0; for class-id masks pass --mask-classes)",
+            source.display()
+        );
+    }
+    Ok(())
+}
+
 /// Counts of each class in a single-label split (for checks and reports).
 pub fn class_counts(split: &Split, num_classes: i64) -> Vec<i64> {
     let labels = Vec::<i64>::try_from(split.labels.to_kind(Kind::Int64).flatten(0, -1)).unwrap_or_default();

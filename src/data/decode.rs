@@ -6,8 +6,32 @@ use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
+/// How a file's pixels become bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pixels {
+    /// Three channels.
+    Rgb,
+    /// One grey channel (luma).
+    Grey,
+    /// One channel, each pixel's largest channel value, resized nearest-neighbour: masks, where a red-only
+    /// or a grey class map must keep its values.
+    Mask,
+}
+
 /// One decoded image: C x size x size bytes, channel-planar.
 pub fn decode(path: &Path, size: u32, grey: bool, nearest: bool) -> Result<Vec<u8>> {
+    let pixels = match (grey, nearest) {
+        (_, true) => Pixels::Mask,
+        (true, false) => Pixels::Grey,
+        (false, false) => Pixels::Rgb,
+    };
+    decode_as(path, size, pixels)
+}
+
+/// One decoded image in `pixels`' layout at `size` x `size`.
+pub fn decode_as(path: &Path, size: u32, pixels: Pixels) -> Result<Vec<u8>> {
+    let nearest = pixels == Pixels::Mask;
+    let grey = pixels == Pixels::Grey;
     let img = if super::dicom::is_dicom(path) {
         image::DynamicImage::ImageLuma8(super::dicom::decode(path, size, None)?)
     } else {
@@ -17,6 +41,9 @@ pub fn decode(path: &Path, size: u32, grey: bool, nearest: bool) -> Result<Vec<u
     let img = img.resize_exact(size, size, filter);
     if grey {
         return Ok(img.to_luma8().into_raw());
+    }
+    if nearest {
+        return Ok(img.to_rgb8().into_raw().chunks_exact(3).map(|p| p[0].max(p[1]).max(p[2])).collect());
     }
     let rgb = img.to_rgb8().into_raw();
     let hw = (size * size) as usize;

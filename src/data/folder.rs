@@ -77,12 +77,18 @@ pub fn csv_items(csv: &Path) -> Result<Items> {
     let multilabel = cols.len() > 2;
     let mut files = Vec::new();
     let mut raw: Vec<Vec<String>> = Vec::new();
+    // Each image once: a repeated row would put one image in two splits (or give it two labels).
+    let mut first_line: std::collections::HashMap<PathBuf, usize> = Default::default();
     for (i, line) in lines.enumerate() {
         let f: Vec<&str> = line.split(',').map(str::trim).collect();
         if f.len() != cols.len() {
             bail!("{}: line {} has {} fields, the header has {}", csv.display(), i + 2, f.len(), cols.len());
         }
-        files.push(base.join(f[0]));
+        let file = base.join(f[0]);
+        if let Some(first) = first_line.insert(file.clone(), i + 2) {
+            bail!("{}: line {} names {} again (first on line {first})", csv.display(), i + 2, f[0]);
+        }
+        files.push(file);
         raw.push(f[1..].iter().map(|s| s.to_string()).collect());
     }
     if files.is_empty() {
@@ -141,6 +147,24 @@ pub fn split_indices(keys: &[i64], seed: u64) -> [Vec<i64>; 3] {
     [train, val, test]
 }
 
+/// Every class (single-label tasks) needs 3 images for a train/val/test split to give it a training one.
+fn check_class_sizes(name: &str, items: &Items, keep: &[usize]) -> Result<()> {
+    if items.task == Task::Multilabel {
+        return Ok(());
+    }
+    let mut counts = vec![0usize; items.class_names.len()];
+    for &i in keep {
+        counts[items.labels[i][0] as usize] += 1;
+    }
+    if let Some((k, n)) = counts.iter().enumerate().find(|(_, n)| **n < 3) {
+        bail!(
+            "{name}: class '{}' has {n} image(s); a train/val/test split needs at least 3 per class",
+            items.class_names[k]
+        );
+    }
+    Ok(())
+}
+
 /// Decodes items into a dataset with a seeded split; `bad` files (with --skip-bad) are reported.
 pub fn build(name: &str, items: Items, opts: FileOptions) -> Result<(Dataset, Vec<PathBuf>, [Vec<i64>; 3])> {
     let size = opts.image_size;
@@ -149,6 +173,7 @@ pub fn build(name: &str, items: Items, opts: FileOptions) -> Result<(Dataset, Ve
         tracing::warn!("skipped bad file {}: {e}", items.files[*i].display());
     }
     let keep: Vec<usize> = (0..items.files.len()).filter(|i| !bad.iter().any(|(b, _)| b == i)).collect();
+    check_class_sizes(name, &items, &keep)?;
     let files: Vec<PathBuf> = keep.iter().map(|&i| items.files[i].clone()).collect();
     let labels: Vec<Vec<f64>> = keep.iter().map(|&i| items.labels[i].clone()).collect();
     let channels = if opts.grey { 1 } else { 3 };

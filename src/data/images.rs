@@ -41,43 +41,50 @@ pub fn is_image(p: &Path) -> bool {
 
 /// Image files of a folder (sorted, non-recursive), or the file itself.
 pub fn list_images(path: &Path) -> Result<Vec<PathBuf>> {
-    if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .with_context(|| format!("{}: cannot list folder", path.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && is_image(p))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            bail!("{}: folder has no image files ({})", path.display(), EXTENSIONS.join(", "));
+    // Every failure here is a problem with the input named.
+    crate::error::input((|| -> Result<Vec<PathBuf>> {
+        if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("{}: cannot list folder", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && is_image(p))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("{}: folder has no image files ({})", path.display(), EXTENSIONS.join(", "));
+            }
+            Ok(files)
+        } else if path.is_file() {
+            if !is_image(path) {
+                bail!("{}: not an image file ({})", path.display(), EXTENSIONS.join(", "));
+            }
+            Ok(vec![path.to_path_buf()])
+        } else {
+            bail!("{}: no such file or folder", path.display())
         }
-        Ok(files)
-    } else if path.is_file() {
-        if !is_image(path) {
-            bail!("{}: not an image file ({})", path.display(), EXTENSIONS.join(", "));
-        }
-        Ok(vec![path.to_path_buf()])
-    } else {
-        bail!("{}: no such file or folder", path.display())
-    }
+    })())
 }
 
 /// Loads one image as [C, size, size] (C = 3, or 1 when `grey`), resized bilinearly and normalised.
 pub fn load_image(path: &Path, size: u32, grey: bool, norm: &Normalize) -> Result<Tensor> {
-    let img = if super::dicom::is_dicom(path) {
-        image::DynamicImage::ImageLuma8(super::dicom::decode(path, size, None)?)
-    } else {
-        image::open(path).map_err(|e| anyhow!("{}: cannot decode image ({e})", path.display()))?
-    };
-    let img = img.resize_exact(size, size, FilterType::Triangle);
-    let (c, data): (usize, Vec<u8>) = if grey { (1, img.to_luma8().into_raw()) } else { (3, img.to_rgb8().into_raw()) };
-    let hw = (size * size) as usize;
-    let mut out = vec![0f32; c * hw];
-    // Interleaved HWC bytes to planar CHW floats.
-    for (i, px) in data.chunks_exact(c).enumerate() {
-        for ch in 0..c {
-            out[ch * hw + i] = (px[ch] as f32 / 255.0 - norm.mean[ch]) / norm.std[ch];
+    // Every failure here is a problem with the input named.
+    crate::error::input((|| -> Result<Tensor> {
+        let img = if super::dicom::is_dicom(path) {
+            image::DynamicImage::ImageLuma8(super::dicom::decode(path, size, None)?)
+        } else {
+            image::open(path).map_err(|e| anyhow!("{}: cannot decode image ({e})", path.display()))?
+        };
+        let img = img.resize_exact(size, size, FilterType::Triangle);
+        let (c, data): (usize, Vec<u8>) =
+            if grey { (1, img.to_luma8().into_raw()) } else { (3, img.to_rgb8().into_raw()) };
+        let hw = (size * size) as usize;
+        let mut out = vec![0f32; c * hw];
+        // Interleaved HWC bytes to planar CHW floats.
+        for (i, px) in data.chunks_exact(c).enumerate() {
+            for ch in 0..c {
+                out[ch * hw + i] = (px[ch] as f32 / 255.0 - norm.mean[ch]) / norm.std[ch];
+            }
         }
-    }
-    Ok(Tensor::from_slice(&out).reshape([c as i64, size as i64, size as i64]))
+        Ok(Tensor::from_slice(&out).reshape([c as i64, size as i64, size as i64]))
+    })())
 }

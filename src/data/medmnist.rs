@@ -14,10 +14,14 @@ fn read_array(
         .map_err(|e| anyhow!("{}: cannot read array '{name}' ({e})", path.display()))?
         .ok_or_else(|| anyhow!("{}: array '{name}' missing (not a MedMNIST file?)", path.display()))?;
     let shape = arr.shape().to_vec();
+    let fortran = arr.order() == npyz::Order::Fortran;
     let data = arr
         .into_vec::<u8>()
         .map_err(|e| anyhow!("{}: array '{name}' is not uint8 or is corrupt ({e})", path.display()))?;
-    Ok((shape, data))
+    if shape.is_empty() || shape.contains(&0) {
+        bail!("{}: array '{name}' has shape {shape:?}; it needs at least one element along every axis", path.display());
+    }
+    Ok((shape.clone(), if fortran { super::npy::c_order(&data, &shape) } else { data }))
 }
 
 fn split(
@@ -58,7 +62,11 @@ pub fn open(path: &Path) -> Result<Dataset> {
     let width = train.labels.size()[1];
     let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("medmnist").to_string();
     let (task, num_classes) = if width > 1 {
-        for s in [&mut train, &mut val, &mut test] {
+        for (s, which) in [(&mut train, "train"), (&mut val, "val"), (&mut test, "test")] {
+            let max = s.labels.max().int64_value(&[]);
+            if max > 1 {
+                bail!("{}: {which}_labels holds {max}; multi-label values must be 0 or 1", path.display());
+            }
             s.labels = s.labels.to_kind(Kind::Float);
         }
         (Task::Multilabel, width)

@@ -61,25 +61,28 @@ pub fn infer_format(path: &Path) -> Result<&'static str> {
 
 /// The task and number of classes of a dataset, without decoding any image of file-based formats.
 pub fn describe(path: &Path, o: &DataOptions) -> Result<(Task, i64)> {
-    let fmt = match &o.format {
-        Some(f) => f.as_str(),
-        None => infer_format(path)?,
-    };
-    Ok(match fmt {
-        "folder" => {
-            let i = folder::folder_items(path)?;
-            (i.task, i.class_names.len() as i64)
-        }
-        "csv" => {
-            let i = folder::csv_items(path)?;
-            (i.task, i.class_names.len() as i64)
-        }
-        "segpairs" | "nifti" => (Task::Segmentation, o.mask_classes.max(2)),
-        _ => {
-            let d = open_with(path, o)?.0;
-            (d.task, d.num_classes)
-        }
-    })
+    // Every failure here is a problem with the input named.
+    crate::error::input((|| -> Result<(Task, i64)> {
+        let fmt = match &o.format {
+            Some(f) => f.as_str(),
+            None => infer_format(path)?,
+        };
+        Ok(match fmt {
+            "folder" => {
+                let i = folder::folder_items(path)?;
+                (i.task, i.class_names.len() as i64)
+            }
+            "csv" => {
+                let i = folder::csv_items(path)?;
+                (i.task, i.class_names.len() as i64)
+            }
+            "segpairs" | "nifti" => (Task::Segmentation, o.mask_classes.max(2)),
+            _ => {
+                let d = open_with(path, o)?.0;
+                (d.task, d.num_classes)
+            }
+        })
+    })())
 }
 
 /// Opens a dataset, inferring the format from the path (`--format` overrides).
@@ -89,32 +92,35 @@ pub fn open(path: &Path, format: Option<&str>) -> Result<Dataset> {
 
 /// Opens a dataset; for file-based formats also returns (files, split indices) to record the split.
 pub fn open_with(path: &Path, o: &DataOptions) -> Result<(Dataset, Option<SplitRecord>)> {
-    let fmt = match &o.format {
-        Some(f) => f.as_str(),
-        None => infer_format(path)?,
-    };
-    let fo = folder::FileOptions { image_size: o.image_size.unwrap_or(224), grey: o.grey, skip_bad: o.skip_bad };
-    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("data").to_string();
-    match fmt {
-        "medmnist" | "npz" => Ok((medmnist::open(path)?, None)),
-        "folder" => {
-            let (d, f, p) = folder::build(&name, folder::folder_items(path)?, fo)?;
-            Ok((d, Some((f, p))))
+    // Every failure here is a problem with the input named.
+    crate::error::input((|| -> Result<(Dataset, Option<SplitRecord>)> {
+        let fmt = match &o.format {
+            Some(f) => f.as_str(),
+            None => infer_format(path)?,
+        };
+        let fo = folder::FileOptions { image_size: o.image_size.unwrap_or(224), grey: o.grey, skip_bad: o.skip_bad };
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("data").to_string();
+        match fmt {
+            "medmnist" | "npz" => Ok((medmnist::open(path)?, None)),
+            "folder" => {
+                let (d, f, p) = folder::build(&name, folder::folder_items(path)?, fo)?;
+                Ok((d, Some((f, p))))
+            }
+            "csv" => {
+                let (d, f, p) = folder::build(&name, folder::csv_items(path)?, fo)?;
+                Ok((d, Some((f, p))))
+            }
+            "segpairs" => {
+                let (d, f, p) = segpairs::open(path, fo, o.mask_classes)?;
+                Ok((d, Some((f, p))))
+            }
+            "nifti" => {
+                let Some(labels) = &o.labels else {
+                    bail!("{}: a NIfTI volume needs its label volume (--labels <file.nii.gz>)", path.display());
+                };
+                Ok((nifti::open(path, labels, fo.image_size, o.mask_classes)?, None))
+            }
+            other => bail!("unknown --format '{other}' (supported: medmnist, folder, csv, segpairs, nifti)"),
         }
-        "csv" => {
-            let (d, f, p) = folder::build(&name, folder::csv_items(path)?, fo)?;
-            Ok((d, Some((f, p))))
-        }
-        "segpairs" => {
-            let (d, f, p) = segpairs::open(path, fo, o.mask_classes)?;
-            Ok((d, Some((f, p))))
-        }
-        "nifti" => {
-            let Some(labels) = &o.labels else {
-                bail!("{}: a NIfTI volume needs its label volume (--labels <file.nii.gz>)", path.display());
-            };
-            Ok((nifti::open(path, labels, fo.image_size, o.mask_classes)?, None))
-        }
-        other => bail!("unknown --format '{other}' (supported: medmnist, folder, csv, segpairs, nifti)"),
-    }
+    })())
 }

@@ -68,9 +68,15 @@ pub fn open(image: &Path, labels: &Path, size: i64, mask_classes: i64) -> Result
     let s = size as u32;
     let mut imgs = Vec::with_capacity(n * (s * s) as usize);
     let mut masks = Vec::with_capacity(n * (s * s) as usize);
-    let max_label = l.iter().copied().fold(0f32, f32::max) as i64;
+    if let Some(x) = l.iter().find(|x| !x.is_finite() || **x < 0.0) {
+        bail!("{}: label value {x} (labels must be finite and >= 0)", labels.display());
+    }
+    let max_label = l.iter().copied().fold(0f32, f32::max).round() as i64;
     if mask_classes > 2 && max_label >= mask_classes {
         bail!("{}: label {max_label} found, but --mask-classes is {mask_classes}", labels.display());
+    }
+    if n < 3 {
+        bail!("{}: {n} axial slices; a train/val/test split needs at least 3", image.display());
     }
     for k in 0..n {
         imgs.extend(slice(&v, dims, k, s, false, |x| (((x - lo) / span).clamp(0.0, 1.0) * 255.0).round() as u8));
@@ -80,7 +86,7 @@ pub fn open(image: &Path, labels: &Path, size: i64, mask_classes: i64) -> Result
             k,
             s,
             true,
-            |x| if mask_classes > 2 { x.round() as u8 } else { u8::from(x > 0.5) },
+            |x| if mask_classes > 2 { x.round() as u8 } else { u8::from(x > 0.0) },
         ));
     }
     let images = Tensor::from_slice(&imgs).reshape([n as i64, 1, size, size]);
@@ -90,6 +96,7 @@ pub fn open(image: &Path, labels: &Path, size: i64, mask_classes: i64) -> Result
         let i = Tensor::from_slice(idx);
         Split { images: images.index_select(0, &i), labels: labels_t.index_select(0, &i) }
     };
+    super::dataset::check_foreground(&take(&parts[0]), labels)?;
     let name = image
         .file_name()
         .and_then(|s| s.to_str())

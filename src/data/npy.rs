@@ -5,23 +5,57 @@ use std::io::BufWriter;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
-/// Reads a C-order float32 (or float64, converted) array.
-pub fn read_f32(path: &Path) -> Result<Tensor> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read file", path.display()))?;
-    let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| anyhow!("{}: not a valid .npy file ({e})", path.display()))?;
-    if npy.order() != npyz::Order::C {
-        bail!("{}: Fortran-order arrays are not supported; save with np.ascontiguousarray", path.display());
+/// Elements stored in Fortran (column-major) order, rearranged into C (row-major) order for `shape`.
+pub fn c_order<T: Copy>(data: &[T], shape: &[u64]) -> Vec<T> {
+    let n = data.len();
+    let mut out = Vec::with_capacity(n);
+    // Element i in C order has multi-index (i_0, ..., i_k); its Fortran offset weighs axis 0 fastest.
+    let mut strides = vec![1usize; shape.len()];
+    for a in 1..shape.len() {
+        strides[a] = strides[a - 1] * shape[a - 1] as usize;
     }
-    let shape: Vec<i64> = npy.shape().iter().map(|&s| s as i64).collect();
-    let data: Vec<f32> = match npy.dtype() {
-        DType::Plain(t) if t.type_char() == TypeChar::Float && t.size_field() == 4 => npy.into_vec::<f32>(),
-        DType::Plain(t) if t.type_char() == TypeChar::Float && t.size_field() == 8 => {
-            npy.into_vec::<f64>().map(|v| v.into_iter().map(|x| x as f32).collect())
+    let mut idx = vec![0usize; shape.len()];
+    for _ in 0..n {
+        out.push(data[idx.iter().zip(&strides).map(|(i, s)| i * s).sum::<usize>()]);
+        for a in (0..shape.len()).rev() {
+            idx[a] += 1;
+            if idx[a] < shape[a] as usize {
+                break;
+            }
+            idx[a] = 0;
         }
-        other => bail!("{}: dtype {} is not supported (expected float32)", path.display(), other.descr()),
     }
-    .map_err(|e| anyhow!("{}: truncated or corrupt data ({e})", path.display()))?;
-    Ok(Tensor::from_slice(&data).reshape(&shape))
+    out
+}
+
+/// Reads a float32 (or float64, converted) array of at least one element per axis and only finite
+/// values; Fortran-order arrays are rearranged.
+pub fn read_f32(path: &Path) -> Result<Tensor> {
+    // Every failure here is a problem with the input named.
+    crate::error::input((|| -> Result<Tensor> {
+        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read file", path.display()))?;
+        let npy =
+            npyz::NpyFile::new(&bytes[..]).map_err(|e| anyhow!("{}: not a valid .npy file ({e})", path.display()))?;
+        let fortran = npy.order() == npyz::Order::Fortran;
+        let dims = npy.shape().to_vec();
+        if dims.is_empty() || dims.contains(&0) {
+            bail!("{}: array has shape {dims:?}; it needs at least one element along every axis", path.display());
+        }
+        let shape: Vec<i64> = dims.iter().map(|&s| s as i64).collect();
+        let data: Vec<f32> = match npy.dtype() {
+            DType::Plain(t) if t.type_char() == TypeChar::Float && t.size_field() == 4 => npy.into_vec::<f32>(),
+            DType::Plain(t) if t.type_char() == TypeChar::Float && t.size_field() == 8 => {
+                npy.into_vec::<f64>().map(|v| v.into_iter().map(|x| x as f32).collect())
+            }
+            other => bail!("{}: dtype {} is not supported (expected float32)", path.display(), other.descr()),
+        }
+        .map_err(|e| anyhow!("{}: truncated or corrupt data ({e})", path.display()))?;
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            bail!("{}: element {i} is {} (inputs must be finite)", path.display(), data[i]);
+        }
+        let data = if fortran { c_order(&data, &dims) } else { data };
+        Ok(Tensor::from_slice(&data).reshape(&shape))
+    })())
 }
 
 /// Writes a tensor as a C-order float32 `.npy`.
@@ -63,5 +97,14 @@ mod tests {
         assert!(e.contains("bad.npy"), "{e}");
         std::fs::write(&bad, b"hello").unwrap();
         assert!(read_f32(&bad).unwrap_err().to_string().contains("not a valid .npy"));
+        // Column-major storage: [[0, 1, 2], [3, 4, 5]] is stored 0, 3, 1, 4, 2, 5.
+        assert_eq!(c_order(&[0, 3, 1, 4, 2, 5], &[2, 3]), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(c_order(&[0, 1, 2, 3], &[4]), [0, 1, 2, 3]);
+        // No element, or a non-finite one: errors naming the file.
+        write_f32(&bad, &Tensor::zeros([0, 3], (Kind::Float, tch::Device::Cpu))).unwrap();
+        assert!(read_f32(&bad).unwrap_err().to_string().contains("at least one element"));
+        write_f32(&bad, &Tensor::from_slice(&[1f32, f32::NAN])).unwrap();
+        let e = read_f32(&bad).unwrap_err().to_string();
+        assert!(e.contains("bad.npy") && e.contains("NaN"), "{e}");
     }
 }

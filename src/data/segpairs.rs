@@ -1,6 +1,8 @@
 //! Segmentation pairs: `root/images/*` and `root/masks/*` matched by file stem (Kvasir-SEG's layout).
-//! Masks are binarised (> 127 is foreground) unless `mask_classes` > 2, in which case pixel values are
-//! class ids. Images and masks must have the same size. Seeded 70/10/20 split.
+//! A mask pixel's value is its largest channel (grey, or a red-only RGB mask). Masks are binarised unless
+//! `mask_classes` > 2, in which case pixel values are class ids: 0/255 masks at 127, and masks whose values
+//! are only 0 and 1 at 1. Images and masks must have the same size. Seeded 70/10/20 split; the training
+//! masks must hold some foreground.
 use super::dataset::{Dataset, Split, Task};
 use super::decode::{decode_all, stack};
 use super::folder::{FileOptions, split_indices};
@@ -84,15 +86,20 @@ pub fn open(root: &Path, opts: FileOptions, mask_classes: i64) -> Result<(Datase
     let (mdecoded, _) = decode_all(&mfiles, size as u32, true, true, false)?;
     let images = stack(&decoded, if opts.grey { 1 } else { 3 }, size)?;
     let raw = stack(&mdecoded, 1, size)?.squeeze_dim(1).to_kind(Kind::Int64);
+    let max = raw.max().int64_value(&[]);
     let (labels, k) = if mask_classes > 2 {
-        let max = raw.max().int64_value(&[]);
         if max >= mask_classes {
             bail!("{}: a mask holds class {max}, but --mask-classes is {mask_classes}", root.display());
         }
         (raw, mask_classes)
     } else {
-        (raw.gt(127).to_kind(Kind::Int64), 2)
+        // 0/1 masks (no value above 1 anywhere) mark foreground with 1, 0/255 masks with 255.
+        let threshold = if max <= 1 { 0 } else { 127 };
+        (raw.gt(threshold).to_kind(Kind::Int64), 2)
     };
+    if files.len() < 3 {
+        bail!("{}: {} image/mask pairs; a train/val/test split needs at least 3", root.display(), files.len());
+    }
     let parts = split_indices(&vec![0; files.len()], 0);
     let take = |idx: &[i64]| {
         let i = Tensor::from_slice(idx);
@@ -107,5 +114,6 @@ pub fn open(root: &Path, opts: FileOptions, mask_classes: i64) -> Result<(Datase
         val: take(&parts[1]),
         test: take(&parts[2]),
     };
+    super::dataset::check_foreground(&ds.train, &root.join("masks"))?;
     Ok((ds, files, parts))
 }

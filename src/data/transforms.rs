@@ -69,20 +69,16 @@ impl Augment {
 
     /// Rejects values no augmentation can use, naming the field.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let crop = self.crop_min_area;
-        if !(crop > 0.0 && crop <= 1.0) {
-            anyhow::bail!("crop_min_area must be in (0, 1], got {crop}");
+        use crate::check::{NON_NEGATIVE, UNIT_OPEN_LOW, float, int};
+        float("crop_min_area", self.crop_min_area, UNIT_OPEN_LOW)?;
+        float("crop_max_area", self.crop_max_area, UNIT_OPEN_LOW)?;
+        if self.crop_max_area < self.crop_min_area {
+            let (lo, hi) = (self.crop_min_area, self.crop_max_area);
+            return Err(crate::error::bad_input!("crop_max_area ({hi}) must be >= crop_min_area ({lo})"));
         }
-        if !(self.crop_max_area >= crop && self.crop_max_area <= 1.0) {
-            anyhow::bail!("crop_max_area must be in [crop_min_area, 1], got {}", self.crop_max_area);
-        }
-        if self.pad_crop < 0 {
-            anyhow::bail!("pad_crop must be >= 0, got {}", self.pad_crop);
-        }
-        if !(self.rotate_deg >= 0.0 && self.jitter >= 0.0) {
-            anyhow::bail!("rotate and jitter must be >= 0");
-        }
-        Ok(())
+        int("pad_crop", self.pad_crop, 0, i64::MAX)?;
+        float("rotate", self.rotate_deg, NON_NEGATIVE)?;
+        float("jitter", self.jitter, NON_NEGATIVE)
     }
 
     /// No augmentation.
@@ -245,6 +241,19 @@ impl Norm {
         let std = Vec::<f64>::try_from(x.std_dim(dims.as_slice(), false, false)).unwrap_or_default();
         let pick = |v: &[f64], i: usize| v.get(if c == 3 { i } else { 0 }).copied().unwrap_or(0.5).max(1e-6);
         Norm { mean: [0, 1, 2].map(|i| pick(&mean, i)), std: [0, 1, 2].map(|i| pick(&std, i)) }
+    }
+
+    /// Finite means and positive standard deviations (or the [`Norm::DATASET`] placeholder).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use crate::check::{FINITE, POSITIVE, float};
+        if *self == Self::DATASET {
+            return Ok(());
+        }
+        for (m, s) in self.mean.iter().zip(&self.std) {
+            float("norm mean", *m, FINITE)?;
+            float("norm std", *s, POSITIVE)?;
+        }
+        Ok(())
     }
 
     /// uint8 [B, C, H, W] -> normalised float; grey images use the channel-mean statistics.

@@ -157,19 +157,41 @@ impl CompareConfig {
 
     /// Reads a TOML config; errors name the file and the key.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let invalid = |e: String| anyhow!("{}: invalid config: {}", path.display(), e.replace('\n', " "));
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(e.to_string()))?;
-        let keys: Vec<String> = table.keys().cloned().collect();
-        let cfg: CompareConfig =
-            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| invalid(e.to_string()))?;
-        // serde cannot reject unknown keys next to flattened ones: every key must be a field.
-        let known = serde_json::to_value(&cfg)?;
-        if let Some(k) = keys.iter().find(|k| known.get(k.as_str()).is_none()) {
-            return Err(invalid(format!("unknown key `{k}`")));
+        // Every failure here is a problem with the input named.
+        crate::error::input((|| -> Result<Self> {
+            let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+            let invalid = |e: String| anyhow!("{}: invalid config: {}", path.display(), e.replace('\n', " "));
+            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+            let keys: Vec<String> = table.keys().cloned().collect();
+            let cfg: CompareConfig =
+                toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+            // serde cannot reject unknown keys next to flattened ones: every key must be a field.
+            let known = serde_json::to_value(&cfg)?;
+            if let Some(k) = keys.iter().find(|k| known.get(k.as_str()).is_none()) {
+                return Err(invalid(format!("unknown key `{k}`")));
+            }
+            PeftSpec::new(Vec::new(), &cfg.peft).map_err(|e| invalid(format!("[peft]: {e}")))?;
+            cfg.validate().map_err(|e| invalid(format!("{e:#}")))?;
+            Ok(cfg)
+        })())
+    }
+
+    /// Rejects settings no comparison could run, naming the section and option.
+    pub fn validate(&self) -> Result<()> {
+        self.backbone.validate()?;
+        if self.seeds.is_empty() {
+            return Err(crate::error::bad_input!("seeds: none given"));
         }
-        PeftSpec::new(Vec::new(), &cfg.peft).map_err(|e| invalid(format!("[peft]: {e}")))?;
-        Ok(cfg)
+        self.tpp.config.validate().map_err(|e| e.context("[tpp]"))?;
+        self.finetune.config.validate().map_err(|e| e.context("[finetune]"))?;
+        crate::check::float("[finetune] full_lr", self.finetune.full_lr, crate::check::POSITIVE)?;
+        let fraction = self.finetune.train_fraction;
+        crate::check::float("[finetune] train_fraction", fraction, crate::check::UNIT_OPEN_LOW)?;
+        self.dino.validate().map_err(|e| e.context("[dino]"))?;
+        for m in &self.methods {
+            self.spec(m)?;
+        }
+        Ok(())
     }
 
     /// The spec of one method set with the config's PEFT options.
@@ -260,9 +282,7 @@ impl CompareConfig {
 
     /// Every stage of the comparison into `out`.
     pub fn grid(&self, out: &Path) -> Result<Grid> {
-        if self.seeds.is_empty() {
-            bail!("compare: no seeds");
-        }
+        self.validate()?;
         // Task and classes only; each run reads the data at its model's size.
         let (task, num_classes) =
             DataSource { format: self.format.clone(), ..DataSource::new(&self.data) }.describe()?;

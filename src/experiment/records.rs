@@ -42,6 +42,17 @@ impl BackboneSource {
         BackboneSource { path: path.into(), heads: None, img_size: None, pool: None }
     }
 
+    /// Rejects options no load could use.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(h) = self.heads {
+            crate::check::int("heads", h, 1, 1 << 12)?;
+        }
+        if let Some(s) = self.img_size {
+            crate::check::int("img_size", s, 1, crate::backbone::MAX_IMG_SIZE)?;
+        }
+        Ok(())
+    }
+
     /// The loader's options.
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions { num_heads: self.heads, img_size: self.img_size, pool: self.pool }
@@ -84,6 +95,11 @@ impl DataSource {
     /// A data set at `path` with default options.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         DataSource { data: path.into(), format: None, skip_bad: false, mask_classes: 2, labels: None }
+    }
+
+    /// Rejects options no data set could use.
+    pub fn validate(&self) -> Result<()> {
+        crate::check::int("mask_classes", self.mask_classes, 2, 256)
     }
 
     /// Reading options for a model's input (size and channels of file-based formats).
@@ -144,12 +160,24 @@ pub struct RunRecord {
 pub const RUN_JSON: &str = "run.json";
 
 impl RunRecord {
+    /// Rejects a run no training could do, naming the option (before anything is written).
+    pub fn validate(&self) -> Result<()> {
+        self.backbone.validate()?;
+        self.data.validate()?;
+        self.peft.validate()?;
+        crate::check::float("train_fraction", self.train_fraction, crate::check::UNIT_OPEN_LOW)?;
+        self.config.validate()
+    }
+
     /// Reads `<run>/run.json`.
     pub fn read(run: &Path) -> Result<Self> {
-        let p = run.join(RUN_JSON);
-        let text = std::fs::read_to_string(&p)
-            .with_context(|| format!("{}: cannot read (not a tpp run folder?)", p.display()))?;
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: not a valid run record ({e})", p.display()))
+        // Every failure here is a problem with the input named.
+        crate::error::input((|| -> Result<Self> {
+            let p = run.join(RUN_JSON);
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("{}: cannot read (not a tpp run folder?)", p.display()))?;
+            serde_json::from_str(&text).map_err(|e| anyhow!("{}: not a valid run record ({e})", p.display()))
+        })())
     }
 
     /// Writes `<run>/run.json` atomically.
@@ -209,6 +237,16 @@ pub struct TppRecord {
     /// The DINO pretext's options.
     #[serde(default)]
     pub dino: DinoConfig,
+}
+
+impl TppRecord {
+    /// Rejects a stage no training could do, naming the option (before anything is written).
+    pub fn validate(&self) -> Result<()> {
+        self.backbone.validate()?;
+        self.peft.validate()?;
+        self.config.validate()?;
+        self.dino.validate()
+    }
 }
 
 /// The folder of target parameters inside a TPP output (`<dir>/targets`) or the folder itself.

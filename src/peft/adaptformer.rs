@@ -3,7 +3,7 @@
 use super::{Method, Options, PeftMethod, kaiming_uniform_a5};
 use crate::backbone::vit::Linear;
 use crate::backbone::{StreamHook, StreamPoint, Vit};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use tch::{Tensor, nn};
 
@@ -71,10 +71,7 @@ impl StreamHook for Bottleneck {
 
 /// Checks a bottleneck width option.
 pub(crate) fn check_dim(dim: i64) -> Result<()> {
-    if dim <= 0 {
-        bail!("--adapter-dim must be positive");
-    }
-    Ok(())
+    crate::check::int("adapter_dim", dim, 1, 1 << 16)
 }
 
 impl PeftMethod for AdaptFormer {
@@ -85,7 +82,9 @@ impl PeftMethod for AdaptFormer {
         given.normalised::<AdaptFormerConfig>()
     }
     fn validate(&self, opts: &Options) -> Result<()> {
-        check_dim(opts.parse::<AdaptFormerConfig>()?.adapter_dim)
+        let c: AdaptFormerConfig = opts.parse()?;
+        crate::check::float("adapter_scale", c.adapter_scale, crate::check::FINITE)?;
+        check_dim(c.adapter_dim)
     }
     fn attach(&self, vit: &mut Vit, p: &nn::Path, opts: &Options) -> Result<i64> {
         let c: AdaptFormerConfig = opts.parse()?;

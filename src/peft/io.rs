@@ -64,67 +64,78 @@ pub fn save(t: &Targets, dir: &Path) -> Result<()> {
 /// The spec of a saved folder: `tpp_peft.json`, or else an HF PEFT `adapter_config.json` of a method
 /// that reads one.
 pub fn read_spec(dir: &Path) -> Result<PeftSpec> {
-    let ours = dir.join(SPEC);
-    if ours.exists() {
-        let text = std::fs::read_to_string(&ours).with_context(|| format!("{}: cannot read", ours.display()))?;
-        return serde_json::from_str(&text).map_err(|e| anyhow!("{}: not a valid tpp PEFT spec ({e})", ours.display()));
-    }
-    let peft = dir.join(PEFT_CONFIG);
-    if !peft.exists() {
-        let detail = format!("no {SPEC} or {PEFT_CONFIG} (not a target-parameter folder)");
-        return Err(crate::Error::UnknownFormat { path: dir.to_path_buf(), detail }.into());
-    }
-    let text = std::fs::read_to_string(&peft).with_context(|| format!("{}: cannot read", peft.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON ({e})", peft.display()))?;
-    match REGISTRY.iter().find_map(|m| m.read_hf_peft_config(&v)) {
-        Some(spec) => spec.map_err(|e| anyhow!("{}: {e:#}", peft.display())),
-        None => {
-            let mut known: Vec<String> = REGISTRY
-                .iter()
-                .filter_map(|m| m.hf_peft_config(&Options::default(), false))
-                .filter_map(|c| c["peft_type"].as_str().map(str::to_string))
-                .collect();
-            known.dedup();
-            let detail = format!("peft_type {} is not supported (only {})", v["peft_type"], known.join(", "));
-            Err(crate::Error::UnknownFormat { path: peft, detail }.into())
+    // Every failure here is a problem with the input named.
+    crate::error::input((|| -> Result<PeftSpec> {
+        let ours = dir.join(SPEC);
+        if ours.exists() {
+            let text = std::fs::read_to_string(&ours).with_context(|| format!("{}: cannot read", ours.display()))?;
+            return serde_json::from_str(&text)
+                .map_err(|e| anyhow!("{}: not a valid tpp PEFT spec ({e})", ours.display()));
         }
-    }
+        let peft = dir.join(PEFT_CONFIG);
+        if !peft.exists() {
+            let detail = format!("no {SPEC} or {PEFT_CONFIG} (not a target-parameter folder)");
+            return Err(crate::Error::UnknownFormat { path: dir.to_path_buf(), detail }.into());
+        }
+        let text = std::fs::read_to_string(&peft).with_context(|| format!("{}: cannot read", peft.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON ({e})", peft.display()))?;
+        match REGISTRY.iter().find_map(|m| m.read_hf_peft_config(&v)) {
+            Some(spec) => spec.map_err(|e| anyhow!("{}: {e:#}", peft.display())),
+            None => {
+                let mut known: Vec<String> = REGISTRY
+                    .iter()
+                    .filter_map(|m| m.hf_peft_config(&Options::default(), false))
+                    .filter_map(|c| c["peft_type"].as_str().map(str::to_string))
+                    .collect();
+                known.dedup();
+                let detail = format!("peft_type {} is not supported (only {})", v["peft_type"], known.join(", "));
+                Err(crate::Error::UnknownFormat { path: peft, detail }.into())
+            }
+        }
+    })())
 }
 
 /// Loads saved values into the target parameters. Every PEFT parameter of the model must be in the file
 /// with its exact shape; the head is loaded when both have one (`head = false` skips it, for fine-tuning
 /// a new task); anything else in the file is an error.
 pub fn load_values(t: &Targets, dir: &Path, head: bool) -> Result<()> {
-    let file = dir.join(WEIGHTS);
-    let stored = crate::backbone::checkpoint::read_safetensors(&file)?;
-    let mut stored: BTreeMap<String, Tensor> =
-        stored.into_iter().map(|(k, v)| (k.strip_prefix(PREFIX).map(str::to_string).unwrap_or(k), v)).collect();
-    // HF PEFT writes DoRA magnitudes as `lora_magnitude_vector` (older) or `.weight` (newer).
-    let renames: Vec<String> = stored.keys().filter(|k| k.ends_with("lora_magnitude_vector.weight")).cloned().collect();
-    for k in renames {
-        let v = stored.remove(&k).expect("key listed above");
-        stored.insert(k.trim_end_matches(".weight").to_string(), v);
-    }
-    let vars: BTreeMap<String, Tensor> = t.vs.variables().into_iter().collect();
-    for (name, var) in &vars {
-        let is_head = name.starts_with("head.");
-        if is_head && !head {
-            stored.remove(name);
-            continue;
+    // Every failure here is a problem with the input named.
+    crate::error::input((|| -> Result<()> {
+        let file = dir.join(WEIGHTS);
+        let stored = crate::backbone::checkpoint::read_safetensors(&file)?;
+        let mut stored: BTreeMap<String, Tensor> =
+            stored.into_iter().map(|(k, v)| (k.strip_prefix(PREFIX).map(str::to_string).unwrap_or(k), v)).collect();
+        // HF PEFT writes DoRA magnitudes as `lora_magnitude_vector` (older) or `.weight` (newer).
+        let renames: Vec<String> =
+            stored.keys().filter(|k| k.ends_with("lora_magnitude_vector.weight")).cloned().collect();
+        for k in renames {
+            let v = stored.remove(&k).expect("key listed above");
+            stored.insert(k.trim_end_matches(".weight").to_string(), v);
         }
-        let Some(src) = stored.remove(name) else {
-            if is_head {
+        let vars: BTreeMap<String, Tensor> = t.vs.variables().into_iter().collect();
+        for (name, var) in &vars {
+            let is_head = name.starts_with("head.");
+            if is_head && !head {
+                stored.remove(name);
                 continue;
             }
-            let (key, expected) = (name.clone(), var.size());
-            return Err(crate::Error::MissingKey { file, what: "target parameter", key, expected }.into());
-        };
-        crate::backbone::checkpoint::copy_checked(var, &src, &file, &format!("'{name}'"))?;
-    }
-    let extra: Vec<&String> = stored.keys().filter(|k| head || !k.starts_with("head.")).collect();
-    if !extra.is_empty() {
-        bail!("{}: parameters the model does not have: {extra:?} (another PEFT method or options?)", file.display());
-    }
-    Ok(())
+            let Some(src) = stored.remove(name) else {
+                if is_head {
+                    continue;
+                }
+                let (key, expected) = (name.clone(), var.size());
+                return Err(crate::Error::MissingKey { file, what: "target parameter", key, expected }.into());
+            };
+            crate::backbone::checkpoint::copy_checked(var, &src, &file, &format!("'{name}'"))?;
+        }
+        let extra: Vec<&String> = stored.keys().filter(|k| head || !k.starts_with("head.")).collect();
+        if !extra.is_empty() {
+            bail!(
+                "{}: parameters the model does not have: {extra:?} (another PEFT method or options?)",
+                file.display()
+            );
+        }
+        Ok(())
+    })())
 }

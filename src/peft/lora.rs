@@ -98,12 +98,9 @@ fn config(opts: &Options) -> Result<LoraConfig> {
 
 fn validate(opts: &Options) -> Result<()> {
     let c = config(opts)?;
-    if c.lora_rank <= 0 {
-        bail!("--lora-rank must be positive");
-    }
-    if !(0.0..1.0).contains(&c.lora_dropout) {
-        bail!("dropout must be in [0, 1)");
-    }
+    crate::check::int("lora_rank", c.lora_rank, 1, 1 << 16)?;
+    crate::check::float("lora_alpha", c.lora_alpha, crate::check::POSITIVE)?;
+    crate::check::float("lora_dropout", c.lora_dropout, crate::check::UNIT_OPEN_HIGH)?;
     for t in &c.lora_targets {
         if !LORA_TARGETS.contains(&t.as_str()) {
             bail!("--lora-targets: unknown layer '{t}' (expected some of {})", LORA_TARGETS.join(", "));

@@ -4,7 +4,7 @@
 //! bound sqrt(6 / (3 p^2 + D)).
 use super::{Method, Options, PeftMethod};
 use crate::backbone::{TokenHook, Vit};
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use serde::{Deserialize, Serialize};
 use tch::{Tensor, nn};
 
@@ -62,13 +62,8 @@ impl TokenHook for Prompts {
 
 fn validate(opts: &Options) -> Result<()> {
     let c: VptConfig = opts.parse()?;
-    if c.prompt_len <= 0 {
-        bail!("--prompt-len must be positive");
-    }
-    if !(0.0..1.0).contains(&c.prompt_dropout) {
-        bail!("dropout must be in [0, 1)");
-    }
-    Ok(())
+    crate::check::int("prompt_len", c.prompt_len, 1, 1 << 16)?;
+    crate::check::float("prompt_dropout", c.prompt_dropout, crate::check::UNIT_OPEN_HIGH)
 }
 
 fn attach(vit: &mut Vit, p: &nn::Path, opts: &Options, deep: bool) -> Result<i64> {

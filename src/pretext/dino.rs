@@ -61,6 +61,26 @@ impl Default for DinoConfig {
     }
 }
 
+impl DinoConfig {
+    /// Rejects values no DINO run could use, naming the option.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use crate::check::{POSITIVE, UNIT, UNIT_OPEN_LOW, float, int};
+        int("out_dim", self.out_dim, 1, 1 << 20)?;
+        int("hidden_dim", self.hidden_dim, 1, 1 << 16)?;
+        int("bottleneck_dim", self.bottleneck_dim, 1, 1 << 16)?;
+        int("local_crops", self.local_crops, 0, 64)?;
+        int("local_size", self.local_size, 0, crate::backbone::MAX_IMG_SIZE)?;
+        int("warmup_teacher_epochs", self.warmup_teacher_epochs, 0, i64::MAX)?;
+        float("global_scale_min", self.global_scale_min, UNIT_OPEN_LOW)?;
+        float("local_scale_max", self.local_scale_max, UNIT_OPEN_LOW)?;
+        float("student_temp", self.student_temp, POSITIVE)?;
+        float("teacher_temp", self.teacher_temp, POSITIVE)?;
+        float("warmup_teacher_temp", self.warmup_teacher_temp, POSITIVE)?;
+        float("momentum", self.momentum, UNIT)?;
+        float("center_momentum", self.center_momentum, UNIT)
+    }
+}
+
 /// DINO's projection head: 3-layer MLP (GELU) to a bottleneck, L2 normalisation, then a weight-normalised
 /// linear layer (norm fixed to 1) onto the prototypes.
 pub struct DinoHead {

@@ -48,6 +48,23 @@ pub struct MaeConfig {
     pub norm_pix: bool,
 }
 
+impl MaeConfig {
+    /// Rejects values no MAE run could use, naming the option.
+    pub fn validate(&self) -> Result<()> {
+        use crate::check::{OPEN_UNIT, POSITIVE, float, int};
+        // At least one patch visible and one masked.
+        float("mask_ratio", self.mask_ratio, OPEN_UNIT)?;
+        int("decoder_dim", self.decoder_dim, 4, 1 << 16)?;
+        int("decoder_depth", self.decoder_depth, 0, 256)?;
+        int("decoder_heads", self.decoder_heads, 1, self.decoder_dim.max(1))?;
+        if self.decoder_dim % self.decoder_heads != 0 || self.decoder_dim % 4 != 0 {
+            let (d, h) = (self.decoder_dim, self.decoder_heads);
+            return Err(crate::error::bad_input!("decoder width {d} must be divisible by 4 and by its {h} heads"));
+        }
+        float("decoder_mlp_ratio", self.decoder_mlp_ratio, POSITIVE)
+    }
+}
+
 impl Default for MaeConfig {
     fn default() -> Self {
         MaeConfig {

@@ -12,7 +12,7 @@ use crate::data::transforms::{Augment, Norm};
 use crate::data::{Dataset, Task};
 use crate::eval::metrics::Metric;
 use crate::model::PeftModel;
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -88,13 +88,22 @@ impl Default for FinetuneConfig {
 impl FinetuneConfig {
     /// Rejects values no run could use, naming the option.
     pub fn validate(&self) -> Result<()> {
-        if self.epochs <= 0 || self.batch_size <= 0 {
-            bail!("--epochs and --batch-size must be positive");
-        }
-        if self.accum <= 0 {
-            bail!("--accum must be positive");
-        }
-        Ok(())
+        use crate::check::{NON_NEGATIVE, POSITIVE, UNIT, UNIT_OPEN_HIGH, UNIT_OPEN_LOW, float, int};
+        int("epochs", self.epochs, 1, i64::MAX)?;
+        int("batch_size", self.batch_size, 1, i64::MAX)?;
+        int("accum", self.accum, 1, i64::MAX)?;
+        int("patience", self.patience, 0, i64::MAX)?;
+        int("image_size", self.image_size, 0, crate::backbone::MAX_IMG_SIZE)?;
+        float("lr", self.lr, POSITIVE)?;
+        float("min_lr", self.min_lr, NON_NEGATIVE)?;
+        float("warmup", self.warmup, UNIT)?;
+        float("weight_decay", self.weight_decay, NON_NEGATIVE)?;
+        float("clip", self.clip, NON_NEGATIVE)?;
+        float("label_smoothing", self.label_smoothing, UNIT_OPEN_HIGH)?;
+        float("mixup", self.mixup, NON_NEGATIVE)?;
+        float("layer_decay", self.layer_decay, UNIT_OPEN_LOW)?;
+        self.norm.validate()?;
+        self.augment.validate()
     }
 }
 

@@ -73,10 +73,19 @@ impl Default for PretrainConfig {
 impl PretrainConfig {
     /// Rejects values no run could use, naming the option.
     pub fn validate(&self) -> Result<()> {
-        if self.epochs <= 0 || self.batch_size <= 0 {
-            bail!("--epochs and --batch-size must be positive");
-        }
-        Ok(())
+        use crate::check::{NON_NEGATIVE, POSITIVE, UNIT, float, int};
+        int("epochs", self.epochs, 1, i64::MAX)?;
+        int("batch_size", self.batch_size, 1, i64::MAX)?;
+        int("image_size", self.image_size, 0, crate::backbone::MAX_IMG_SIZE)?;
+        int("preview_every", self.preview_every, 0, i64::MAX)?;
+        float("lr", self.lr, POSITIVE)?;
+        float("min_lr", self.min_lr, NON_NEGATIVE)?;
+        float("warmup", self.warmup, UNIT)?;
+        float("weight_decay", self.weight_decay, NON_NEGATIVE)?;
+        float("clip", self.clip, NON_NEGATIVE)?;
+        self.norm.validate()?;
+        self.augment.validate()?;
+        self.mae.validate()
     }
 }
 

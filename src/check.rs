@@ -1,0 +1,107 @@
+//! Checks of option values, shared by command-line flags (as clap value parsers, so a bad flag is a
+//! usage error before any work) and typed configs (`validate()`, for configs read from files and for
+//! library callers). Every message names the option and the value.
+use crate::error::bad_input;
+use anyhow::Result;
+
+/// A closed or half-open interval of allowed values.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Range {
+    lo: f64,
+    hi: f64,
+    lo_open: bool,
+    hi_open: bool,
+}
+
+/// Any finite number.
+pub(crate) const FINITE: Range = Range { lo: f64::MIN, hi: f64::MAX, lo_open: false, hi_open: false };
+/// (0, inf).
+pub(crate) const POSITIVE: Range = Range { lo: 0.0, hi: f64::MAX, lo_open: true, hi_open: false };
+/// [0, inf).
+pub(crate) const NON_NEGATIVE: Range = Range { lo: 0.0, hi: f64::MAX, lo_open: false, hi_open: false };
+/// [0, 1].
+pub(crate) const UNIT: Range = Range { lo: 0.0, hi: 1.0, lo_open: false, hi_open: false };
+/// [0, 1).
+pub(crate) const UNIT_OPEN_HIGH: Range = Range { lo: 0.0, hi: 1.0, lo_open: false, hi_open: true };
+/// (0, 1].
+pub(crate) const UNIT_OPEN_LOW: Range = Range { lo: 0.0, hi: 1.0, lo_open: true, hi_open: false };
+
+/// (0, 1).
+pub(crate) const OPEN_UNIT: Range = Range { lo: 0.0, hi: 1.0, lo_open: true, hi_open: true };
+
+impl Range {
+    fn contains(&self, v: f64) -> bool {
+        v.is_finite()
+            && (if self.lo_open { v > self.lo } else { v >= self.lo })
+            && (if self.hi_open { v < self.hi } else { v <= self.hi })
+    }
+
+    fn describe(&self) -> String {
+        let bound = |x: f64| if x.abs() >= f64::MAX { "inf".to_string() } else { format!("{x}") };
+        match (self.lo == f64::MIN, self.hi == f64::MAX) {
+            (true, true) => "a finite number".into(),
+            (false, true) => format!("{} {}", if self.lo_open { ">" } else { ">=" }, bound(self.lo)),
+            _ => format!(
+                "in {}{}, {}{}",
+                if self.lo_open { "(" } else { "[" },
+                bound(self.lo),
+                bound(self.hi),
+                if self.hi_open { ")" } else { "]" }
+            ),
+        }
+    }
+}
+
+/// `name` must be a number of `range`.
+pub(crate) fn float(name: &str, v: f64, range: Range) -> Result<()> {
+    if range.contains(v) {
+        return Ok(());
+    }
+    Err(bad_input!("{name} must be {}, got {v}", range.describe()))
+}
+
+/// `name` must be an integer of at least `min` (and at most `max`).
+pub(crate) fn int(name: &str, v: i64, min: i64, max: i64) -> Result<()> {
+    if (min..=max).contains(&v) {
+        return Ok(());
+    }
+    let allowed = if max == i64::MAX { format!(">= {min}") } else { format!("in {min}..={max}") };
+    Err(bad_input!("{name} must be {allowed}, got {v}"))
+}
+
+/// A clap value parser for a float flag in `range`.
+pub(crate) fn float_flag(range: Range) -> impl Fn(&str) -> Result<f64, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let v: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number"))?;
+        if range.contains(v) { Ok(v) } else { Err(format!("must be {}, got {v}", range.describe())) }
+    }
+}
+
+/// A clap value parser for an integer flag in `min..=max`.
+pub(crate) fn int_flag(min: i64, max: i64) -> impl Fn(&str) -> Result<i64, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let v: i64 = s.trim().parse().map_err(|_| format!("'{s}' is not an integer"))?;
+        int("", v, min, max).map(|_| v).map_err(|e| e.to_string().trim_start().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_reject_out_of_range_and_non_finite_values_naming_them() {
+        assert!(float("warmup", 0.5, UNIT).is_ok());
+        let e = float("warmup", 5.0, UNIT).unwrap_err().to_string();
+        assert_eq!(e, "warmup must be in [0, 1], got 5");
+        assert!(float("lr", f64::NAN, POSITIVE).unwrap_err().to_string().contains("got NaN"));
+        assert!(float("lr", f64::INFINITY, POSITIVE).is_err());
+        assert!(float("lr", 0.0, POSITIVE).unwrap_err().to_string().contains("> 0"));
+        assert!(float_flag(UNIT_OPEN_HIGH)("1").unwrap_err().contains("[0, 1)"));
+        assert_eq!(float_flag(FINITE)("-3.5"), Ok(-3.5));
+        assert!(float_flag(FINITE)("NaN").is_err());
+        assert_eq!(int_flag(1, 10)("3"), Ok(3));
+        assert_eq!(int_flag(1, i64::MAX)("0").unwrap_err(), "must be >= 1, got 0");
+        assert!(crate::Error::is_input(&int("heads", 0, 1, i64::MAX).unwrap_err()));
+    }
+}
