@@ -7,7 +7,7 @@ use crate::model::PeftModel;
 use crate::peft::{Method, PeftSpec};
 use crate::pretext::mae::{self, MaeConfig, MaeDecoder};
 use crate::train::optim::{AdamW, AdamWConfig};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde_json::{Value, json};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor, nn};
@@ -86,22 +86,34 @@ pub fn banner(device: Device) -> String {
     format!("tpp {} libtorch (tch 0.24) device {dev}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Times the training step of each work of `b`: median step time, images/s, peak memory (CUDA).
-pub fn steps(b: &StepBench, device: Device) -> Result<Vec<Value>> {
-    let mut cfg = VitConfig::preset(&b.model).ok_or_else(|| {
-        anyhow::anyhow!("--model '{}': unknown preset (known: {})", b.model, VitConfig::PRESETS.join(", "))
-    })?;
-    cfg.num_classes = 0;
-    if b.batch <= 0 || b.steps == 0 {
-        bail!("--batch and --steps must be positive");
+impl StepBench {
+    /// The model's architecture, after checking the settings.
+    pub fn config(&self) -> Result<VitConfig> {
+        let mut cfg = VitConfig::preset(&self.model).ok_or_else(|| {
+            crate::error::bad_input!(
+                "--model '{}': unknown preset (known: {})",
+                self.model,
+                VitConfig::PRESETS.join(", ")
+            )
+        })?;
+        cfg.num_classes = 0;
+        if self.batch <= 0 || self.steps == 0 {
+            return Err(crate::error::bad_input!("--batch and --steps must be positive"));
+        }
+        if let Some(w) = self.works.iter().find(|w| !WORKS.contains(&w.as_str())) {
+            return Err(crate::error::bad_input!("--work: unknown '{w}' (expected {})", WORKS.join(", ")));
+        }
+        Ok(cfg)
     }
-    if let Some(w) = b.works.iter().find(|w| !WORKS.contains(&w.as_str())) {
-        bail!("--work: unknown '{w}' (expected {})", WORKS.join(", "));
-    }
+}
+
+/// Times the training step of each work of `b`: median step time, images/s, peak memory (CUDA). Each
+/// result goes to `report` as soon as it is measured (a later work may run out of time or memory).
+pub fn steps(b: &StepBench, device: Device, report: &mut dyn FnMut(Value)) -> Result<()> {
+    let cfg = b.config()?;
     tch::manual_seed(0);
     let imgs = Tensor::randn([b.batch, 3, cfg.img_size, cfg.img_size], (Kind::Float, device));
     let tgt = Tensor::randint(10, [b.batch], (Kind::Int64, device));
-    let mut out = Vec::new();
     for work in &b.works {
         let spec = PeftSpec::with_methods(&[if work == "full_ft" { Method::FULL } else { Method::LORA }]);
         let bb = Backbone::fresh(&cfg, device)?;
@@ -124,13 +136,13 @@ pub fn steps(b: &StepBench, device: Device) -> Result<Vec<Value>> {
             (med, trainable)
         };
         let peak = crate::device::peak_memory(device).map(|p| (p as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0);
-        out.push(json!({
+        report(json!({
             "work": work, "model": b.model, "batch": b.batch, "dtype": if device.is_cuda() { "bf16" } else { "fp32" },
             "step_ms": (med * 1e5).round() / 100.0, "img_per_s": (b.batch as f64 / med * 10.0).round() / 10.0,
             "peak_gib": peak, "trainable": trainable,
         }));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The TPP-MAE step: LoRA + an 8 x 512 decoder, 75% masking.

@@ -123,7 +123,9 @@ fn dataset_normalisation_uses_training_statistics() {
     assert!((n.mean[0] - 0.5).abs() < 1e-9 && (n.mean[2] - 0.5).abs() < 1e-9);
     assert!((n.std[0] - 0.5).abs() < 1e-9, "population std of {{0, 1}} is 0.5: {:?}", n.std);
     assert_eq!(Norm::IMAGENET.resolve(&x), Norm::IMAGENET);
-    assert_eq!(Norm::parse("dataset").unwrap(), Norm::DATASET);
+    use clap::ValueEnum;
+    let parsed = tpp::data::transforms::Normalization::from_str("dataset", false).unwrap();
+    assert_eq!(parsed.norm(), Norm::DATASET);
 }
 
 /// The pad-crop augmentation (the pilot protocol's): every output is a crop of the reflect-padded input,

@@ -277,6 +277,8 @@ fn ia3_trains_keys_values_and_mlp_activations_in_hf_peft_layout() {
         (&cfg["peft_type"], &cfg["target_modules"], &cfg["feedforward_modules"]),
         (&json!("IA3"), &json!(["fc2", "qkv"]), &json!(["fc2"]))
     );
+    // The query thirds never train, and are not counted as trainable: 2 blocks x (2 x 32 + 64), + head.
+    assert_eq!(t.numel(), 2 * (2 * 32 + 64) + 32 * 3 + 3);
     // IA³ vectors get no weight decay (they scale around 1).
     assert!(!tpp::train::optim::decays("blocks.0.attn.qkv.ia3_l", qkv));
 }
@@ -293,6 +295,7 @@ fn merge_is_exact_and_exports_a_plain_timm_checkpoint() {
         &[Method::LORA, Method::SSF, Method::BITFIT],
         &[Method::IA3],
         &[Method::DORA, Method::SSF, Method::IA3, Method::BITFIT],
+        &[Method::IA3, Method::BITFIT, Method::SSF, Method::DORA],
     ] {
         let (mut bb, t) = setup(methods, 11);
         train(&bb, &t, false, 3);
@@ -316,6 +319,23 @@ fn merge_is_exact_and_exports_a_plain_timm_checkpoint() {
     let (mut bb, t) = setup(&[Method::ADAPTFORMER], 1);
     let e = peft::merge(&mut bb.vit, t.spec()).unwrap_err().to_string();
     assert!(e.contains("adaptformer") && e.contains("cannot be merged"), "{e}");
+}
+
+#[test]
+fn modules_nest_the_same_whatever_order_the_methods_are_named_in() {
+    let (x, _) = batch();
+    let (bb, t) = setup(&[Method::LORA, Method::SSF, Method::IA3], 2);
+    train(&bb, &t, false, 2);
+    let mut other = same_weights(&bb);
+    let spec = PeftSpec::new(vec![Method::IA3, Method::SSF, Method::LORA], t.spec().options()).unwrap();
+    let t2 = Targets::attach(&mut other.vit, &spec, Device::Cpu).unwrap();
+    t2.add_head(&mut other.vit, 3);
+    let _g = tch::no_grad_guard();
+    for (k, v) in t.store().variables() {
+        t2.store().variables()[&k].shallow_clone().copy_(&v);
+    }
+    let (a, b) = (bb.vit.forward(&x), other.vit.forward(&x));
+    assert!(a.equal(&b), "{}", rel_err(&a, &b));
 }
 
 #[test]
@@ -371,6 +391,7 @@ fn lora_on_q_and_v_inside_fused_qkv() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["target_modules"], serde_json::json!(["qkv"]));
-    let e = spec_with(&[Method::LORA], &[("lora_targets", json!(["qkv", "q"]))]).validate().unwrap_err().to_string();
+    let bad = Options::from_pairs([("lora_targets", json!(["qkv", "q"]))]);
+    let e = PeftSpec::new(vec![Method::LORA], &bad).unwrap_err().to_string();
     assert!(e.contains("already covers"), "{e}");
 }

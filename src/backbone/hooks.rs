@@ -19,11 +19,19 @@ pub struct LayerWeights<'a> {
 }
 
 /// A module around a layer: it computes the layer's output from the input `x`, calling `inner` for the
-/// layer itself (and the hooks attached before it, which it wraps). Hooks attach in the registry's
-/// method order, so the first attached is the innermost.
+/// layer itself (and the hooks nested inside it).
 pub trait LayerHook: Any + Debug {
     /// The wrapped layer's output.
     fn forward(&self, layer: LayerWeights<'_>, x: &Tensor, inner: &dyn Fn(&Tensor) -> Tensor, train: bool) -> Tensor;
+    /// Where the hook sits among a layer's hooks: lower values wrap closer to the layer. PEFT methods give
+    /// their registry position, so modules nest the same whatever order the methods attach in.
+    fn nesting(&self) -> usize;
+}
+
+/// Inserts `hook` among `hooks` by its nesting (after hooks of equal nesting).
+pub(crate) fn insert(hooks: &mut Vec<Box<dyn LayerHook>>, hook: Box<dyn LayerHook>) {
+    let at = hooks.iter().position(|h| h.nesting() > hook.nesting()).unwrap_or(hooks.len());
+    hooks.insert(at, hook);
 }
 
 /// Where a [`StreamHook`] sits in a transformer block.

@@ -64,9 +64,9 @@ impl Linear {
         self.weight.size()[0]
     }
 
-    /// Attaches a module around the layer (outside the ones attached before).
+    /// Attaches a module around the layer, nested among the others by [`LayerHook::nesting`].
     pub fn add_hook(&mut self, hook: Box<dyn LayerHook>) {
-        self.hooks.push(hook);
+        super::hooks::insert(&mut self.hooks, hook);
     }
 
     /// Whether any module is attached.
@@ -116,12 +116,17 @@ impl LayerNorm {
         }
     }
 
-    /// The normalised input, through the hooks.
+    /// The normalised input, through the hooks (in evaluation mode).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.forward_through(self.hooks.len(), x)
+        self.forward_t(x, false)
     }
 
-    fn forward_through(&self, n: usize, x: &Tensor) -> Tensor {
+    /// The normalised input, through the hooks, in training mode when `train`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_through(self.hooks.len(), x, train)
+    }
+
+    fn forward_through(&self, n: usize, x: &Tensor, train: bool) -> Tensor {
         match n {
             0 => {
                 let d = *x.size().last().expect("LayerNorm input has at least one dim");
@@ -129,14 +134,14 @@ impl LayerNorm {
             }
             _ => {
                 let w = LayerWeights { weight: &self.weight, bias: Some(&self.bias) };
-                self.hooks[n - 1].forward(w, x, &|y| self.forward_through(n - 1, y), false)
+                self.hooks[n - 1].forward(w, x, &|y| self.forward_through(n - 1, y, train), train)
             }
         }
     }
 
-    /// Attaches a module around the norm (outside the ones attached before).
+    /// Attaches a module around the norm, nested among the others by [`LayerHook::nesting`].
     pub fn add_hook(&mut self, hook: Box<dyn LayerHook>) {
-        self.hooks.push(hook);
+        super::hooks::insert(&mut self.hooks, hook);
     }
 
     /// Removes and returns the attached modules of type `H`.
@@ -250,12 +255,12 @@ impl Block {
 
     /// Block output for tokens [B, N, D].
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut a = self.attn.forward(&self.norm1.forward(x), train);
+        let mut a = self.attn.forward(&self.norm1.forward_t(x, train), train);
         for h in &self.after_attn {
             a = h.forward(&a, train);
         }
         let x = x + scale(a, &self.ls1);
-        let mut m = self.mlp.forward(&self.norm2.forward(&x), train);
+        let mut m = self.mlp.forward(&self.norm2.forward_t(&x, train), train);
         for h in &self.after_mlp {
             m = h.forward(&m, train);
         }
@@ -511,7 +516,7 @@ impl Vit {
             }
         }
         let x = match &self.norm {
-            Some(n) => n.forward(&x),
+            Some(n) => n.forward_t(&x, train),
             None => x,
         };
         if levels.contains(&(self.blocks.len() - 1)) {

@@ -29,10 +29,9 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         println!("RESULT {}", crate::bench::data(d, a.size, a.batch, device)?);
         return Ok(());
     }
-    println!("{}", crate::bench::banner(device));
     let b = crate::bench::StepBench { model: a.model, batch: a.batch, steps: a.steps, works: a.work };
-    for r in crate::bench::steps(&b, device)? {
-        println!("RESULT {r}");
-    }
-    Ok(())
+    b.config()?;
+    println!("{}", crate::bench::banner(device));
+    // Each line as soon as it is measured (a timeout or an out-of-memory keeps the earlier ones).
+    crate::bench::steps(&b, device, &mut |r| println!("RESULT {r}"))
 }

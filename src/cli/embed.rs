@@ -1,8 +1,8 @@
 //! `tpp embed`: pooled backbone features of images.
 use super::BackboneArgs;
-use crate::data::images::Normalize;
+use crate::data::transforms::Normalization;
 use crate::experiment::inference::{EmbedInput, embed};
-use anyhow::Result;
+use anyhow::{Result, bail};
 use std::path::PathBuf;
 use tch::Device;
 
@@ -19,15 +19,18 @@ pub struct Args {
     #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = 32)]
     pub batch_size: i64,
     /// Normalisation of image files: imagenet, half ([-1, 1]) or none ([0, 1]); .npy input is used as is
-    #[arg(long, default_value = "imagenet")]
-    pub norm: String,
+    #[arg(long, value_enum, default_value = "imagenet")]
+    pub norm: Normalization,
     /// Read image files as 1-channel grey (the patch kernel is summed over its input channels)
     #[arg(long)]
     pub grey: bool,
 }
 
 pub fn run(a: Args, device: Device) -> Result<()> {
-    let what = EmbedInput { input: a.input, norm: Normalize::parse(&a.norm)?, grey: a.grey, batch_size: a.batch_size };
+    if a.norm == Normalization::Dataset {
+        bail!("--norm dataset needs a training split; embed takes imagenet, half or none");
+    }
+    let what = EmbedInput { input: a.input, norm: a.norm.norm(), grey: a.grey, batch_size: a.batch_size };
     let feats = embed(&a.backbone.source(), &what, device)?;
     crate::data::npy::write_f32(&a.output, &feats)?;
     tracing::info!("wrote {} features of dim {} to {}", feats.size()[0], feats.size()[1], a.output.display());

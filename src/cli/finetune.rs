@@ -40,7 +40,7 @@ pub struct Args {
     pub aug: AugArgs,
     /// Validation metric for best-epoch selection (default: auc; kappa for ordinal tasks, dice for
     /// segmentation)
-    #[arg(long, value_enum)]
+    #[arg(long)]
     pub select: Option<Metric>,
     /// Run folder (run.json, adapter/, best/, checkpoint/, metrics.json, metrics.csv)
     #[arg(long)]

@@ -27,7 +27,7 @@ pub struct Cli {
     /// CPU threads for libtorch (0: one per core)
     #[arg(long, global = true, default_value_t = 0)]
     pub threads: usize,
-    /// More log lines (-v debug, -vv trace); RUST_LOG, when set, decides instead
+    /// More log lines (-v debug, -vv trace); TPP_LOG or RUST_LOG, when set, decides instead
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// Warnings and errors only

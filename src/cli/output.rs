@@ -80,8 +80,8 @@ where
     }
 }
 
-/// Installs logging (`RUST_LOG` when set, else info, debug with `-v`, trace with `-vv`, warnings only
-/// with `-q`) and the progress bar.
+/// Installs logging (`TPP_LOG` or else `RUST_LOG` when set, else info, debug with `-v`, trace with `-vv`,
+/// warnings only with `-q`) and the progress bar.
 pub fn init(verbose: u8, quiet: bool) {
     let level = match (quiet, verbose) {
         (true, _) => "warn",
@@ -89,7 +89,9 @@ pub fn init(verbose: u8, quiet: bool) {
         (_, 1) => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TPP_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| level.into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).event_format(Plain).with_writer(|| Stderr).try_init();
     crate::progress::set_reporter(Arc::new(Bars));
 }

@@ -1,36 +1,9 @@
 //! Image files (PNG, JPEG, TIFF, BMP) to normalised tensors.
+use super::transforms::Norm;
 use anyhow::{Context, Result, anyhow, bail};
 use image::imageops::FilterType;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
-
-/// Per-channel normalisation applied after scaling pixels to [0, 1].
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Normalize {
-    /// Channel means.
-    pub mean: [f32; 3],
-    /// Channel standard deviations.
-    pub std: [f32; 3],
-}
-
-impl Normalize {
-    /// ImageNet statistics.
-    pub const IMAGENET: Normalize = Normalize { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
-    /// Pixels to [-1, 1].
-    pub const HALF: Normalize = Normalize { mean: [0.5; 3], std: [0.5; 3] };
-    /// [0, 1], unchanged.
-    pub const NONE: Normalize = Normalize { mean: [0.0; 3], std: [1.0; 3] };
-
-    /// `imagenet`, `half` or `none`.
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "imagenet" => Ok(Self::IMAGENET),
-            "half" => Ok(Self::HALF),
-            "none" => Ok(Self::NONE),
-            _ => bail!("unknown normalisation '{s}' (expected imagenet, half or none)"),
-        }
-    }
-}
 
 const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm"];
 
@@ -65,8 +38,9 @@ pub fn list_images(path: &Path) -> Result<Vec<PathBuf>> {
     })())
 }
 
-/// Loads one image as [C, size, size] (C = 3, or 1 when `grey`), resized bilinearly and normalised.
-pub fn load_image(path: &Path, size: u32, grey: bool, norm: &Normalize) -> Result<Tensor> {
+/// Loads one image as [C, size, size] (C = 3, or 1 when `grey`), resized bilinearly and normalised as
+/// training batches are ([`Norm::apply`]).
+pub fn load_image(path: &Path, size: u32, grey: bool, norm: &Norm) -> Result<Tensor> {
     // Every failure here is a problem with the input named.
     crate::error::input((|| -> Result<Tensor> {
         let img = if super::dicom::is_dicom(path) {
@@ -78,13 +52,14 @@ pub fn load_image(path: &Path, size: u32, grey: bool, norm: &Normalize) -> Resul
         let (c, data): (usize, Vec<u8>) =
             if grey { (1, img.to_luma8().into_raw()) } else { (3, img.to_rgb8().into_raw()) };
         let hw = (size * size) as usize;
-        let mut out = vec![0f32; c * hw];
-        // Interleaved HWC bytes to planar CHW floats.
+        let mut planar = vec![0u8; c * hw];
+        // Interleaved HWC bytes to planar CHW, normalised as training batches are.
         for (i, px) in data.chunks_exact(c).enumerate() {
             for ch in 0..c {
-                out[ch * hw + i] = (px[ch] as f32 / 255.0 - norm.mean[ch]) / norm.std[ch];
+                planar[ch * hw + i] = px[ch];
             }
         }
-        Ok(Tensor::from_slice(&out).reshape([c as i64, size as i64, size as i64]))
+        let x = Tensor::from_slice(&planar).reshape([1, c as i64, size as i64, size as i64]);
+        Ok(norm.apply(&x).squeeze_dim(0))
     })())
 }

@@ -184,6 +184,8 @@ pub enum Normalization {
     Imagenet,
     /// [-1, 1], as MedMNIST baselines and the pilot protocol use.
     Half,
+    /// [0, 1], unchanged.
+    None,
     /// The training split's own mean and std (recorded in the run).
     Dataset,
 }
@@ -194,6 +196,7 @@ impl Normalization {
         match self {
             Normalization::Imagenet => Norm::IMAGENET,
             Normalization::Half => Norm::HALF,
+            Normalization::None => Norm::NONE,
             Normalization::Dataset => Norm::DATASET,
         }
     }
@@ -213,20 +216,12 @@ impl Norm {
     pub const IMAGENET: Norm = Norm { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
     /// [-1, 1], as MedMNIST baselines and the pilot protocol use.
     pub const HALF: Norm = Norm { mean: [0.5; 3], std: [0.5; 3] };
+    /// [0, 1], unchanged.
+    pub const NONE: Norm = Norm { mean: [0.0; 3], std: [1.0; 3] };
 
     /// Placeholder for "the training split's own statistics", resolved by [`Norm::resolve`] once the data
     /// set is read (the resolved values are what run records keep).
     pub const DATASET: Norm = Norm { mean: [0.0; 3], std: [0.0; 3] };
-
-    /// `imagenet`, `half` or `dataset`.
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "imagenet" => Ok(Self::IMAGENET),
-            "half" => Ok(Self::HALF),
-            "dataset" => Ok(Self::DATASET),
-            _ => anyhow::bail!("unknown normalisation '{s}' (expected imagenet, half or dataset)"),
-        }
-    }
 
     /// This normalisation, or for [`Norm::DATASET`] the per-channel mean and std of `train` (uint8 NCHW;
     /// grey images give the same value on all three channels).

@@ -62,10 +62,8 @@ pub fn quadratic_kappa(cm: &[Vec<i64>]) -> f64 {
     if den == 0.0 { 0.0 } else { 1.0 - num / den }
 }
 
-/// A metric to select models by or to report (their names in `metrics.json`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-#[value(rename_all = "snake_case")]
+/// A metric to select models by or to report, by its name in `metrics.json` (`auc`, `dice_class1`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Metric {
     /// ROC AUC (one-vs-rest mean for several classes or labels).
     Auc,
@@ -81,25 +79,36 @@ pub enum Metric {
     Specificity,
     /// Quadratic-weighted Cohen's kappa (ordinal tasks).
     Kappa,
-    /// Dice, per image, averaged (segmentation).
+    /// Dice, per image, averaged over the foreground classes (segmentation).
     Dice,
-    /// IoU, per image, averaged (segmentation).
+    /// IoU, per image, averaged over the foreground classes (segmentation).
     Iou,
+    /// Dice of one class (segmentation with several classes).
+    DiceClass(u32),
+    /// IoU of one class (segmentation with several classes).
+    IouClass(u32),
 }
+
+/// The metrics named without a class, with their names.
+const NAMED: &[(Metric, &str)] = &[
+    (Metric::Auc, "auc"),
+    (Metric::Accuracy, "accuracy"),
+    (Metric::BalancedAccuracy, "balanced_accuracy"),
+    (Metric::F1, "f1"),
+    (Metric::Sensitivity, "sensitivity"),
+    (Metric::Specificity, "specificity"),
+    (Metric::Kappa, "kappa"),
+    (Metric::Dice, "dice"),
+    (Metric::Iou, "iou"),
+];
 
 impl Metric {
     /// The name under which metric maps hold it.
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            Metric::Auc => "auc",
-            Metric::Accuracy => "accuracy",
-            Metric::BalancedAccuracy => "balanced_accuracy",
-            Metric::F1 => "f1",
-            Metric::Sensitivity => "sensitivity",
-            Metric::Specificity => "specificity",
-            Metric::Kappa => "kappa",
-            Metric::Dice => "dice",
-            Metric::Iou => "iou",
+            Metric::DiceClass(c) => format!("dice_class{c}"),
+            Metric::IouClass(c) => format!("iou_class{c}"),
+            m => NAMED.iter().find(|(n, _)| *n == m).map_or_else(String::new, |(_, s)| s.to_string()),
         }
     }
 
@@ -115,7 +124,37 @@ impl Metric {
 
 impl std::fmt::Display for Metric {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        f.write_str(&self.name())
+    }
+}
+
+impl std::str::FromStr for Metric {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some((m, _)) = NAMED.iter().find(|(_, n)| *n == s) {
+            return Ok(*m);
+        }
+        let class = |prefix: &str| s.strip_prefix(prefix).and_then(|c| c.parse::<u32>().ok());
+        if let Some(c) = class("dice_class") {
+            return Ok(Metric::DiceClass(c));
+        }
+        if let Some(c) = class("iou_class") {
+            return Ok(Metric::IouClass(c));
+        }
+        let names: Vec<&str> = NAMED.iter().map(|(_, n)| *n).collect();
+        Err(format!("unknown metric '{s}' (expected one of {}, dice_classK, iou_classK)", names.join(", ")))
+    }
+}
+
+impl Serialize for Metric {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Metric {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -295,6 +334,14 @@ pub fn bootstrap(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metric_names_round_trip_per_class_ones_too() {
+        for name in ["auc", "balanced_accuracy", "kappa", "dice", "dice_class2", "iou_class1"] {
+            assert_eq!(name.parse::<Metric>().unwrap().name(), name);
+        }
+        assert!("dice_classX".parse::<Metric>().unwrap_err().contains("unknown metric"));
+    }
 
     #[test]
     fn auc_by_hand() {

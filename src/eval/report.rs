@@ -45,6 +45,7 @@ impl Stats<'_> {
     /// The metric averaged over a variant's seeds, on the test images `idx`.
     fn seed_mean(&self, cells: &[CellResult], idx: &[usize]) -> f64 {
         let metric = self.r.metric.name();
+        let metric = metric.as_str();
         let vals: Vec<f64> = cells
             .iter()
             .filter_map(|c| {
@@ -72,6 +73,7 @@ impl Stats<'_> {
 fn variant_summary(stats: &Stats, v: &str, second: &str) -> (String, Value, (f64, f64)) {
     let rs = &stats.r.cells[v];
     let metric = stats.r.metric.name();
+    let metric = metric.as_str();
     let vals: Vec<f64> = rs.iter().filter_map(|c| c.metrics.get(metric).copied()).collect();
     let seconds: Vec<f64> = rs.iter().filter_map(|c| c.metrics.get(second).copied()).collect();
     let (m, s) = mean_std(&vals);
@@ -138,6 +140,7 @@ pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<Stri
     let n_test = r.cells.values().next().and_then(|v| v.first()).map_or(0, |c| c.probs.len());
     let stats = Stats { r, n_test };
     let (metric, select) = (r.metric.name(), r.select.name());
+    let (metric, select) = (metric.as_str(), select.as_str());
     // The second column: accuracy for classification, IoU for segmentation.
     let second = if r.task == Task::Segmentation { "iou" } else { "accuracy" };
     let mut results = json!({"metric": metric, "select": select, "seeds": cfg.seeds, "data": cfg.data,
@@ -188,6 +191,7 @@ fn write_plots(
     out: &Path,
 ) -> Result<()> {
     let (metric, select) = (r.metric.name(), r.select.name());
+    let (metric, select) = (metric.as_str(), select.as_str());
     let bars: Vec<(String, f64, f64)> = r.variants.iter().map(|v| (v.clone(), summary[v].0, summary[v].1)).collect();
     plots::bars(&out.join(format!("{metric}.png")), &format!("test {metric} (mean ± std over seeds)"), metric, &bars)?;
     for m in cfg.methods.iter().map(ToString::to_string) {

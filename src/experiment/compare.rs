@@ -239,6 +239,11 @@ pub struct Grid {
 }
 
 impl CompareConfig {
+    /// The data every run reads.
+    fn data_source(&self) -> DataSource {
+        DataSource { format: self.format.clone(), ..DataSource::new(&self.data) }
+    }
+
     /// The fine-tuning config of a run of `seed` (the full reference at its own lr).
     fn finetune_config(&self, seed: u64, full: bool, select: Metric) -> FinetuneConfig {
         let f = &self.finetune;
@@ -258,7 +263,7 @@ impl CompareConfig {
             backbone: self.backbone.clone(),
             peft: spec,
             init_targets: init,
-            data: DataSource { format: self.format.clone(), ..DataSource::new(&self.data) },
+            data: self.data_source(),
             train_fraction: self.finetune.train_fraction,
             task: task.0,
             num_classes: task.1,
@@ -284,8 +289,7 @@ impl CompareConfig {
     pub fn grid(&self, out: &Path) -> Result<Grid> {
         self.validate()?;
         // Task and classes only; each run reads the data at its model's size.
-        let (task, num_classes) =
-            DataSource { format: self.format.clone(), ..DataSource::new(&self.data) }.describe()?;
+        let (task, num_classes) = self.data_source().describe()?;
         let select = self.select.unwrap_or(Metric::default_for(task));
         let t = (task, num_classes, select);
         let (mut tpp, mut cells) = (Vec::new(), Vec::new());
@@ -468,7 +472,11 @@ impl CellResult {
             .unwrap_or(Value::Null);
         let curve = h
             .as_array()
-            .map(|a| a.iter().filter_map(|r| Some((r["epoch"].as_f64()?, r["val"][select.name()].as_f64()?))).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| Some((r["epoch"].as_f64()?, r["val"][select.name().as_str()].as_f64()?)))
+                    .collect()
+            })
             .unwrap_or_default();
         Ok(CellResult {
             seed: c.seed,

@@ -129,6 +129,7 @@ fn finish(model: &PeftModel, ds: &Dataset, rec: &RunRecord, state: &TrainState, 
     };
     write_evaluation(&ev, out, &stats)?;
     let select = cfg.select.name();
+    let select = select.as_str();
     let loss: Vec<(f64, f64)> = h.iter().map(|r| (r.epoch as f64, r.train_loss)).collect();
     let val: Vec<(f64, f64)> = h.iter().filter_map(|r| Some((r.epoch as f64, *r.val.get(select)?))).collect();
     crate::eval::plots::lines(

@@ -59,9 +59,8 @@ fn read_inputs(input: &Path, rec: &RunRecord, model: &PeftModel) -> Result<(Vec<
     } else {
         let files = images::list_images(input)?;
         let grey = model.bb.vit.config().in_chans == 1;
-        let n = &rec.config.norm;
-        let norm = images::Normalize { mean: n.mean.map(|v| v as f32), std: n.std.map(|v| v as f32) };
-        let imgs = files.iter().map(|f| images::load_image(f, size as u32, grey, &norm)).collect::<Result<Vec<_>>>()?;
+        let norm = &rec.config.norm;
+        let imgs = files.iter().map(|f| images::load_image(f, size as u32, grey, norm)).collect::<Result<Vec<_>>>()?;
         (files.iter().map(|f| f.display().to_string()).collect(), Tensor::stack(&imgs, 0))
     };
     // Inputs are resized to the model's size: only their channel count must fit.
@@ -162,7 +161,7 @@ pub struct EmbedInput {
     /// An image file, a folder of images, or a float32 `.npy` of preprocessed images [N, C, H, W].
     pub input: PathBuf,
     /// Normalisation of image files.
-    pub norm: images::Normalize,
+    pub norm: crate::data::transforms::Norm,
     /// Read image files as 1-channel grey.
     pub grey: bool,
     /// Images per forward pass.

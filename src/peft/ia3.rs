@@ -44,6 +44,10 @@ impl Ia3Hook {
 }
 
 impl LayerHook for Ia3Hook {
+    fn nesting(&self) -> usize {
+        Method::IA3.rank()
+    }
+
     fn forward(&self, _layer: LayerWeights<'_>, x: &Tensor, inner: &dyn Fn(&Tensor) -> Tensor, _train: bool) -> Tensor {
         if self.feedforward { inner(&(x * self.scale())) } else { inner(x) * self.scale() }
     }
@@ -75,6 +79,10 @@ impl PeftMethod for Ia3 {
             lin.add_hook(Box::new(hook));
         }
         Ok(0)
+    }
+
+    fn fixed_parameters(&self, vit: &Vit) -> i64 {
+        vit.depth() as i64 * vit.config().embed_dim
     }
 
     /// Output scaling: W' = diag(l) W, b' = l b; input scaling: W' = W diag(l).

@@ -77,11 +77,15 @@ impl LoraHook {
 }
 
 impl LayerHook for LoraHook {
+    fn nesting(&self) -> usize {
+        if self.magnitude.is_some() { Method::DORA.rank() } else { Method::LORA.rank() }
+    }
+
     fn forward(&self, layer: LayerWeights<'_>, x: &Tensor, inner: &dyn Fn(&Tensor) -> Tensor, train: bool) -> Tensor {
         let xd = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
         let up = xd.linear::<Tensor>(&self.a, None).linear::<Tensor>(&self.b_eff(), None) * self.scale;
         let Some(m) = &self.magnitude else { return inner(x) + up };
-        // DoRA rescales the whole weight, so it computes the layer itself (it attaches innermost).
+        // DoRA rescales the whole weight, so it computes the layer itself (it nests innermost).
         let w = &layer.weight.to_kind(self.a.kind());
         let norm = (w + self.delta()).norm_scalaropt_dim(2, [1i64].as_slice(), false).detach();
         let y = (x.linear::<Tensor>(layer.weight, None) + up) * (m / norm);
@@ -139,9 +143,6 @@ fn attach(vit: &mut Vit, p: &nn::Path, opts: &Options, dora: bool) -> Result<i64
         let row_mask = if short == "qkv" { qkv_row_mask(&c, lin.out_dim(), p.device()) } else { None };
         if !c.lora_targets.iter().any(|t| t == short) && row_mask.is_none() {
             continue;
-        }
-        if dora && lin.has_hooks() {
-            bail!("{path}: DoRA must be the first module on a layer");
         }
         let lp = super::sub_path(p, &path);
         let (in_dim, out_dim) = (lin.in_dim(), lin.out_dim());

@@ -90,6 +90,12 @@ pub trait PeftMethod: Sync {
     /// replace (BitFit's bias copies), for honest parameter counts.
     fn attach(&self, vit: &mut Vit, p: &nn::Path, opts: &Options) -> Result<i64>;
 
+    /// How many of the parameters it creates on `vit` never train (IA³'s query scales), for honest counts.
+    fn fixed_parameters(&self, vit: &Vit) -> i64 {
+        let _ = vit;
+        0
+    }
+
     /// Folds the method into the backbone weights (exact reparameterisations only) and detaches it.
     /// Methods merge in registry order, so the modules inside this one's are already folded.
     fn merge(&self, vit: &mut Vit) -> Result<()> {
@@ -122,19 +128,23 @@ pub struct Targets {
     pub(crate) spec: PeftSpec,
     /// Backbone parameters that target parameters stand in for (BitFit's biases).
     pub(crate) replaced: i64,
+    /// Target parameters that never train (IA³'s query scales).
+    fixed: i64,
 }
 
 impl Targets {
-    /// Attaches every method of `spec` to `vit` (in registry order); target parameters go to a fresh
-    /// store on `device`.
+    /// Attaches every method of `spec` to `vit`; target parameters go to a fresh store on `device`. They
+    /// are created in the order the spec names the methods (the order of their random draws); their
+    /// modules nest by registry order whatever that order is.
     pub fn attach(vit: &mut Vit, spec: &PeftSpec, device: tch::Device) -> Result<Self> {
         spec.validate()?;
         let vs = nn::VarStore::new(device);
-        let mut replaced = 0;
-        for m in spec.in_registry_order() {
+        let (mut replaced, mut fixed) = (0, 0);
+        for &m in &spec.methods {
             replaced += m.get().attach(vit, &vs.root(), &spec.options)?;
+            fixed += m.get().fixed_parameters(vit);
         }
-        Ok(Targets { vs, spec: spec.clone(), replaced })
+        Ok(Targets { vs, spec: spec.clone(), replaced, fixed })
     }
 
     /// Adds a fresh classification head (`head.weight` [classes, D], `head.bias`) as a target parameter.
@@ -158,16 +168,9 @@ impl Targets {
         &self.spec
     }
 
-    /// Number of trainable target parameters.
+    /// Number of trainable target parameters (those held fixed not counted).
     pub fn numel(&self) -> i64 {
-        self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
-    }
-
-    /// Names of the PEFT parameters (head excluded).
-    pub fn peft_names(&self) -> Vec<String> {
-        let mut n: Vec<String> = self.vs.variables().into_keys().filter(|k| !k.starts_with("head.")).collect();
-        n.sort();
-        n
+        self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum::<i64>() - self.fixed
     }
 }
 

@@ -29,8 +29,8 @@ impl Method {
         REGISTRY.iter().map(|m| Method(m.name()))
     }
 
-    /// Position in the registry: the order methods attach and merge in.
-    fn rank(self) -> usize {
+    /// Position in the registry: the order methods' modules nest in and merge in.
+    pub(crate) fn rank(self) -> usize {
         REGISTRY.iter().position(|m| m.name() == self.0).unwrap_or(usize::MAX)
     }
 }
@@ -145,12 +145,21 @@ fn known_options() -> Vec<String> {
 }
 
 impl PeftSpec {
-    /// A spec of `methods` with `options` (names any method knows; those of other methods are dropped).
+    /// A spec of `methods` with `options` (names any method knows, with values it accepts; those of other
+    /// methods are then dropped).
     pub fn new(methods: Vec<Method>, options: &Options) -> Result<Self> {
         let known = known_options();
         if let Some(k) = options.0.keys().find(|k| !known.contains(k)) {
             let e = format!("unknown PEFT option '{k}' (known: {})", known.join(", "));
             return Err(crate::Error::InvalidSpec(e).into());
+        }
+        // Every option given is checked, even for a method not in use: a bad value is never dropped unseen.
+        for m in REGISTRY {
+            let own = m.options(&Options::default()).unwrap_or_default();
+            if options.0.keys().any(|k| own.0.contains_key(k)) {
+                let opts = m.options(options).map_err(|e| crate::Error::InvalidSpec(format!("{e:#}")))?;
+                m.validate(&opts).map_err(|e| crate::Error::InvalidSpec(format!("{e:#}")))?;
+            }
         }
         let mut own = Options::default();
         for m in &methods {
@@ -163,13 +172,6 @@ impl PeftSpec {
     /// A spec of `methods` with default options.
     pub fn with_methods(methods: &[Method]) -> Self {
         PeftSpec::new(methods.to_vec(), &Options::default()).expect("default options are valid")
-    }
-
-    /// The same methods with some options changed.
-    pub fn with_options(&self, changes: &Options) -> Result<Self> {
-        let mut o = self.options.clone();
-        o.extend(changes.clone());
-        PeftSpec::new(self.methods.clone(), &o)
     }
 
     /// The methods' options.
@@ -197,7 +199,7 @@ impl PeftSpec {
         self.methods.iter().map(|m| m.name()).collect::<Vec<_>>().join("+")
     }
 
-    /// The methods in registry order (attach and merge order).
+    /// The methods in registry order (merge order).
     pub(crate) fn in_registry_order(&self) -> Vec<Method> {
         let mut v = self.methods.clone();
         v.sort_by_key(|m| m.rank());
@@ -238,11 +240,18 @@ impl PeftSpec {
 }
 
 impl Serialize for PeftSpec {
+    /// The methods and every method's options (the methods' own values, defaults for the others), so that
+    /// files keep the flat layout with every key that earlier versions read.
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut map = s.serialize_map(Some(1 + self.options.0.len()))?;
+        let mut all = Options::default();
+        for m in REGISTRY {
+            all.extend(m.options(&self.options).map_err(serde::ser::Error::custom)?);
+        }
+        all.extend(self.options.clone());
+        let mut map = s.serialize_map(Some(1 + all.0.len()))?;
         map.serialize_entry("methods", &self.methods)?;
-        for (k, v) in &self.options.0 {
+        for (k, v) in &all.0 {
             map.serialize_entry(k, v)?;
         }
         map.end()
@@ -274,14 +283,19 @@ mod tests {
         // The layout every earlier tpp_peft.json has: all options of all methods.
         let old = json!({"methods": ["lora"], "lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
             "lora_targets": ["qkv"], "adapter_dim": 64, "adapter_scale": 0.1, "prompt_len": 10, "prompt_dropout": 0.0});
-        let spec: PeftSpec = serde_json::from_value(old).unwrap();
+        let spec: PeftSpec = serde_json::from_value(old.clone()).unwrap();
         assert_eq!(spec.options().get("lora_rank"), Some(&json!(4)));
         assert_eq!(spec.options().get("adapter_dim"), None);
+        // Written back in the same layout, every key present (earlier versions read them all).
+        assert_eq!(serde_json::to_value(&spec).unwrap(), old);
         let again: PeftSpec = serde_json::from_value(serde_json::to_value(&spec).unwrap()).unwrap();
         assert_eq!(again, spec);
         let e = serde_json::from_value::<PeftSpec>(json!({"methods": ["lora"], "lora_rnk": 4})).unwrap_err();
         assert!(e.to_string().contains("unknown PEFT option 'lora_rnk'"), "{e}");
         let e = serde_json::from_value::<PeftSpec>(json!({"methods": ["lora"], "lora_rank": "x"})).unwrap_err();
         assert!(e.to_string().contains("lora_rank") || e.to_string().contains("invalid type"), "{e}");
+        // A bad value of a method not in use is still an error.
+        let e = serde_json::from_value::<PeftSpec>(json!({"methods": ["lora"], "prompt_dropout": 2.0})).unwrap_err();
+        assert!(e.to_string().contains("prompt_dropout"), "{e}");
     }
 }

@@ -22,6 +22,10 @@ struct SsfHook {
 }
 
 impl LayerHook for SsfHook {
+    fn nesting(&self) -> usize {
+        Method::SSF.rank()
+    }
+
     fn forward(&self, _layer: LayerWeights<'_>, x: &Tensor, inner: &dyn Fn(&Tensor) -> Tensor, _train: bool) -> Tensor {
         inner(x) * &self.scale + &self.shift
     }

@@ -22,7 +22,7 @@ pub trait Checkpointable {
 
 /// Replaces folder `dst` by `tmp` as atomically as the file system allows (the previous version stays as
 /// `<dst>.old` until the new one is in place).
-pub fn swap_dir(tmp: &Path, dst: &Path) -> Result<()> {
+fn swap_dir(tmp: &Path, dst: &Path) -> Result<()> {
     let old = dst.with_extension("old");
     let _ = std::fs::remove_dir_all(&old);
     if dst.exists() {
@@ -252,6 +252,11 @@ impl LossLog {
     }
 
     fn flush(&mut self) -> Result<()> {
+        self.write(true)
+    }
+
+    /// Writes the pending rows; with `check`, a non-finite loss stops the run instead.
+    fn write(&mut self, check: bool) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -259,7 +264,7 @@ impl LossLog {
         let losses = Vec::<f64>::try_from(Tensor::stack(&all, 0).to_device(Device::Cpu))?;
         let ips = self.window_images as f64 / self.window.elapsed().as_secs_f64().max(1e-9);
         for ((s, e, lr, _), l) in self.pending.drain(..).zip(losses) {
-            if !l.is_finite() {
+            if check && !l.is_finite() {
                 bail!(
                     "loss became {l} at step {s} (epoch {e}); stopping. What the last finished epoch saved is kept in {}",
                     self.kept.display()
@@ -279,6 +284,10 @@ impl LossLog {
 }
 
 impl Callback for LossLog {
+    fn on_stop(&mut self) -> Result<()> {
+        // The stopped run's last losses, non-finite ones included, are on record.
+        self.write(false)
+    }
     fn on_step_end(&mut self, s: &StepEnd) -> Result<()> {
         self.pending.push((s.step, s.epoch, s.lr, s.loss.detach()));
         self.window_images += s.images;

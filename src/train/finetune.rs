@@ -252,6 +252,7 @@ fn trainer<'a>(model: &'a PeftModel, cfg: &FinetuneConfig, n: i64, out: &Path) -
         epochs: cfg.epochs,
         steps_per_epoch,
         checkpoint: Some(Checkpointer::new(out.join("checkpoint"), model)),
+        saved_in: None,
     }
 }
 
@@ -280,10 +281,10 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
         drop_last: false,
     };
     let mut step = FinetuneStep::new(model, ds, cfg, loader);
-    let mut best = BestOnValidation { metric: cfg.select.name().to_string(), dir: out.join("best"), model };
+    let mut best = BestOnValidation { metric: cfg.select.name(), dir: out.join("best"), model };
     let mut stop = EarlyStopping { patience: cfg.patience };
     let mut history = History { dir: out.to_path_buf() };
-    let mut progress = ProgressReport::new("fine-tune", Some(cfg.select.name()));
+    let mut progress = ProgressReport::new("fine-tune", Some(&cfg.select.name()));
     trainer.fit(&mut step, &mut state, &mut [&mut best, &mut stop, &mut history, &mut progress])?;
     Ok(state)
 }

@@ -113,6 +113,7 @@ fn plan(
     params: Vec<(String, Tensor)>,
     beta2: f64,
     device: Device,
+    out: &Path,
 ) -> Result<(Trainer<'static>, LoaderConfig)> {
     cfg.validate()?;
     let n = split.len();
@@ -124,8 +125,8 @@ fn plan(
     let schedule = WarmupCosine::new(cfg.lr, cfg.min_lr, cfg.warmup, steps_per_epoch * cfg.epochs);
     let opt = AdamW::new(params, AdamWConfig { beta1: 0.9, beta2, eps: 1e-8, weight_decay: cfg.weight_decay });
     let loader = LoaderConfig { batch_size: bs, image_size: cfg.image_size, norm: cfg.norm, device, drop_last: true };
-    let trainer =
-        Trainer { opt, schedule, clip: cfg.clip, accum: 1, epochs: cfg.epochs, steps_per_epoch, checkpoint: None };
+    let (clip, epochs, saved_in) = (cfg.clip, cfg.epochs, Some(out.to_path_buf()));
+    let trainer = Trainer { opt, schedule, clip, accum: 1, epochs, steps_per_epoch, checkpoint: None, saved_in };
     Ok((trainer, loader))
 }
 
@@ -213,18 +214,19 @@ pub fn train_mae(
     out: &Path,
     save: &mut dyn FnMut() -> Result<()>,
 ) -> Result<PretrainSummary> {
-    let (mut trainer, loader) = plan(split, cfg, params, 0.95, device)?;
+    let (mut trainer, loader) = plan(split, cfg, params, 0.95, device, out)?;
     let mut step = MaeStep::new(vit, dec, split, cfg, loader);
     let mut each_epoch = |r: &super::trainer::EpochRecord| -> Result<()> {
         save()?;
-        if cfg.preview_every > 0 && r.epoch % cfg.preview_every == 0 && r.epoch < cfg.epochs {
-            write_preview(vit, dec, split, cfg, device, &out.join(format!("preview_epoch{:04}.png", r.epoch)))?;
+        if r.epoch == cfg.epochs {
+            write_preview(vit, dec, split, cfg, device, &out.join("preview_final.png"))
+        } else if cfg.preview_every > 0 && r.epoch % cfg.preview_every == 0 {
+            write_preview(vit, dec, split, cfg, device, &out.join(format!("preview_epoch{:04}.png", r.epoch)))
+        } else {
+            Ok(())
         }
-        Ok(())
     };
-    let summary = run_stage(&mut trainer, &mut step, loader.batch_size, "TPP", out, &mut each_epoch)?;
-    write_preview(vit, dec, split, cfg, device, &out.join("preview_final.png"))?;
-    Ok(summary)
+    run_stage(&mut trainer, &mut step, loader.batch_size, "TPP", out, &mut each_epoch)
 }
 
 /// A PNG of up to 8 training images: original, masked input, reconstruction (rows).
@@ -389,7 +391,7 @@ pub fn train_dino(
     out: &Path,
     save: &mut dyn FnMut() -> Result<()>,
 ) -> Result<PretrainSummary> {
-    let (mut trainer, loader) = plan(split, cfg, params, 0.999, device)?;
+    let (mut trainer, loader) = plan(split, cfg, params, 0.999, device, out)?;
     let mut step = DinoStep::new(parts, split, cfg, dino, loader);
     let mut each_epoch = |_: &super::trainer::EpochRecord| save();
     let summary = run_stage(&mut trainer, &mut step, loader.batch_size, "TPP-DINO", out, &mut each_epoch)?;

@@ -125,6 +125,10 @@ pub trait Callback {
         let _ = (record, state);
         Ok(())
     }
+    /// When the loop stops on a non-finite loss (before it reports the error).
+    fn on_stop(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// After the last epoch (not after an error).
     fn on_train_end(&mut self, state: &TrainState) -> Result<()> {
         let _ = state;
@@ -148,6 +152,8 @@ pub struct Trainer<'a> {
     pub steps_per_epoch: i64,
     /// Saves the run after every epoch and restores it on resume (None: no checkpoints).
     pub checkpoint: Option<Checkpointer<'a>>,
+    /// Where a stage without checkpoints keeps what each epoch saved (named when the run stops).
+    pub saved_in: Option<std::path::PathBuf>,
 }
 
 /// What one epoch's batches gave.
@@ -189,15 +195,10 @@ impl Trainer<'_> {
             }
             let train_loss = Tensor::stack(&sums.losses, 0).mean(Kind::Double).double_value(&[]);
             if !train_loss.is_finite() {
-                let kept = match &self.checkpoint {
-                    Some(c) => format!(
-                        ". The last good checkpoint (epoch {}) is kept in {}",
-                        state.epochs_done,
-                        c.dir().display()
-                    ),
-                    None => String::new(),
-                };
-                bail!("training loss became {train_loss} in epoch {}; stopping{kept}", epoch + 1);
+                for cb in callbacks.iter_mut() {
+                    cb.on_stop()?;
+                }
+                bail!("{}", self.divergence(train_loss, epoch, state));
             }
             let val = step.validate()?;
             let secs = t0.elapsed().as_secs_f64();
@@ -216,6 +217,24 @@ impl Trainer<'_> {
             cb.on_train_end(state)?;
         }
         Ok(())
+    }
+
+    /// Why and where a run with a non-finite loss stopped: whether the parameters diverged, and what is kept.
+    fn divergence(&self, loss: f64, epoch: i64, state: &TrainState) -> String {
+        let diverged = tch::no_grad(|| self.opt.tensors().any(|t| t.isfinite().all().int64_value(&[]) == 0));
+        let cause = if diverged {
+            "a trained parameter is no longer finite (the learning rate may be too high)"
+        } else {
+            "the parameters are finite: a non-finite input or backbone weight, or an overflow in the forward pass"
+        };
+        let done = state.epochs_done;
+        let kept = match (&self.checkpoint, &self.saved_in) {
+            _ if done == 0 => "no epoch finished, so nothing was kept".to_string(),
+            (Some(c), _) => format!("the last good checkpoint (epoch {done}) is kept in {}", c.dir().display()),
+            (None, Some(d)) => format!("what epoch {done} saved is kept in {}", d.display()),
+            (None, None) => format!("{done} epochs finished"),
+        };
+        format!("training loss became {loss} in epoch {}; stopping: {cause}; {kept}", epoch + 1)
     }
 
     /// The batches of one epoch: forward, backward, and an update every `accum` batches.
