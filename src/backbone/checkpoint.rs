@@ -168,7 +168,11 @@ fn hf_layer(
         let v = take(&["attention.attention.value", "attention.v_proj"], wb);
         match (q, k, v) {
             (Ok(q), Ok(k), Ok(v)) => {
-                out.insert(format!("{d}.attn.qkv.{wb}"), Tensor::cat(&[q, k, v], 0));
+                let (sq, sk, sv) = (q.size(), k.size(), v.size());
+                let qkv = Tensor::f_cat(&[q, k, v], 0).map_err(|_| {
+                    anyhow!("{s}: query, key and value {wb}s have shapes {sq:?}, {sk:?}, {sv:?}, which do not stack")
+                })?;
+                out.insert(format!("{d}.attn.qkv.{wb}"), qkv);
             }
             // Biases are optional (qkv_bias=False); weights are not.
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) if wb == "weight" => return Err(e),
@@ -310,6 +314,28 @@ fn dims(t: &Tensor) -> Vec<i64> {
     t.size()
 }
 
+/// The rank a model tensor's timm name implies.
+fn expected_rank(k: &str) -> usize {
+    match k {
+        "cls_token" | "reg_token" | "pos_embed" | "mask_token" | "decoder_pos_embed" => 3,
+        "patch_embed.proj.weight" => 4,
+        _ if k.ends_with(".bias") || k.ends_with(".gamma") => 1,
+        _ if ["norm.weight", "norm1.weight", "norm2.weight"].iter().any(|n| k.ends_with(n)) => 1,
+        _ => 2,
+    }
+}
+
+/// Every model tensor has the rank its name implies (before shapes are read to infer the architecture).
+fn check_ranks(t: &BTreeMap<String, Tensor>) -> Result<()> {
+    for (k, v) in t.iter().filter(|(k, _)| is_model_key(k)) {
+        let want = expected_rank(k);
+        if v.dim() != want {
+            bail!("tensor '{k}' has shape {:?}; a tensor of that name has {want} dimensions", v.size());
+        }
+    }
+    Ok(())
+}
+
 /// Infers the encoder architecture from timm-named tensors.
 fn infer_config(t: &BTreeMap<String, Tensor>, heads: Option<i64>, eps: f64) -> Result<VitConfig> {
     let get = |k: &str| t.get(k).ok_or_else(|| anyhow!("missing key '{k}'"));
@@ -434,6 +460,7 @@ impl Checkpoint {
             }
             let (mut tensors, used) =
                 to_timm(&src, format).with_context(|| format!("{}: {format} checkpoint", ctx()))?;
+            check_ranks(&tensors).with_context(|| format!("{}: {format} checkpoint", ctx()))?;
             let default_eps = if format == Format::HfVitMae { 1e-12 } else { 1e-6 };
             let mut config = infer_config(
                 &tensors,
@@ -506,6 +533,18 @@ pub fn copy_checked(dst: &Tensor, src: &Tensor, file: &Path, what: &str) -> Resu
     if src.size() != dst.size() {
         let (found, expected) = (src.size(), dst.size());
         return Err(Error::ShapeMismatch { file: file.to_path_buf(), what: what.to_string(), found, expected }.into());
+    }
+    // Integer or boolean values would be cast unscaled, and non-finite ones poison every output.
+    if dst.is_floating_point() && !src.is_floating_point() {
+        let kind = src.kind();
+        let detail = format!(
+            "{what} has dtype {kind:?}; weights must be floating point (quantised or integer checkpoints are \
+             not supported)"
+        );
+        return Err(Error::UnknownFormat { path: file.to_path_buf(), detail }.into());
+    }
+    if src.is_floating_point() && src.isfinite().all().int64_value(&[]) == 0 {
+        return Err(crate::error::bad_input!("{}: {what} holds non-finite values (NaN or infinity)", file.display()));
     }
     let _guard = tch::no_grad_guard();
     let mut d = dst.shallow_clone();
