@@ -2,7 +2,7 @@
 use super::BackboneArgs;
 use crate::data::transforms::Normalization;
 use crate::experiment::inference::{EmbedInput, embed};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use std::path::PathBuf;
 use tch::Device;
 
@@ -27,8 +27,16 @@ pub struct Args {
 }
 
 pub fn run(a: Args, device: Device) -> Result<()> {
+    if a.output.exists() {
+        return Err(crate::error::bad_input!(
+            "{}: exists; choose another --output (nothing is overwritten)",
+            a.output.display()
+        ));
+    }
     if a.norm == Normalization::Dataset {
-        bail!("--norm dataset needs a training split; embed takes imagenet, half or none");
+        return Err(crate::error::bad_input!(
+            "--norm dataset needs a training split; embed takes imagenet, half or none"
+        ));
     }
     let what = EmbedInput { input: a.input, norm: a.norm.norm(), grey: a.grey, batch_size: a.batch_size };
     let feats = embed(&a.backbone.source(), &what, device)?;

@@ -18,6 +18,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args, device: Device) -> Result<()> {
+    if let Some(out) = a.out.as_ref().filter(|o| o.exists()) {
+        return Err(crate::error::bad_input!(
+            "{}: exists; choose another --out (nothing is overwritten)",
+            out.display()
+        ));
+    }
     let (ev, data) = crate::experiment::inference::evaluate_run(&a.run, a.data.as_deref(), a.format.clone(), device)?;
     println!("{} test images of {}", ev.n, data.display());
     for (k, v) in &ev.metrics {

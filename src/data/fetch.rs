@@ -4,6 +4,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use md5::{Digest, Md5};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// (flag, size, md5) of every 2-D MedMNIST file.
 pub const TABLE: &[(&str, i64, &str)] = &[
@@ -71,6 +72,21 @@ pub fn md5_hex(bytes: &[u8]) -> String {
     Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The body of `u`; a server that does not answer, or stalls, fails after `patience` (per connection,
+/// response and read), never hangs.
+pub(crate) fn download(u: &str, patience: Duration) -> Result<Vec<u8>> {
+    let config = ureq::Agent::config_builder()
+        .timeout_connect(Some(patience))
+        .timeout_recv_response(Some(patience))
+        .timeout_per_read(Some(patience))
+        .build();
+    let agent = ureq::Agent::new_with_config(config);
+    let resp = agent.get(u).call().map_err(|e| anyhow!("cannot download {u}: {e}"))?;
+    let mut bytes = Vec::new();
+    resp.into_body().into_reader().read_to_end(&mut bytes).map_err(|e| anyhow!("download of {u} broke off: {e}"))?;
+    Ok(bytes)
+}
+
 /// What a fetch did.
 pub struct Fetched {
     /// The verified file.
@@ -102,11 +118,8 @@ pub fn medmnist(flag: &str, size: i64, dir: &Path) -> Result<Fetched> {
     }
     let u = url(flag, size);
     tracing::info!("downloading {u}");
-    let resp = ureq::get(&u)
-        .call()
-        .map_err(|e| anyhow!("cannot download {u}: {e} (offline? copy the file into {} by hand)", dir.display()))?;
-    let mut bytes = Vec::new();
-    resp.into_body().into_reader().read_to_end(&mut bytes).map_err(|e| anyhow!("download of {u} broke off: {e}"))?;
+    let bytes = download(&u, Duration::from_secs(30))
+        .map_err(|e| anyhow!("{e:#} (offline? copy the file into {} by hand)", dir.display()))?;
     let have = md5_hex(&bytes);
     if have != md5 {
         bail!("{u}: downloaded file has md5 {have}, not the official {md5}; nothing written");
@@ -133,5 +146,21 @@ mod tests {
         }
         assert_eq!(TABLE.len(), 48);
         assert!(url("breastmnist", 224).ends_with("breastmnist_224.npz?download=1"));
+    }
+
+    #[test]
+    fn a_server_that_never_answers_times_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts the connection and keeps it open without a byte.
+        let _server = std::thread::spawn(move || {
+            let conn = listener.accept();
+            std::thread::sleep(Duration::from_secs(3));
+            drop(conn);
+        });
+        let t = std::time::Instant::now();
+        let e = download(&format!("http://{addr}/x.npz"), Duration::from_millis(500)).unwrap_err().to_string();
+        assert!(t.elapsed() < Duration::from_secs(4), "took {:?}", t.elapsed());
+        assert!(e.contains("cannot download") && e.contains("x.npz"), "{e}");
     }
 }

@@ -79,6 +79,12 @@ pub fn predict(run: &Path, input: &Path, out: &Path, device: Device) -> Result<u
     let rec = RunRecord::read(run)?;
     let model = rec.load_trained(run, device)?;
     let (names, x) = read_inputs(input, &rec, &model)?;
+    if rec.task != Task::Segmentation && out.exists() {
+        return Err(crate::error::bad_input!(
+            "{}: exists; choose another --out (nothing is overwritten)",
+            out.display()
+        ));
+    }
     let size = model.bb.vit.config().img_size;
     let _g = tch::no_grad_guard();
     // The inputs stay on the host; only one batch at a time goes to the device (any number of files).
@@ -114,31 +120,86 @@ pub fn predict(run: &Path, input: &Path, out: &Path, device: Device) -> Result<u
     Ok(names.len())
 }
 
-/// One PNG mask per input in `out` (same names; 0/255 for binary, class ids otherwise), at each image's
-/// own size when the input is a file.
+/// Output file stems for the inputs: a file's own stem, `<stem>_<i>` for the i-th array of a `.npy`; when
+/// two inputs share a stem, each gets its index appended, so no mask overwrites another.
+fn mask_stems(names: &[String]) -> Vec<String> {
+    let stems: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let p = Path::new(n);
+            match p.file_stem().and_then(|s| s.to_str()) {
+                Some(s) if p.is_file() => s.to_string(),
+                _ => format!(
+                    "{}_{i}",
+                    n.split('[').next().and_then(|f| Path::new(f).file_stem()?.to_str()).unwrap_or("input")
+                ),
+            }
+        })
+        .collect();
+    let mut seen = std::collections::HashMap::<&str, usize>::new();
+    for s in &stems {
+        *seen.entry(s.as_str()).or_default() += 1;
+    }
+    stems.iter().enumerate().map(|(i, s)| if seen[s.as_str()] > 1 { format!("{s}_{i}") } else { s.clone() }).collect()
+}
+
+/// Per-pixel classes of one image at `(h, w)`: the logits [1, K, h0, w0] resized bilinearly band by band
+/// (the same values as one bilinear resize; memory bounded by a band, not by the image), then argmax.
+fn class_map(logits: &Tensor, h: i64, w: i64) -> Result<Vec<u8>> {
+    const BAND: i64 = 256;
+    let dev = logits.device();
+    let xs = Tensor::arange(w, (Kind::Float, dev)).g_add_scalar(0.5).g_mul_scalar(2.0 / w as f64).g_sub_scalar(1.0);
+    let mut out = Vec::with_capacity((h * w) as usize);
+    for y0 in (0..h).step_by(BAND as usize) {
+        let rows = BAND.min(h - y0);
+        let ys = Tensor::arange_start(y0, y0 + rows, (Kind::Float, dev))
+            .g_add_scalar(0.5)
+            .g_mul_scalar(2.0 / h as f64)
+            .g_sub_scalar(1.0);
+        // grid [1, rows, w, 2] of (x, y) in [-1, 1], align_corners = false: the resize's sampling points.
+        let grid =
+            Tensor::stack(&[xs.unsqueeze(0).expand([rows, w], false), ys.unsqueeze(1).expand([rows, w], false)], 2)
+                .unsqueeze(0);
+        // Bilinear (0), border padding (1): the resize clamps at the edges too.
+        let band = logits.grid_sampler(&grid, 0, 1, false).argmax(1, false).to_kind(Kind::Uint8).to_device(Device::Cpu);
+        out.extend(Vec::<u8>::try_from(band.flatten(0, -1))?);
+    }
+    Ok(out)
+}
+
+/// One PNG mask per input in `out` (0/255 for binary, class ids otherwise), at each image's own size when
+/// the input is a file. Masks already there are never overwritten.
 fn write_masks(model: &PeftModel, batch: &dyn Fn(i64, i64) -> Tensor, names: &[String], out: &Path) -> Result<usize> {
+    let stems = mask_stems(names);
+    let paths: Vec<PathBuf> = stems.iter().map(|s| out.join(format!("{s}.png"))).collect();
+    if let Some(p) = paths.iter().find(|p| p.exists()) {
+        return Err(crate::error::bad_input!(
+            "{}: exists; choose another --out (masks are never overwritten)",
+            p.display()
+        ));
+    }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
     let n = names.len() as i64;
     for i in (0..n).step_by(16) {
         let b = 16.min(n - i);
         let logits = model.logits(&batch(i, b), false);
+        let classes = logits.size()[1];
         for j in 0..b {
-            let src = Path::new(&names[(i + j) as usize]);
+            let k = (i + j) as usize;
             let l = logits.get(j).unsqueeze(0);
-            let l = match image::image_dimensions(src) {
-                Ok((w, h)) => l.upsample_bilinear2d([h as i64, w as i64], false, None, None),
-                Err(_) => l,
+            let (h, w) = match image::image_dimensions(&names[k]) {
+                Ok((w, h)) => (h as i64, w as i64),
+                Err(_) => (l.size()[2], l.size()[3]),
             };
-            let m = l.argmax(1, false).squeeze_dim(0).to_kind(Kind::Uint8).to_device(Device::Cpu);
-            let m = if logits.size()[1] == 2 { m * 255 } else { m };
-            let (h, w) = (m.size()[0] as u32, m.size()[1] as u32);
-            let px = Vec::<u8>::try_from(m.flatten(0, -1))?;
-            let stem = src.file_stem().and_then(|s| s.to_str()).map_or_else(|| format!("{}", i + j), str::to_string);
-            let path = out.join(format!("{stem}.png"));
-            image::GrayImage::from_raw(w, h, px)
+            let mut m = class_map(&l, h, w)?;
+            if classes == 2 {
+                m.iter_mut().for_each(|v| *v *= 255);
+            }
+            image::GrayImage::from_raw(w as u32, h as u32, m)
                 .ok_or_else(|| anyhow!("mask buffer"))?
-                .save(&path)
-                .with_context(|| format!("{}: cannot write", path.display()))?;
+                .save(&paths[k])
+                .with_context(|| format!("{}: cannot write", paths[k].display()))?;
         }
     }
     Ok(names.len())
@@ -148,6 +209,12 @@ fn write_masks(model: &PeftModel, batch: &dyn Fn(i64, i64) -> Tensor, names: &[S
 /// device trained it) and writes a plain timm checkpoint with the task head to `out`. Returns the
 /// number of tensors written.
 pub fn export_merged(run: &Path, out: &Path) -> Result<usize> {
+    if out.exists() {
+        return Err(crate::error::bad_input!(
+            "{}: exists; choose another --out (nothing is overwritten)",
+            out.display()
+        ));
+    }
     let rec = RunRecord::read(run)?;
     let mut model = rec.load_trained(run, Device::Cpu)?;
     crate::peft::merge(&mut model.bb.vit, &rec.peft).map_err(|e| anyhow!("{}: {e}", run.display()))?;
@@ -195,4 +262,29 @@ pub fn embed(backbone: &BackboneSource, what: &EmbedInput, device: Device) -> Re
         outs.push(f.to_kind(Kind::Float).to_device(Device::Cpu));
     }
     Ok(Tensor::cat(&outs, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn band_by_band_resize_gives_the_classes_of_one_bilinear_resize() {
+        tch::manual_seed(3);
+        let l = Tensor::randn([1, 3, 7, 9], (Kind::Float, Device::Cpu));
+        for (h, w) in [(7, 9), (600, 300), (5, 4), (257, 513)] {
+            let want = l.upsample_bilinear2d([h, w], false, None, None).argmax(1, false).to_kind(Kind::Uint8);
+            let want = Vec::<u8>::try_from(want.flatten(0, -1)).unwrap();
+            let got = class_map(&l, h, w).unwrap();
+            let differ = want.iter().zip(&got).filter(|(a, b)| a != b).count();
+            assert_eq!(differ, 0, "{h}x{w}: {differ} pixels differ");
+        }
+    }
+
+    #[test]
+    fn mask_names_never_collide() {
+        let names = ["a.npy[0]".to_string(), "a.npy[1]".to_string(), "x/b.png".to_string(), "y/b.png".to_string()];
+        let stems = mask_stems(&names);
+        assert_eq!(stems, ["a_0", "a_1", "b_2", "b_3"]);
+    }
 }

@@ -51,7 +51,8 @@ pub struct EpochRecord {
     pub seconds: f64,
     /// Training images per second.
     pub images_per_s: f64,
-    /// Validation metrics.
+    /// Validation metrics (a metric that could not be computed is NaN, stored as null).
+    #[serde(deserialize_with = "nan_for_null_values")]
     pub val: BTreeMap<String, f64>,
 }
 
@@ -62,7 +63,8 @@ pub struct TrainState {
     pub epochs_done: i64,
     /// Best epoch on validation so far (-1: none).
     pub best_epoch: i64,
-    /// Its validation value.
+    /// Its validation value (-inf before any; stored as null then, which JSON has for it).
+    #[serde(deserialize_with = "neg_inf_for_null")]
     pub best_value: f64,
     /// Epochs since the best one.
     pub bad_epochs: i64,
@@ -70,6 +72,17 @@ pub struct TrainState {
     pub history: Vec<EpochRecord>,
     /// Early stopping ended the run.
     pub stopped_early: bool,
+}
+
+/// JSON writes non-finite numbers as null: read null back as -inf (no best value yet).
+fn neg_inf_for_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NEG_INFINITY))
+}
+
+/// As [`neg_inf_for_null`], for metric maps: null is a metric that was NaN.
+fn nan_for_null_values<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+    let m = BTreeMap::<String, Option<f64>>::deserialize(d)?;
+    Ok(m.into_iter().map(|(k, v)| (k, v.unwrap_or(f64::NAN))).collect())
 }
 
 impl Default for TrainState {
