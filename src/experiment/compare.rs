@@ -348,6 +348,7 @@ pub fn run(cfg: &CompareConfig, out: &Path, device: Device) -> Result<CompareRes
             continue;
         }
         tracing::info!("[{}/{total}] TPP {label} seed {seed}", k + 1);
+        remove_unfinished(&job.dir)?;
         super::tpp::pretrain_targets(&job.record, &job.dir, device)?;
     }
     for (k, c) in grid.cells.iter().enumerate() {
@@ -361,6 +362,16 @@ pub fn run(cfg: &CompareConfig, out: &Path, device: Device) -> Result<CompareRes
         super::finetune::run(&c.record, &c.dir, resume, device)?;
     }
     CompareResults::collect(cfg, &grid)
+}
+
+/// Clears a stage folder of the grid that holds no finished stage (an interrupted run of an earlier
+/// version wrote into it directly); finished ones have their `config.json`.
+pub(crate) fn remove_unfinished(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.join("config.json").exists() {
+        tracing::info!("{}: an unfinished stage; starting it again", dir.display());
+        std::fs::remove_dir_all(dir).with_context(|| format!("{}: cannot clear", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// A finished cell is reused only if it ran the configuration asked for now: re-running an edited config

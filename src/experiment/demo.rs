@@ -67,6 +67,7 @@ pub fn run(out: &Path, data: &Path, quick: bool, device: Device) -> Result<(Comp
             mae: mae.clone(),
             ..PretrainConfig::default()
         };
+        super::compare::remove_unfinished(&bb_dir)?;
         super::tpp::pretrain_backbone(&demo_arch(), &data.join("pneumoniamnist.npz"), None, &pcfg, &bb_dir, device)?;
     }
     tracing::info!(

@@ -12,11 +12,32 @@ use crate::pretext::mae::{DecoderSource, MaeConfig, MaeDecoder};
 use crate::train::pretrain::{DinoParts, PretrainConfig, PretrainSummary, train_dino, train_mae};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Device, Tensor, nn};
 
-fn create_out(out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create output folder", out.display()))
+/// Where a stage writes until it finishes: `<out>.partial`, renamed to `out` at the end, so a killed stage
+/// never looks finished. `out` must not exist (nothing is overwritten); the `.partial` of an interrupted
+/// run is cleared.
+fn claim(out: &Path) -> Result<PathBuf> {
+    if out.exists() {
+        return Err(crate::error::bad_input!(
+            "{}: exists; choose another --out or delete it (nothing is overwritten)",
+            out.display()
+        ));
+    }
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let work = out.with_file_name(format!("{name}.partial"));
+    if work.exists() {
+        tracing::info!("{}: left by an interrupted run; starting again", work.display());
+        std::fs::remove_dir_all(&work).with_context(|| format!("{}: cannot clear", work.display()))?;
+    }
+    std::fs::create_dir_all(&work).with_context(|| format!("{}: cannot create output folder", work.display()))?;
+    Ok(work)
+}
+
+/// Moves a finished stage from its `.partial` folder to `out`.
+fn publish(work: &Path, out: &Path) -> Result<()> {
+    std::fs::rename(work, out).with_context(|| format!("{}: cannot move the finished stage into place", out.display()))
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
@@ -38,9 +59,26 @@ fn decoder_tensors(vs: &nn::VarStore, dec: &MaeDecoder) -> Vec<(String, Tensor)>
     v
 }
 
-/// The TPP stage of `rec` in `out`: `targets/` (the pre-trained target parameters), the pretext head,
-/// `config.json` (the record, with the run's results) and `loss.csv`.
+/// The TPP stage of `rec` in `out` (which must not exist): `targets/` (the pre-trained target
+/// parameters), the pretext head, `config.json` (the record, with the run's results) and `loss.csv`.
 pub fn pretrain_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<PretrainSummary> {
+    rec.validate()?;
+    let work = claim(out)?;
+    let summary = tpp_stage(rec, &work, device)?;
+    publish(&work, out)?;
+    tracing::info!(
+        "done: {} steps, loss {:.4} -> {:.4}, {:.0} img/s; target parameters in {}",
+        summary.steps,
+        summary.first_loss,
+        summary.final_loss,
+        summary.images_per_s,
+        out.join("targets").display()
+    );
+    Ok(summary)
+}
+
+/// The TPP stage, writing into `out`.
+fn tpp_stage(rec: &TppRecord, out: &Path, device: Device) -> Result<PretrainSummary> {
     let spec = &rec.peft;
     if !spec.adds_parameters() {
         bail!("--peft {}: the TPP stage pre-trains PEFT target parameters; '{}' has none", spec.label(), spec.label());
@@ -59,7 +97,6 @@ pub fn pretrain_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<P
     let (ds, _) = crate::data::open_with(&rec.data, &data_opts)?;
     model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow!("{}: {e}", rec.data.display()))?;
     let cfg = PretrainConfig { image_size: img, norm: rec.config.norm.resolve(&ds.train.images), ..rec.config.clone() };
-    create_out(out)?;
     match rec.pretext {
         Pretext::Mae => tpp_mae(rec, &cfg, model, &ck, &ds, out, device),
         Pretext::Dino => {
@@ -160,16 +197,7 @@ impl StageRun<'_> {
             "version": env!("CARGO_PKG_VERSION"),
         });
         record[extra.0] = extra.1.into();
-        write_json(&out.join("config.json"), &record)?;
-        tracing::info!(
-            "done: {} steps, loss {:.4} -> {:.4}, {:.0} img/s; target parameters in {}",
-            summary.steps,
-            summary.first_loss,
-            summary.final_loss,
-            summary.images_per_s,
-            out.join("targets").display()
-        );
-        Ok(())
+        write_json(&out.join("config.json"), &record)
     }
 }
 
@@ -230,7 +258,7 @@ fn tpp_dino(
 
 /// MAE pre-training of a fresh ViT of `arch` on the training images of `data`; writes
 /// `<out>/backbone.safetensors` (original MAE layout: timm encoder + decoder, which `--backbone` reads
-/// and whose decoder the TPP stage can reuse) and `<out>/config.json`.
+/// and whose decoder the TPP stage can reuse) and `<out>/config.json`; `out` must not exist.
 pub fn pretrain_backbone(
     arch: &VitConfig,
     data: &Path,
@@ -239,8 +267,31 @@ pub fn pretrain_backbone(
     out: &Path,
     device: Device,
 ) -> Result<PretrainSummary> {
+    arch.validate().map_err(|e| crate::error::bad_input!("architecture: {e}"))?;
+    cfg.validate()?;
+    let work = claim(out)?;
+    let summary = backbone_stage(arch, data, format, cfg, &work, device)?;
+    publish(&work, out)?;
+    tracing::info!(
+        "done: {} steps, loss {:.4} -> {:.4}; backbone in {}",
+        summary.steps,
+        summary.first_loss,
+        summary.final_loss,
+        out.join("backbone.safetensors").display()
+    );
+    Ok(summary)
+}
+
+/// MAE pre-training of a backbone, writing into `out`.
+fn backbone_stage(
+    arch: &VitConfig,
+    data: &Path,
+    format: Option<&str>,
+    cfg: &PretrainConfig,
+    out: &Path,
+    device: Device,
+) -> Result<PretrainSummary> {
     let ds = crate::data::open(data, format)?;
-    create_out(out)?;
     tch::manual_seed(cfg.seed as i64);
     let bb = Backbone::fresh(arch, device)?;
     let dec_vs = nn::VarStore::new(device);
@@ -276,12 +327,5 @@ pub fn pretrain_backbone(
         "version": env!("CARGO_PKG_VERSION"),
     });
     write_json(&out.join("config.json"), &record)?;
-    tracing::info!(
-        "done: {} steps, loss {:.4} -> {:.4}; backbone in {}",
-        summary.steps,
-        summary.first_loss,
-        summary.final_loss,
-        path.display()
-    );
     Ok(summary)
 }
