@@ -33,6 +33,7 @@ pub fn run(out: &Path, quick: bool) -> tpp::Result<f64> {
         decoder: DecoderSource::Fresh,
         freeze_decoder: false,
         dino: Default::default(),
+        backbone_fingerprint: None,
     };
     stages::pretrain_targets(&tpp, &out.join("tpp"), device)?;
     // 3. LoRA fine-tuning starting from the TPP values; the best validation epoch meets the test split.
@@ -48,6 +49,7 @@ pub fn run(out: &Path, quick: bool) -> tpp::Result<f64> {
         task,
         num_classes,
         config,
+        fingerprints: Default::default(),
     };
     let done = finetune::run(&rec, &out.join("lora_tpp"), false, device)?;
     Ok(done.evaluation.metrics["auc"])

@@ -239,6 +239,7 @@ fn tpp_targets_reach_finetuning_exactly() {
         data: tpp::experiment::DataSource::new(b.clone()),
         train_fraction: 1.0,
         task: tpp::data::Task::Binary,
+        fingerprints: Default::default(),
         num_classes: 2,
         config: serde_json::from_value(serde_json::json!({
             "epochs": 1, "batch_size": 32, "lr": 1e-3, "min_lr": 0.0, "warmup": 0.0, "weight_decay": 0.05, "clip": 1.0,

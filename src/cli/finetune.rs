@@ -85,6 +85,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         task,
         num_classes,
         config,
+        fingerprints: Default::default(),
     };
     let out = crate::experiment::finetune::run(&record, &a.out, a.resume, device)?;
     let (state, ev) = (&out.state, &out.evaluation);

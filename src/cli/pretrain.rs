@@ -75,6 +75,7 @@ pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
         decoder: a.mae.decoder,
         freeze_decoder: a.mae.freeze_decoder,
         dino: a.dino.config(),
+        backbone_fingerprint: None,
     };
     pretrain_targets(&rec, &a.out, device)?;
     Ok(())

@@ -3,7 +3,7 @@
 //! linear probe and full fine-tuning, on the same splits and seeds ([`Grid`]). Cells that finished are
 //! not recomputed after an interruption (if they ran the configuration asked for now); an interrupted
 //! fine-tuning cell resumes. [`run`] returns the [`CompareResults`] that `crate::eval::report` renders.
-use super::records::{BackboneSource, DataSource, RUN_JSON, RunRecord, TppRecord};
+use super::records::{self, BackboneSource, DataSource, RUN_JSON, RunRecord, TppRecord};
 use super::sections::{FinetuneSection, TppSection};
 use crate::data::Task;
 use crate::data::transforms::{Norm, Normalization};
@@ -268,6 +268,7 @@ impl CompareConfig {
             task: task.0,
             num_classes: task.1,
             config: self.finetune_config(seed, full, task.2),
+            fingerprints: Default::default(),
         }
     }
 
@@ -282,11 +283,26 @@ impl CompareConfig {
             decoder: self.tpp.decoder,
             freeze_decoder: false,
             dino: self.dino.clone(),
+            backbone_fingerprint: None,
         }
     }
 
-    /// Every stage of the comparison into `out`.
+    /// Every stage of the comparison into `out`, as their records will be written (absolute paths, the
+    /// inputs' fingerprints).
     pub fn grid(&self, out: &Path) -> Result<Grid> {
+        let mut grid = self.plain_grid(out)?;
+        let (backbone, data) = (records::fingerprint(&self.backbone.path)?, self.data_source().fingerprint()?);
+        for job in &mut grid.tpp {
+            job.record = job.record.resolved()?;
+        }
+        let fingerprints = records::Fingerprints { backbone: Some(backbone), data: Some(data) };
+        for c in &mut grid.cells {
+            c.record = RunRecord { fingerprints: fingerprints.clone(), ..c.record.clone().absolute_paths() };
+        }
+        Ok(grid)
+    }
+
+    fn plain_grid(&self, out: &Path) -> Result<Grid> {
         self.validate()?;
         // Task and classes only; each run reads the data at its model's size.
         let (task, num_classes) = self.data_source().describe()?;
@@ -377,7 +393,7 @@ pub(crate) fn remove_unfinished(dir: &Path) -> Result<()> {
 /// A finished cell is reused only if it ran the configuration asked for now: re-running an edited config
 /// into the same folder must not mix old and new numbers silently.
 fn check_kept_run(want: &RunRecord, dir: &Path) -> Result<()> {
-    let old = RunRecord::read(dir)?;
+    let old = RunRecord::read(dir)?.normalised_like(want);
     let mut want = want.clone();
     adopt_filled_in((&mut want.config.image_size, &mut want.config.norm), (old.config.image_size, old.config.norm));
     check_same(&dir.join(RUN_JSON), &old, &want)
@@ -387,8 +403,12 @@ fn check_kept_tpp(want: &TppRecord, dir: &Path) -> Result<()> {
     let file = dir.join("config.json");
     let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON ({e})", file.display()))?;
-    let old: TppRecord = serde_json::from_value(v["record"].clone())
+    let mut old: TppRecord = serde_json::from_value(v["record"].clone())
         .map_err(|e| anyhow!("{}: no valid TPP record ({e})", file.display()))?;
+    // Records of earlier versions: paths as given, no fingerprint.
+    old.backbone.path = records::absolute(&old.backbone.path);
+    old.data = records::absolute(&old.data);
+    old.backbone_fingerprint = old.backbone_fingerprint.or_else(|| want.backbone_fingerprint.clone());
     let mut want = want.clone();
     adopt_filled_in((&mut want.config.image_size, &mut want.config.norm), (old.config.image_size, old.config.norm));
     check_same(&file, &old, &want)
@@ -405,14 +425,19 @@ fn adopt_filled_in(want: (&mut i64, &mut Norm), old: (i64, Norm)) {
     }
 }
 
+/// Every differing setting of two records, `path: old -> new`.
+pub(crate) fn changes<T: Serialize>(old: &T, want: &T) -> Result<Vec<String>> {
+    let mut changes = Vec::new();
+    diff_leaves("", &serde_json::to_value(old)?, &serde_json::to_value(want)?, &mut changes);
+    Ok(changes)
+}
+
 /// Ok when the two records agree; otherwise one error naming `file` and every changed field.
 fn check_same<T: Serialize>(file: &Path, old: &T, want: &T) -> Result<()> {
-    let (old, want) = (serde_json::to_value(old)?, serde_json::to_value(want)?);
-    if old == want {
+    let changes = changes(old, want)?;
+    if changes.is_empty() {
         return Ok(());
     }
-    let mut changes = Vec::new();
-    diff_leaves("", &old, &want, &mut changes);
     Err(crate::Error::StaleRun { file: file.to_path_buf(), changes }.into())
 }
 

@@ -45,6 +45,7 @@ pub fn prepare(rec: &RunRecord, device: Device) -> Result<Prepared> {
     let img = model.bb.vit.config().img_size;
     model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow!("{}: {e}", rec.data.data.display()))?;
     if let Some(init) = &rec.init_targets {
+        check_same_backbone(rec, init)?;
         let dir = targets_dir(init)?;
         let saved = peft::io::read_spec(&dir)?;
         if saved.methods != spec.methods {
@@ -56,21 +57,48 @@ pub fn prepare(rec: &RunRecord, device: Device) -> Result<Prepared> {
     Ok(Prepared { model, ds, checkpoint, files })
 }
 
-/// Checks the run folder: a run already there continues only with `resume` and the same record.
+/// Checks the run folder: a run already there continues only with `resume` and the same record (the same
+/// inputs too: their fingerprints).
 fn claim_folder(rec: &RunRecord, out: &Path, resume: bool) -> Result<()> {
     let exists = out.join(RUN_JSON).exists();
     if exists && !resume {
-        bail!("{}: a run already exists here; pass --resume to continue it or choose another --out", out.display());
+        let e = "a run already exists here; pass --resume to continue it or choose another --out";
+        return Err(crate::error::bad_input!("{}: {e}", out.display()));
     }
-    if resume && exists && RunRecord::read(out)? != *rec {
-        bail!("{}: --resume with arguments that differ from the recorded run (see run.json)", out.display());
+    if resume && exists {
+        let old = RunRecord::read(out)?.normalised_like(rec);
+        if old != *rec {
+            let changes = super::compare::changes(&old, rec)?.join(", ");
+            let e = "--resume with arguments (or inputs) that differ from the recorded run (see run.json)";
+            return Err(crate::error::bad_input!("{}: {e}: {changes}", out.display()));
+        }
     }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))
+}
+
+/// An error when the TPP stage that made `init`'s target parameters ran on another backbone than `rec`'s.
+fn check_same_backbone(rec: &RunRecord, init: &Path) -> Result<()> {
+    let Some(tpp) = super::records::TppRecord::of_output(init)? else { return Ok(()) };
+    let same = match (&tpp.backbone_fingerprint, &rec.fingerprints.backbone) {
+        (Some(a), Some(b)) => a == b,
+        _ => super::records::absolute(&tpp.backbone.path) == super::records::absolute(&rec.backbone.path),
+    };
+    if !same {
+        return Err(crate::error::bad_input!(
+            "{}: these target parameters were pre-trained on {}, not on this run's backbone {}",
+            init.display(),
+            tpp.backbone.path.display(),
+            rec.backbone.path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Runs (or resumes) the fine-tuning run of `rec` in `out`: train with selection on validation, then one
 /// evaluation of the best weights on the test split. Writes the run folder.
 pub fn run(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Result<Outcome> {
+    rec.validate()?;
+    let rec = &rec.resolved()?;
     let Prepared { model, ds, checkpoint, files } = prepare(rec, device)?;
     let mut rec = rec.clone();
     rec.config.image_size = model.bb.vit.config().img_size;

@@ -17,6 +17,85 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::Device;
 
+/// `p` made absolute (against the current folder), so a record names the same file from anywhere.
+pub fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// A cheap fingerprint of a file or folder, to tell whether a run's inputs are still the ones it used.
+/// A file: its size and its first and last 64 KiB. A folder: the relative path and size of every file in
+/// it (recursively, sorted), since reading 10^5 images would take minutes. Detects another, added,
+/// removed, truncated or re-encoded file; an edit that keeps a folder file's size, or a large file's size
+/// and ends, may pass.
+pub fn fingerprint(path: &Path) -> Result<String> {
+    use md5::{Digest, Md5};
+    use std::io::{Read, Seek, SeekFrom};
+    let mut h = Md5::new();
+    let meta = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if meta.is_file() {
+        const END: u64 = 64 << 10;
+        let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        h.update(meta.len().to_le_bytes());
+        let mut buf = Vec::new();
+        f.by_ref().take(END).read_to_end(&mut buf)?;
+        f.seek(SeekFrom::Start(meta.len().saturating_sub(END)))?;
+        f.read_to_end(&mut buf)?;
+        h.update(&buf);
+    } else {
+        let mut files = Vec::new();
+        let mut stack = vec![path.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).with_context(|| format!("{}: cannot list", dir.display()))? {
+                let e = e?;
+                let p = e.path();
+                if e.file_type()?.is_dir() {
+                    stack.push(p);
+                } else {
+                    files
+                        .push((p.strip_prefix(path).unwrap_or(&p).to_string_lossy().into_owned(), e.metadata()?.len()));
+                }
+            }
+        }
+        files.sort();
+        for (name, len) in files {
+            h.update(name.as_bytes());
+            h.update(len.to_le_bytes());
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Fingerprints of a run's backbone and data ([`fingerprint`]), recorded so that a later use of the run
+/// (evaluate, predict, resume, fine-tuning from a TPP stage) notices a changed input.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Fingerprints {
+    /// Of the backbone checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone: Option<String>,
+    /// Of the data (and a NIfTI label volume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+}
+
+impl Fingerprints {
+    /// Whether none is recorded (records written before fingerprints were).
+    pub fn is_empty(&self) -> bool {
+        self.backbone.is_none() && self.data.is_none()
+    }
+}
+
+/// An error when `what` at `path` no longer has the fingerprint a run recorded.
+fn check_fingerprint(path: &Path, recorded: Option<&String>, what: &str) -> Result<()> {
+    let Some(recorded) = recorded else { return Ok(()) };
+    if fingerprint(path)? != *recorded {
+        return Err(crate::error::bad_input!(
+            "{}: the {what} changed since the run used it (its fingerprint differs); results would not be the run's",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 /// A backbone checkpoint and how to read it: the file, and what its shapes cannot tell or the user
 /// wants otherwise. Flattened into records and configs as the keys `backbone`, `heads`, `img_size`,
 /// `pool`.
@@ -92,6 +171,16 @@ fn two() -> i64 {
 }
 
 impl DataSource {
+    /// The fingerprint of the data (with the label volume, if any).
+    pub fn fingerprint(&self) -> Result<String> {
+        let mut f = fingerprint(&self.data)?;
+        if let Some(l) = &self.labels {
+            f.push('+');
+            f.push_str(&fingerprint(l)?);
+        }
+        Ok(f)
+    }
+
     /// A data set at `path` with default options.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         DataSource { data: path.into(), format: None, skip_bad: false, mask_classes: 2, labels: None }
@@ -154,6 +243,9 @@ pub struct RunRecord {
     pub num_classes: i64,
     /// Hyperparameters.
     pub config: FinetuneConfig,
+    /// What the backbone and data were when the run started.
+    #[serde(default, skip_serializing_if = "Fingerprints::is_empty")]
+    pub fingerprints: Fingerprints,
 }
 
 /// File name of a run's record.
@@ -167,6 +259,33 @@ impl RunRecord {
         self.peft.validate()?;
         crate::check::float("train_fraction", self.train_fraction, crate::check::UNIT_OPEN_LOW)?;
         self.config.validate()
+    }
+
+    /// The record with every path absolute (against the current folder).
+    pub(crate) fn absolute_paths(mut self) -> Self {
+        self.backbone.path = absolute(&self.backbone.path);
+        self.data.data = absolute(&self.data.data);
+        self.data.labels = self.data.labels.as_deref().map(absolute);
+        self.init_targets = self.init_targets.as_deref().map(absolute);
+        self
+    }
+
+    /// The record with absolute paths and the inputs' fingerprints: what `run.json` keeps.
+    pub fn resolved(&self) -> Result<Self> {
+        let mut r = self.clone().absolute_paths();
+        r.fingerprints =
+            Fingerprints { backbone: Some(fingerprint(&r.backbone.path)?), data: Some(r.data.fingerprint()?) };
+        Ok(r)
+    }
+
+    /// A record as this version writes it, for comparing an earlier version's with `now`: absolute paths
+    /// (against the current folder) and, when it has none, `now`'s fingerprints (it cannot tell otherwise).
+    pub fn normalised_like(&self, now: &RunRecord) -> RunRecord {
+        let mut r = self.clone().absolute_paths();
+        if r.fingerprints.is_empty() {
+            r.fingerprints = now.fingerprints.clone();
+        }
+        r
     }
 
     /// Reads `<run>/run.json`.
@@ -193,17 +312,27 @@ impl RunRecord {
         Ok(m)
     }
 
-    /// Reads the run's dataset (or `data` instead) the way the model needs it.
+    /// Reads the run's dataset (or `data` instead) the way the model needs it; the run's own data must be
+    /// what it was when the run started.
     pub fn open_data(&self, model: &PeftModel, data: Option<&Path>) -> Result<(Dataset, Option<SplitRecord>)> {
         let mut src = self.data.clone();
-        if let Some(d) = data {
-            src.data = d.to_path_buf();
+        match data {
+            Some(d) => src.data = d.to_path_buf(),
+            None if self.fingerprints.data.as_ref().is_some_and(|f| Some(f) != src.fingerprint().ok().as_ref()) => {
+                return Err(crate::error::bad_input!(
+                    "{}: the data changed since the run used it (its fingerprint differs); results would not be the run's",
+                    src.data.display()
+                ));
+            }
+            None => {}
         }
         src.open(model.bb.vit.config())
     }
 
-    /// The model with the run's final (best-on-validation) weights from `<run>/adapter`.
+    /// The model with the run's final (best-on-validation) weights from `<run>/adapter`, on the backbone
+    /// the run was trained on.
     pub fn load_trained(&self, run: &Path, device: Device) -> Result<PeftModel> {
+        check_fingerprint(&self.backbone.path, self.fingerprints.backbone.as_ref(), "backbone")?;
         let m = self.build_model(device)?;
         let dir = run.join("adapter");
         if !dir.exists() {
@@ -237,9 +366,36 @@ pub struct TppRecord {
     /// The DINO pretext's options.
     #[serde(default)]
     pub dino: DinoConfig,
+    /// The backbone's fingerprint when the stage ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone_fingerprint: Option<String>,
 }
 
 impl TppRecord {
+    /// The record with absolute paths and the backbone's fingerprint: what `config.json` keeps.
+    pub fn resolved(&self) -> Result<Self> {
+        let mut r = self.clone();
+        r.backbone.path = absolute(&r.backbone.path);
+        r.data = absolute(&r.data);
+        r.backbone_fingerprint = Some(fingerprint(&r.backbone.path)?);
+        Ok(r)
+    }
+
+    /// The record a TPP output folder (or its `targets/`) holds, if it has one.
+    pub fn of_output(dir: &Path) -> Result<Option<Self>> {
+        let dir = if dir.ends_with("targets") { dir.parent().unwrap_or(dir) } else { dir };
+        let file = dir.join("config.json");
+        if !file.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON ({e})", file.display()))?;
+        let rec = serde_json::from_value(v["record"].clone())
+            .map_err(|e| anyhow!("{}: no valid TPP record ({e})", file.display()))?;
+        Ok(Some(rec))
+    }
+
     /// Rejects a stage no training could do, naming the option (before anything is written).
     pub fn validate(&self) -> Result<()> {
         self.backbone.validate()?;

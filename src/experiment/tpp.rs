@@ -63,6 +63,7 @@ fn decoder_tensors(vs: &nn::VarStore, dec: &MaeDecoder) -> Vec<(String, Tensor)>
 /// parameters), the pretext head, `config.json` (the record, with the run's results) and `loss.csv`.
 pub fn pretrain_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<PretrainSummary> {
     rec.validate()?;
+    let rec = &rec.resolved()?;
     let work = claim(out)?;
     let summary = tpp_stage(rec, &work, device)?;
     publish(&work, out)?;
