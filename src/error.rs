@@ -88,3 +88,29 @@ macro_rules! bad_input {
     };
 }
 pub(crate) use bad_input;
+
+thread_local! {
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside [`guard`]: a panic there is a third-party decoder failing on bad input,
+/// turned into an error; a panic hook should stay silent about it.
+pub fn panic_is_guarded() -> bool {
+    GUARDED.with(|g| g.get())
+}
+
+/// Runs a third-party decoder on input it may not expect: a panic inside (a decoder bug, found by the
+/// fuzz tests in dicom-rs's RLE decoder) becomes a bad-input error naming `file`, not a crash.
+pub(crate) fn guard<T>(file: &std::path::Path, what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let was = GUARDED.with(|g| g.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(was));
+    r.unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown");
+        Err(bad_input!("{}: {what} failed on this file ({msg})", file.display()))
+    })
+}

@@ -38,7 +38,7 @@ pub mod train;
 
 pub use backbone::{Backbone, Checkpoint, LoadOptions, Pool, Vit, VitConfig};
 pub use data::{Dataset, Split, Task};
-pub use error::{Error, Result};
+pub use error::{Error, Result, panic_is_guarded};
 pub use eval::metrics::Metric;
 pub use experiment::{BackboneSource, CompareConfig, CompareResults, DataSource, RunRecord, TppRecord};
 pub use model::PeftModel;

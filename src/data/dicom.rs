@@ -26,6 +26,10 @@ pub type Frame = (Vec<f32>, u32, u32, Option<(f64, f64)>);
 
 /// The first frame's pixel values after the modality LUT, its size, and the file's window.
 pub fn read_frame(path: &Path) -> Result<Frame> {
+    crate::error::guard(path, "the DICOM decoder", || read_frame_unguarded(path))
+}
+
+fn read_frame_unguarded(path: &Path) -> Result<Frame> {
     let obj = open_file(path).map_err(|e| anyhow!("{}: cannot read DICOM ({e})", path.display()))?;
     let window = (|| {
         let c = obj.element(dicom_object::Tag(0x0028, 0x1050)).ok()?.to_multi_float64().ok()?;
