@@ -99,8 +99,9 @@ pub fn panic_is_guarded() -> bool {
     GUARDED.with(|g| g.get())
 }
 
-/// Runs a third-party decoder on input it may not expect: a panic inside (a decoder bug, found by the
-/// fuzz tests in dicom-rs's RLE decoder) becomes a bad-input error naming `file`, not a crash.
+/// Runs a third-party decoder on input it may not expect: a panic inside (a decoder bug; the fuzz tests
+/// found some in dicom-rs's RLE decoder and the nifti crate) becomes a bad-input error naming `file`, not
+/// a crash.
 pub(crate) fn guard<T>(file: &std::path::Path, what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     let was = GUARDED.with(|g| g.replace(true));
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));

@@ -16,6 +16,11 @@ pub fn is_nifti(path: &Path) -> bool {
 
 /// The volume as (values in x-fastest order, [nx, ny, nz]).
 pub fn read_volume(path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
+    // The nifti crate panics on some inconsistent headers (found by the fuzz tests).
+    crate::error::guard(path, "the NIfTI reader", || read_volume_unguarded(path))
+}
+
+fn read_volume_unguarded(path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
     let obj =
         ReaderOptions::new().read_file(path).map_err(|e| anyhow!("{}: cannot read NIfTI ({e})", path.display()))?;
     let arr = obj
