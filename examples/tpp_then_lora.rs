@@ -19,15 +19,15 @@ pub fn run(out: &Path, quick: bool) -> tpp::Result<f64> {
     // 1. A small ViT (patch 4, width 128, depth 4) pre-trained with MAE on the source domain.
     let arch = demo::demo_arch();
     let pcfg = half(PretrainConfig { epochs: epochs(12), image_size: 28, ..PretrainConfig::default() });
-    stages::pretrain_backbone(&arch, &data.join("pneumoniamnist.npz"), None, &pcfg, &out.join("backbone"), device)?;
+    let source = DataSource::new(data.join("pneumoniamnist.npz"));
+    stages::pretrain_backbone(&arch, &source, &pcfg, &out.join("backbone"), device)?;
     let backbone = BackboneSource::new(out.join("backbone/backbone.safetensors"));
     // 2. TPP: LoRA's factors pre-trained with MAE on the target domain's training images.
     let lora = PeftSpec::with_methods(&[Method::LORA]);
     let tpp = TppRecord {
         backbone: backbone.clone(),
         peft: lora.clone(),
-        data: data.join("breastmnist.npz"),
-        format: None,
+        data: DataSource::new(data.join("breastmnist.npz")),
         pretext: Pretext::Mae,
         config: half(PretrainConfig { epochs: epochs(30), ..PretrainConfig::default() }),
         decoder: DecoderSource::Fresh,

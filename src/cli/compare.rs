@@ -57,7 +57,7 @@ impl Args {
             cfg.backbone.path = b.clone();
         }
         if let Some(d) = &self.data {
-            cfg.data = d.clone();
+            cfg.data.data = d.clone();
         }
         if let Some(m) = &self.methods {
             cfg.methods = m.clone();

@@ -64,12 +64,22 @@ pub struct BackboneTrainArgs {
     pub out: PathBuf,
 }
 
+/// The pre-training stages use every training image: a label fraction would be ignored.
+fn check_no_fraction(data: &DataArgs) -> Result<()> {
+    if data.train_fraction != 1.0 {
+        return Err(crate::error::bad_input!(
+            "--train-fraction thins the labels fine-tuning uses; pre-training uses every training image"
+        ));
+    }
+    Ok(())
+}
+
 pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
+    check_no_fraction(&a.data)?;
     let rec = TppRecord {
         backbone: a.backbone.source(),
         peft: a.peft.spec()?,
-        data: a.data.data.clone(),
-        format: a.data.format.clone(),
+        data: a.data.source(),
         pretext: a.pretext,
         config: a.optim.pretrain(&a.data, &a.aug, &a.mae, 1.5e-3)?,
         decoder: a.mae.decoder,
@@ -82,6 +92,7 @@ pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
 }
 
 pub fn run_backbone(a: BackboneTrainArgs, device: Device) -> Result<()> {
+    check_no_fraction(&a.data)?;
     let ds = crate::data::open(&a.data.data, a.data.format.as_deref())?;
     let mut cfg = VitConfig::preset(&a.arch)
         .ok_or_else(|| anyhow!("--arch '{}': unknown preset (known: {})", a.arch, VitConfig::PRESETS.join(", ")))?;
@@ -99,6 +110,6 @@ pub fn run_backbone(a: BackboneTrainArgs, device: Device) -> Result<()> {
     cfg.validate().map_err(|e| anyhow!("--arch/--patch-size/...: {e}"))?;
     let pcfg = a.optim.pretrain(&a.data, &a.aug, &a.mae, 1.5e-3)?;
     let pcfg = crate::train::pretrain::PretrainConfig { image_size: cfg.img_size, ..pcfg };
-    pretrain_backbone(&cfg, &a.data.data, a.data.format.as_deref(), &pcfg, &a.out, device)?;
+    pretrain_backbone(&cfg, &a.data.source(), &pcfg, &a.out, device)?;
     Ok(())
 }

@@ -42,7 +42,7 @@ pub fn open(root: &Path, opts: FileOptions, mask_classes: i64) -> Result<(Datase
             Some(m) => pairs.push((p.clone(), m.clone())),
             None if opts.skip_bad => tracing::warn!("skipped {}: no mask with the same name", p.display()),
             None => bail!(
-                "{}: no mask with the same name in {} (use --skip-bad to skip)",
+                "{}: no mask with the same name in {} (use --skip-bad, or skip_bad = true in a compare config, to skip)",
                 p.display(),
                 root.join("masks").display()
             ),
@@ -67,7 +67,7 @@ pub fn open(root: &Path, opts: FileOptions, mask_classes: i64) -> Result<(Datase
     if let Some((_, e)) = mismatched.first()
         && !opts.skip_bad
     {
-        bail!("{e} (use --skip-bad to skip)");
+        bail!("{e} (use --skip-bad, or skip_bad = true in a compare config, to skip)");
     }
     for (_, e) in &mismatched {
         tracing::warn!("skipped: {e}");

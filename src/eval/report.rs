@@ -143,7 +143,7 @@ pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<Stri
     let (metric, select) = (metric.as_str(), select.as_str());
     // The second column: accuracy for classification, IoU for segmentation.
     let second = if r.task == Task::Segmentation { "iou" } else { "accuracy" };
-    let mut results = json!({"metric": metric, "select": select, "seeds": cfg.seeds, "data": cfg.data,
+    let mut results = json!({"metric": metric, "select": select, "seeds": cfg.seeds, "data": cfg.data.data,
         "backbone": cfg.backbone.path, "variants": {}});
     let mut summary = BTreeMap::new();
     let mut rows = String::new();
@@ -157,7 +157,7 @@ pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<Stri
     let (pretext_name, pretext) = pretext_line(cfg);
     let (f, t) = (&cfg.finetune, &cfg.tpp.config);
     let mut md = String::new();
-    let _ = writeln!(md, "# tpp compare: {}\n", cfg.data.display());
+    let _ = writeln!(md, "# tpp compare: {}\n", cfg.data.data.display());
     let _ = writeln!(
         md,
         "Backbone `{}`; pretext {pretext_name}; seeds {:?}; test metric `{metric}` (model selection on validation `{select}`; the test split is scored once per run, at the best validation epoch).\n",

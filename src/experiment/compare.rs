@@ -78,11 +78,9 @@ pub struct CompareConfig {
     /// The backbone (`backbone`, `heads`, `img_size`, `pool`).
     #[serde(flatten)]
     pub backbone: BackboneSource,
-    /// The data set.
-    pub data: PathBuf,
-    /// Its format, when the path does not tell.
-    #[serde(default)]
-    pub format: Option<String>,
+    /// The data set (`data`, `format`, `skip_bad`, `mask_classes`, `labels`).
+    #[serde(flatten)]
+    pub data: DataSource,
     /// Pixel normalisation.
     #[serde(default = "default_norm")]
     pub norm: Normalization,
@@ -139,8 +137,7 @@ impl CompareConfig {
     pub fn new(backbone: BackboneSource, data: PathBuf) -> Self {
         CompareConfig {
             backbone,
-            data,
-            format: None,
+            data: DataSource::new(data),
             norm: default_norm(),
             methods: default_methods(),
             pretext: default_pretext(),
@@ -179,6 +176,7 @@ impl CompareConfig {
     /// Rejects settings no comparison could run, naming the section and option.
     pub fn validate(&self) -> Result<()> {
         self.backbone.validate()?;
+        self.data.validate()?;
         if self.seeds.is_empty() {
             return Err(crate::error::bad_input!("seeds: none given"));
         }
@@ -239,11 +237,6 @@ pub struct Grid {
 }
 
 impl CompareConfig {
-    /// The data every run reads.
-    fn data_source(&self) -> DataSource {
-        DataSource { format: self.format.clone(), ..DataSource::new(&self.data) }
-    }
-
     /// The fine-tuning config of a run of `seed` (the full reference at its own lr).
     fn finetune_config(&self, seed: u64, full: bool, select: Metric) -> FinetuneConfig {
         let f = &self.finetune;
@@ -263,7 +256,7 @@ impl CompareConfig {
             backbone: self.backbone.clone(),
             peft: spec,
             init_targets: init,
-            data: self.data_source(),
+            data: self.data.clone(),
             train_fraction: self.finetune.train_fraction,
             task: task.0,
             num_classes: task.1,
@@ -277,7 +270,6 @@ impl CompareConfig {
             backbone: self.backbone.clone(),
             peft: spec,
             data: self.data.clone(),
-            format: self.format.clone(),
             pretext: self.pretext,
             config: PretrainConfig { seed, image_size: 0, norm: self.norm.norm(), ..self.tpp.config.clone() },
             decoder: self.tpp.decoder,
@@ -291,7 +283,7 @@ impl CompareConfig {
     /// inputs' fingerprints).
     pub fn grid(&self, out: &Path) -> Result<Grid> {
         let mut grid = self.plain_grid(out)?;
-        let (backbone, data) = (records::fingerprint(&self.backbone.path)?, self.data_source().fingerprint()?);
+        let (backbone, data) = (records::fingerprint(&self.backbone.path)?, self.data.fingerprint()?);
         for job in &mut grid.tpp {
             job.record = job.record.resolved()?;
         }
@@ -305,7 +297,7 @@ impl CompareConfig {
     fn plain_grid(&self, out: &Path) -> Result<Grid> {
         self.validate()?;
         // Task and classes only; each run reads the data at its model's size.
-        let (task, num_classes) = self.data_source().describe()?;
+        let (task, num_classes) = self.data.describe()?;
         let select = self.select.unwrap_or(Metric::default_for(task));
         let t = (task, num_classes, select);
         let (mut tpp, mut cells) = (Vec::new(), Vec::new());
@@ -407,7 +399,8 @@ fn check_kept_tpp(want: &TppRecord, dir: &Path) -> Result<()> {
         .map_err(|e| anyhow!("{}: no valid TPP record ({e})", file.display()))?;
     // Records of earlier versions: paths as given, no fingerprint.
     old.backbone.path = records::absolute(&old.backbone.path);
-    old.data = records::absolute(&old.data);
+    old.data.data = records::absolute(&old.data.data);
+    old.data.labels = old.data.labels.as_deref().map(records::absolute);
     old.backbone_fingerprint = old.backbone_fingerprint.or_else(|| want.backbone_fingerprint.clone());
     let mut want = want.clone();
     adopt_filled_in((&mut want.config.image_size, &mut want.config.norm), (old.config.image_size, old.config.norm));

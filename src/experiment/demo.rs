@@ -68,7 +68,8 @@ pub fn run(out: &Path, data: &Path, quick: bool, device: Device) -> Result<(Comp
             ..PretrainConfig::default()
         };
         super::compare::remove_unfinished(&bb_dir)?;
-        super::tpp::pretrain_backbone(&demo_arch(), &data.join("pneumoniamnist.npz"), None, &pcfg, &bb_dir, device)?;
+        let source = super::records::DataSource::new(data.join("pneumoniamnist.npz"));
+        super::tpp::pretrain_backbone(&demo_arch(), &source, &pcfg, &bb_dir, device)?;
     }
     tracing::info!(
         "step 2/2: LoRA vs LoRA + TPP on BreastMNIST (target domain), 3 seeds, with linear-probe and full fine-tuning references"

@@ -336,7 +336,10 @@ impl RunRecord {
         let m = self.build_model(device)?;
         let dir = run.join("adapter");
         if !dir.exists() {
-            bail!("{}: no adapter/ folder (the run has not finished; --resume it)", run.display());
+            bail!(
+                "{}: no adapter/ folder (the run has not finished; continue it with `tpp finetune ... --resume`)",
+                run.display()
+            );
         }
         m.load(&dir)?;
         Ok(m)
@@ -352,9 +355,8 @@ pub struct TppRecord {
     /// The PEFT method(s) whose target parameters are pre-trained.
     pub peft: PeftSpec,
     /// The data (labels unused).
-    pub data: PathBuf,
-    /// Its format, when the path does not tell.
-    pub format: Option<String>,
+    #[serde(flatten)]
+    pub data: DataSource,
     /// The pretext task.
     pub pretext: Pretext,
     /// Hyperparameters.
@@ -376,7 +378,8 @@ impl TppRecord {
     pub fn resolved(&self) -> Result<Self> {
         let mut r = self.clone();
         r.backbone.path = absolute(&r.backbone.path);
-        r.data = absolute(&r.data);
+        r.data.data = absolute(&r.data.data);
+        r.data.labels = r.data.labels.as_deref().map(absolute);
         r.backbone_fingerprint = Some(fingerprint(&r.backbone.path)?);
         Ok(r)
     }
@@ -399,6 +402,7 @@ impl TppRecord {
     /// Rejects a stage no training could do, naming the option (before anything is written).
     pub fn validate(&self) -> Result<()> {
         self.backbone.validate()?;
+        self.data.validate()?;
         self.peft.validate()?;
         self.config.validate()?;
         self.dino.validate()

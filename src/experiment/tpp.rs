@@ -1,7 +1,7 @@
 //! The self-supervised stages in their folders: the TPP stage ([`pretrain_targets`]: a PEFT method's
 //! target parameters pre-trained with MAE or DINO, backbone frozen) and MAE pre-training of a backbone
 //! from scratch ([`pretrain_backbone`]).
-use super::records::TppRecord;
+use super::records::{DataSource, TppRecord};
 use crate::backbone::{Backbone, Checkpoint, VitConfig};
 use crate::data::Dataset;
 use crate::model::PeftModel;
@@ -88,15 +88,8 @@ fn tpp_stage(rec: &TppRecord, out: &Path, device: Device) -> Result<PretrainSumm
     let vit = model.bb.vit.config();
     let img = vit.img_size;
     // File-based data is decoded at the model's size and channels (labels are not used here).
-    let data_opts = crate::data::DataOptions {
-        format: rec.format.clone(),
-        image_size: Some(img),
-        grey: vit.in_chans == 1,
-        mask_classes: 2,
-        ..Default::default()
-    };
-    let (ds, _) = crate::data::open_with(&rec.data, &data_opts)?;
-    model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow!("{}: {e}", rec.data.display()))?;
+    let (ds, _) = rec.data.open(vit)?;
+    model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow!("{}: {e}", rec.data.data.display()))?;
     let cfg = PretrainConfig { image_size: img, norm: rec.config.norm.resolve(&ds.train.images), ..rec.config.clone() };
     match rec.pretext {
         Pretext::Mae => tpp_mae(rec, &cfg, model, &ck, &ds, out, device),
@@ -262,8 +255,7 @@ fn tpp_dino(
 /// and whose decoder the TPP stage can reuse) and `<out>/config.json`; `out` must not exist.
 pub fn pretrain_backbone(
     arch: &VitConfig,
-    data: &Path,
-    format: Option<&str>,
+    data: &DataSource,
     cfg: &PretrainConfig,
     out: &Path,
     device: Device,
@@ -271,7 +263,7 @@ pub fn pretrain_backbone(
     arch.validate().map_err(|e| crate::error::bad_input!("architecture: {e}"))?;
     cfg.validate()?;
     let work = claim(out)?;
-    let summary = backbone_stage(arch, data, format, cfg, &work, device)?;
+    let summary = backbone_stage(arch, data, cfg, &work, device)?;
     publish(&work, out)?;
     tracing::info!(
         "done: {} steps, loss {:.4} -> {:.4}; backbone in {}",
@@ -286,13 +278,13 @@ pub fn pretrain_backbone(
 /// MAE pre-training of a backbone, writing into `out`.
 fn backbone_stage(
     arch: &VitConfig,
-    data: &Path,
-    format: Option<&str>,
+    data: &DataSource,
     cfg: &PretrainConfig,
     out: &Path,
     device: Device,
 ) -> Result<PretrainSummary> {
-    let ds = crate::data::open(data, format)?;
+    // File-based data is decoded at the architecture's size and channels.
+    let (ds, _) = data.open(arch)?;
     tch::manual_seed(cfg.seed as i64);
     let bb = Backbone::fresh(arch, device)?;
     let dec_vs = nn::VarStore::new(device);
@@ -322,7 +314,7 @@ fn backbone_stage(
     let record = json!({
         "command": "pretrain-backbone", "arch": arch,
         // Read back by the checkpoint loader (HF config.json keys): heads cannot be inferred from shapes.
-        "num_attention_heads": arch.num_heads, "decoder_num_attention_heads": cfg.mae.decoder_heads, "data": data,
+        "num_attention_heads": arch.num_heads, "decoder_num_attention_heads": cfg.mae.decoder_heads, "data": data.data,
         "dataset": ds.name, "config": cfg, "steps": summary.steps, "first_loss": summary.first_loss,
         "final_loss": summary.final_loss, "seconds": summary.seconds, "images_per_s": summary.images_per_s,
         "version": env!("CARGO_PKG_VERSION"),
