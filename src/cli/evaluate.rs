@@ -33,8 +33,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         }
     }
     if let Some(out) = a.out {
-        std::fs::write(&out, serde_json::to_string_pretty(&ev)?)
-            .map_err(|e| anyhow::anyhow!("{}: cannot write ({e})", out.display()))?;
+        crate::peft::io::write_text_atomic(&out, &serde_json::to_string_pretty(&ev)?)?;
     }
     Ok(())
 }

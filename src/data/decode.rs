@@ -70,7 +70,9 @@ pub fn decode_all(files: &[PathBuf], size: u32, grey: bool, nearest: bool, skip_
             Ok(v) => ok.push(v),
             Err(e) if skip_bad => bad.push((i, format!("{e:#}"))),
             Err(e) => {
-                return Err(e.context("use --skip-bad (skip_bad = true in a compare config) to skip and list bad files"));
+                return Err(
+                    e.context("use --skip-bad (skip_bad = true in a compare config) to skip and list bad files")
+                );
             }
         }
     }

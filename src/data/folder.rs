@@ -217,5 +217,5 @@ pub fn write_splits(path: &Path, files: &[PathBuf], parts: &[Vec<i64>; 3]) -> Re
             s.push_str(&format!("{},{name}\n", files[i as usize].display()));
         }
     }
-    std::fs::write(path, s).with_context(|| format!("{}: cannot write", path.display()))
+    crate::peft::io::write_text_atomic(path, &s)
 }

@@ -58,8 +58,13 @@ pub fn read_f32(path: &Path) -> Result<Tensor> {
     })())
 }
 
-/// Writes a tensor as a C-order float32 `.npy`.
+/// Writes a tensor as a C-order float32 `.npy`, atomically (a killed write never leaves a file that
+/// looks complete).
 pub fn write_f32(path: &Path, t: &Tensor) -> Result<()> {
+    crate::peft::io::write_atomic(path, |tmp| write_f32_to(tmp, t))
+}
+
+fn write_f32_to(path: &Path, t: &Tensor) -> Result<()> {
     let t = t.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
     let shape: Vec<u64> = t.size().iter().map(|&s| s as u64).collect();
     let data = Vec::<f32>::try_from(t.flatten(0, -1)).map_err(|e| anyhow!("tensor to vec: {e}"))?;

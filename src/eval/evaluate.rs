@@ -163,7 +163,7 @@ pub fn write_evaluation(ev: &Evaluation, out: &Path, stats: &RunStats) -> Result
         for (i, row) in cm.iter().enumerate() {
             s.push_str(&format!("{i},{}\n", row.iter().map(i64::to_string).collect::<Vec<_>>().join(",")));
         }
-        std::fs::write(out.join("confusion.csv"), s)?;
+        crate::peft::io::write_text_atomic(&out.join("confusion.csv"), &s)?;
     }
     let text = serde_json::to_string_pretty(&v)?;
     let p = out.join("metrics.json");

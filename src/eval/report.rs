@@ -5,7 +5,7 @@ use crate::data::Task;
 use crate::eval::{metrics, plots};
 use crate::experiment::compare::{CellResult, CompareConfig, CompareResults};
 use crate::pretext::Pretext;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -177,8 +177,8 @@ pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<Stri
         "\nIntervals: percentile bootstrap over test images (1000 resamples), each resample scoring every seed's predictions; Δ intervals are paired (same resamples). Fine-tuning: {} epochs, batch {}, lr {} (full: {}); TPP: {} epochs, batch {}, lr {}, {pretext}. Every setting: `compare.toml`.",
         f.config.epochs, f.config.batch_size, f.config.lr, f.full_lr, t.epochs, t.batch_size, t.lr,
     );
-    std::fs::write(out.join("report.md"), &md).with_context(|| format!("{}: cannot write report", out.display()))?;
-    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    crate::peft::io::write_text_atomic(&out.join("results.json"), &serde_json::to_string_pretty(&results)?)?;
+    crate::peft::io::write_text_atomic(&out.join("report.md"), &md)?;
     write_plots(cfg, r, &summary, out)?;
     Ok(md)
 }

@@ -116,7 +116,7 @@ pub fn predict(run: &Path, input: &Path, out: &Path, device: Device) -> Result<u
         }
         csv.push('\n');
     }
-    std::fs::write(out, csv).with_context(|| format!("{}: cannot write", out.display()))?;
+    crate::peft::io::write_text_atomic(out, &csv)?;
     Ok(names.len())
 }
 
@@ -168,18 +168,20 @@ fn class_map(logits: &Tensor, h: i64, w: i64) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// One PNG mask per input in `out` (0/255 for binary, class ids otherwise), at each image's own size when
-/// the input is a file. Masks already there are never overwritten.
+/// One PNG mask per input in the new folder `out` (0/255 for binary, class ids otherwise), at each image's
+/// own size when the input is a file. The masks are written into `<out>.partial`, renamed when all are.
 fn write_masks(model: &PeftModel, batch: &dyn Fn(i64, i64) -> Tensor, names: &[String], out: &Path) -> Result<usize> {
-    let stems = mask_stems(names);
-    let paths: Vec<PathBuf> = stems.iter().map(|s| out.join(format!("{s}.png"))).collect();
-    if let Some(p) = paths.iter().find(|p| p.exists()) {
+    if out.exists() {
         return Err(crate::error::bad_input!(
-            "{}: exists; choose another --out (masks are never overwritten)",
-            p.display()
+            "{}: exists; choose another --out (nothing is overwritten)",
+            out.display()
         ));
     }
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("masks");
+    let work = out.with_file_name(format!("{name}.partial"));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).with_context(|| format!("{}: cannot create folder", work.display()))?;
+    let paths: Vec<PathBuf> = mask_stems(names).iter().map(|s| work.join(format!("{s}.png"))).collect();
     let n = names.len() as i64;
     for i in (0..n).step_by(16) {
         let b = 16.min(n - i);
@@ -202,6 +204,7 @@ fn write_masks(model: &PeftModel, batch: &dyn Fn(i64, i64) -> Tensor, names: &[S
                 .with_context(|| format!("{}: cannot write", paths[k].display()))?;
         }
     }
+    std::fs::rename(&work, out).with_context(|| format!("{}: cannot move the masks into place", out.display()))?;
     Ok(names.len())
 }
 
