@@ -3,7 +3,7 @@ use crate::data::transforms::Normalization;
 use crate::experiment::compare::{CompareConfig, MethodSet, Reference};
 use crate::experiment::records::BackboneSource;
 use crate::pretext::Pretext;
-use anyhow::{Result, bail};
+use anyhow::Result;
 use std::path::{Path, PathBuf};
 use tch::Device;
 
@@ -96,7 +96,9 @@ impl Args {
             Some(p) => CompareConfig::read(p)?,
             None => {
                 let (Some(b), Some(d)) = (&self.backbone, &self.data) else {
-                    bail!("tpp compare needs --config <file.toml>, or at least --backbone and --data");
+                    return Err(crate::error::bad_input!(
+                        "tpp compare needs --config <file.toml>, or at least --backbone and --data"
+                    ));
                 };
                 CompareConfig::new(BackboneSource::new(b), d.clone())
             }

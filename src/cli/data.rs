@@ -1,5 +1,5 @@
 //! `tpp data fetch medmnist <flag> [--size N] [--dir D]`.
-use anyhow::{Result, bail};
+use anyhow::Result;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -25,7 +25,7 @@ pub enum DataCommand {
 pub fn run(cmd: DataCommand) -> Result<()> {
     let DataCommand::Fetch(a) = cmd;
     if a.collection != "medmnist" {
-        bail!("unknown collection '{}' (available: medmnist)", a.collection);
+        return Err(crate::error::bad_input!("unknown collection '{}' (available: medmnist)", a.collection));
     }
     let f = crate::data::fetch::medmnist(&a.flag, a.size, &a.dir)?;
     match f.downloaded {

@@ -1,6 +1,6 @@
 //! `tpp export --run <dir> --merge --out <file.safetensors>`: a plain timm checkpoint with the run's PEFT
 //! updates folded in (and the task head).
-use anyhow::{Result, bail};
+use anyhow::Result;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -16,10 +16,10 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     if !a.merge {
-        bail!(
+        return Err(crate::error::bad_input!(
             "export writes a merged timm checkpoint: pass --merge (the adapter alone is already in {}/adapter)",
             a.run.display()
-        );
+        ));
     }
     let n = crate::experiment::inference::export_merged(&a.run, &a.out)?;
     tracing::info!("wrote merged timm checkpoint ({n} tensors) to {}", a.out.display());

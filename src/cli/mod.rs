@@ -25,8 +25,8 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "cpu")]
     pub device: String,
     /// CPU threads for libtorch (0: one per core)
-    #[arg(long, global = true, default_value_t = 0)]
-    pub threads: usize,
+    #[arg(long, global = true, default_value_t = 0, value_parser = crate::check::int_flag(0, 256))]
+    pub threads: i64,
     /// More log lines (-v debug, -vv trace); TPP_LOG or RUST_LOG, when set, decides instead
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -99,7 +99,7 @@ impl BackboneArgs {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
-    crate::device::set_threads(cli.threads);
+    crate::device::set_threads(cli.threads as usize);
     let device = crate::device::parse_device(&cli.device)?;
     match cli.cmd {
         Command::Inspect(a) => inspect::run(a),

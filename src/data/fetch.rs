@@ -102,10 +102,10 @@ pub struct Fetched {
 pub fn medmnist(flag: &str, size: i64, dir: &Path) -> Result<Fetched> {
     let Some(&(_, _, md5)) = TABLE.iter().find(|(f, s, _)| *f == flag && *s == size) else {
         let flags: std::collections::BTreeSet<&str> = TABLE.iter().map(|t| t.0).collect();
-        bail!(
+        return Err(crate::error::bad_input!(
             "no MedMNIST file '{flag}' at size {size} (flags: {}; sizes 28, 64, 128, 224)",
             flags.into_iter().collect::<Vec<_>>().join(", ")
-        );
+        ));
     };
     let name = if size == 28 { format!("{flag}.npz") } else { format!("{flag}_{size}.npz") };
     let dest = dir.join(&name);
@@ -114,7 +114,10 @@ pub fn medmnist(flag: &str, size: i64, dir: &Path) -> Result<Fetched> {
         if have == md5 {
             return Ok(Fetched { path: dest, md5, downloaded: None });
         }
-        bail!("{}: exists but its md5 is {have}, not the official {md5}; remove it to download again", dest.display());
+        return Err(crate::error::bad_input!(
+            "{}: exists but its md5 is {have}, not the official {md5}; remove it to download again",
+            dest.display()
+        ));
     }
     let u = url(flag, size);
     tracing::info!("downloading {u}");

@@ -8,7 +8,7 @@ use crate::data::transforms::resize;
 use crate::data::{Task, images, npy};
 use crate::eval::evaluate::{Evaluation, evaluate};
 use crate::model::PeftModel;
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -30,14 +30,14 @@ pub fn evaluate_run(
     let (ds, _) = rec.open_data(&model, data)?;
     let used = data.unwrap_or(&rec.data.data).to_path_buf();
     if ds.task != rec.task || ds.num_classes != rec.num_classes {
-        bail!(
+        return Err(crate::error::bad_input!(
             "{}: task {:?} with {} classes, but the run was trained for {:?} with {}",
             used.display(),
             ds.task,
             ds.num_classes,
             rec.task,
             rec.num_classes
-        );
+        ));
     }
     let loader = LoaderConfig {
         batch_size: 128,
@@ -241,7 +241,7 @@ pub struct EmbedInput {
 /// Pooled backbone features [N, D] (fp32, on the CPU) of the images of `what`, in sorted file order.
 pub fn embed(backbone: &BackboneSource, what: &EmbedInput, device: Device) -> Result<Tensor> {
     if what.batch_size <= 0 {
-        bail!("--batch-size must be positive");
+        return Err(crate::error::bad_input!("--batch-size must be positive"));
     }
     let (bb, _) = backbone.load(device)?;
     let size = bb.vit.config().img_size;

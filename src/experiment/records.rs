@@ -12,7 +12,7 @@ use crate::pretext::mae::DecoderSource;
 use crate::train::callbacks::Checkpointable;
 use crate::train::finetune::FinetuneConfig;
 use crate::train::pretrain::PretrainConfig;
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::Device;
@@ -336,10 +336,10 @@ impl RunRecord {
         let m = self.build_model(device)?;
         let dir = run.join("adapter");
         if !dir.exists() {
-            bail!(
+            return Err(crate::error::bad_input!(
                 "{}: no adapter/ folder (the run has not finished; continue it with `tpp finetune ... --resume`)",
                 run.display()
-            );
+            ));
         }
         m.load(&dir)?;
         Ok(m)
@@ -404,6 +404,12 @@ impl TppRecord {
         self.backbone.validate()?;
         self.data.validate()?;
         self.peft.validate()?;
+        if !self.peft.adds_parameters() {
+            let m = self.peft.label();
+            return Err(crate::error::bad_input!(
+                "--peft {m}: the TPP stage pre-trains PEFT target parameters; '{m}' has none"
+            ));
+        }
         self.config.validate()?;
         self.dino.validate()
     }
@@ -416,8 +422,8 @@ pub fn targets_dir(p: &Path) -> Result<PathBuf> {
             return Ok(c);
         }
     }
-    bail!(
+    Err(crate::error::bad_input!(
         "{}: no target parameters here (expected a `tpp pretrain-targets` output folder or its targets/)",
         p.display()
-    )
+    ))
 }

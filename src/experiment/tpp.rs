@@ -81,9 +81,6 @@ pub fn pretrain_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<P
 /// The TPP stage, writing into `out`.
 fn tpp_stage(rec: &TppRecord, out: &Path, device: Device) -> Result<PretrainSummary> {
     let spec = &rec.peft;
-    if !spec.adds_parameters() {
-        bail!("--peft {}: the TPP stage pre-trains PEFT target parameters; '{}' has none", spec.label(), spec.label());
-    }
     let (model, ck) = rec.backbone.model(spec, device, rec.config.seed)?;
     let vit = model.bb.vit.config();
     let img = vit.img_size;

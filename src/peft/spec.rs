@@ -86,7 +86,17 @@ impl Options {
     /// options are ignored).
     pub fn parse<C: DeserializeOwned>(&self) -> Result<C> {
         let obj: serde_json::Map<String, Value> = self.0.clone().into_iter().collect();
-        serde_json::from_value(Value::Object(obj)).map_err(|e| anyhow!("PEFT options: {e}"))
+        serde_json::from_value(Value::Object(obj)).map_err(|e| {
+            // serde names the problem, not the option: find the option that fails alone.
+            let culprit = self.0.iter().find(|(k, v)| {
+                let one: serde_json::Map<String, Value> = [((*k).clone(), (*v).clone())].into_iter().collect();
+                serde_json::from_value::<C>(Value::Object(one)).is_err()
+            });
+            match culprit {
+                Some((k, v)) => anyhow!("PEFT option '{k}' = {v}: {e}"),
+                None => anyhow!("PEFT options: {e}"),
+            }
+        })
     }
 
     /// The options `C` reads, with defaults filled in: a method's normalised options.
