@@ -30,12 +30,12 @@ pub struct StepBench {
 
 /// Decodes (all cores) and augments the data set at `path` at `size` px in batches of `batch`; images/s
 /// of each.
-pub fn data(path: &std::path::Path, size: i64, batch: i64, device: Device) -> Result<Value> {
+pub fn data(path: &std::path::Path, o: &crate::data::DataOptions, batch: i64, device: Device) -> Result<Value> {
     use crate::data::loader::{LoaderConfig, epoch_batches};
     use crate::data::transforms::{Augment, Norm};
+    let size = o.image_size.unwrap_or(224);
     let t = Instant::now();
-    let o = crate::data::DataOptions { image_size: Some(size), mask_classes: 2, ..Default::default() };
-    let (ds, _) = crate::data::open_with(path, &o)?;
+    let (ds, _) = crate::data::open_with(path, o)?;
     let n = ds.train.len() + ds.val.len() + ds.test.len();
     let decode_s = t.elapsed().as_secs_f64();
     let seg = ds.task == crate::data::Task::Segmentation;

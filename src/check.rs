@@ -4,6 +4,10 @@
 use crate::error::bad_input;
 use anyhow::Result;
 
+/// The largest batch accepted: far beyond any device's memory at ViT sizes, small enough that sizes
+/// computed from it cannot overflow.
+pub(crate) const MAX_BATCH: i64 = 1 << 16;
+
 /// A closed or half-open interval of allowed values.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Range {
@@ -25,6 +29,9 @@ pub(crate) const UNIT: Range = Range { lo: 0.0, hi: 1.0, lo_open: false, hi_open
 pub(crate) const UNIT_OPEN_HIGH: Range = Range { lo: 0.0, hi: 1.0, lo_open: false, hi_open: true };
 /// (0, 1].
 pub(crate) const UNIT_OPEN_LOW: Range = Range { lo: 0.0, hi: 1.0, lo_open: true, hi_open: false };
+
+/// [0, 180]: a rotation in degrees (beyond 180 the draw repeats itself).
+pub(crate) const DEGREES: Range = Range { lo: 0.0, hi: 180.0, lo_open: false, hi_open: false };
 
 /// (0, 1).
 pub(crate) const OPEN_UNIT: Range = Range { lo: 0.0, hi: 1.0, lo_open: true, hi_open: true };
@@ -67,6 +74,14 @@ pub(crate) fn int(name: &str, v: i64, min: i64, max: i64) -> Result<()> {
     }
     let allowed = if max == i64::MAX { format!(">= {min}") } else { format!("in {min}..={max}") };
     Err(bad_input!("{name} must be {allowed}, got {v}"))
+}
+
+/// `name` (a bound, a floor) must not exceed `other`.
+pub(crate) fn at_most(name: &str, v: f64, other: &str, limit: f64) -> Result<()> {
+    if v <= limit {
+        return Ok(());
+    }
+    Err(bad_input!("{name} ({v}) must not exceed {other} ({limit})"))
 }
 
 /// A clap value parser for a float flag in `range`.

@@ -1,5 +1,5 @@
 //! Device selection and the few libtorch features reached through the C++ shim (`csrc/shim.cpp`).
-use anyhow::{Result, bail};
+use anyhow::Result;
 use tch::Device;
 
 unsafe extern "C" {
@@ -16,15 +16,17 @@ pub fn parse_device(s: &str) -> Result<Device> {
         "cuda" => Device::Cuda(0),
         _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
             Some(n) => Device::Cuda(n),
-            None => bail!("unknown device '{s}' (expected cpu, cuda or cuda:N)"),
+            None => return Err(crate::error::bad_input!("--device '{s}': unknown (expected cpu, cuda or cuda:N)")),
         },
     };
     if let Device::Cuda(n) = dev {
         if !tch::Cuda::is_available() {
-            bail!("device '{s}' requested but CUDA is not available (no GPU, or libtorch without CUDA)");
+            let e = "CUDA is not available (no GPU, or libtorch without CUDA)";
+            return Err(crate::error::bad_input!("--device '{s}': {e}"));
         }
         if n >= tch::Cuda::device_count() as usize {
-            bail!("device '{s}' requested but only {} CUDA device(s) exist", tch::Cuda::device_count());
+            let n = tch::Cuda::device_count();
+            return Err(crate::error::bad_input!("--device '{s}': only {n} CUDA device(s) exist"));
         }
     }
     Ok(dev)

@@ -307,7 +307,20 @@ fn read_hf_config(path: &Path) -> Result<HfConfig> {
         return Ok(HfConfig::default());
     }
     let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not a valid config.json", cfg_path.display()))
+    let cfg: HfConfig =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a valid config.json", cfg_path.display()))?;
+    for (key, v) in [
+        ("num_attention_heads", cfg.num_attention_heads),
+        ("decoder_num_attention_heads", cfg.decoder_num_attention_heads),
+    ] {
+        if let Some(v) = v.filter(|v| !(1..=4096).contains(v)) {
+            bail!("{}: {key} must be in 1..=4096, got {v}", cfg_path.display());
+        }
+    }
+    if let Some(eps) = cfg.layer_norm_eps.filter(|e| !(e.is_finite() && *e > 0.0 && *e < 1.0)) {
+        bail!("{}: layer_norm_eps must be in (0, 1), got {eps}", cfg_path.display());
+    }
+    Ok(cfg)
 }
 
 fn dims(t: &Tensor) -> Vec<i64> {
@@ -391,18 +404,23 @@ fn infer_config(t: &BTreeMap<String, Tensor>, heads: Option<i64>, eps: f64) -> R
     Ok(cfg)
 }
 
-fn infer_decoder(t: &BTreeMap<String, Tensor>, heads: Option<i64>) -> Option<DecoderInfo> {
-    let embed = t.get("decoder_embed.weight")?.size();
-    let pred = t.get("decoder_pred.weight")?.size();
+/// The MAE decoder's geometry, when the checkpoint has one; `heads` from config.json must divide its width.
+fn infer_decoder(t: &BTreeMap<String, Tensor>, heads: Option<i64>) -> Result<Option<DecoderInfo>> {
+    let (Some(embed), Some(pred)) = (t.get("decoder_embed.weight"), t.get("decoder_pred.weight")) else {
+        return Ok(None);
+    };
+    let (embed, pred) = (embed.size()[0], pred.size()[0]);
     let depth = count_layers(t, "decoder_blocks.");
-    let mlp_hidden = t.get("decoder_blocks.0.mlp.fc1.weight").map(|w| w.size()[0]).unwrap_or(embed[0] * 4);
-    Some(DecoderInfo {
-        embed_dim: embed[0],
-        depth,
-        num_heads: heads.unwrap_or((embed[0] / 32).max(1)),
-        mlp_hidden,
-        pred_dim: pred[0],
-    })
+    let mlp_hidden = t.get("decoder_blocks.0.mlp.fc1.weight").map(|w| w.size()[0]).unwrap_or(embed * 4);
+    let num_heads = match heads {
+        Some(h) if embed % h != 0 => {
+            bail!("config.json: decoder_num_attention_heads {h} does not divide the decoder width {embed}")
+        }
+        Some(h) => h,
+        // MAE's decoders use 32-wide heads; else the largest head count below that divides the width.
+        None => (1..=(embed / 32).max(1)).rev().find(|h| embed % h == 0).unwrap_or(1),
+    };
+    Ok(Some(DecoderInfo { embed_dim: embed, depth, num_heads, mlp_hidden, pred_dim: pred }))
 }
 
 /// Keys a ViT encoder of config `cfg` (and its MAE decoder) uses, to list the rest as unused.
@@ -487,7 +505,7 @@ impl Checkpoint {
             unused.extend(tensors.keys().filter(|k| !is_model_key(k)).cloned());
             unused.sort();
             unused.dedup();
-            let decoder = infer_decoder(&tensors, hf.decoder_num_attention_heads);
+            let decoder = infer_decoder(&tensors, hf.decoder_num_attention_heads).with_context(ctx)?;
             Ok(Checkpoint { path: path.to_path_buf(), format, tensors, unused, config, decoder })
         })())
     }

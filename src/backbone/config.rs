@@ -62,6 +62,11 @@ pub struct VitConfig {
     pub num_classes: i64,
 }
 
+/// The widest embedding accepted (ViT-G is 1664 wide): beyond it sizes are corrupt, not a model.
+pub const MAX_WIDTH: i64 = 16384;
+/// The deepest stack accepted (ViT-G has 48 blocks).
+pub const MAX_DEPTH: i64 = 256;
+
 impl VitConfig {
     /// Patches per side.
     pub fn grid(&self) -> i64 {
@@ -129,6 +134,15 @@ impl VitConfig {
 
     /// Checks the invariants the model relies on; the message names the offending field.
     pub fn validate(&self) -> Result<(), String> {
+        let fields = [("embed dim", self.embed_dim, MAX_WIDTH), ("MLP width", self.mlp_hidden, 4 * MAX_WIDTH)];
+        for (name, v, max) in fields.into_iter().chain([("depth", self.depth, MAX_DEPTH)]) {
+            if !(1..=max).contains(&v) {
+                return Err(format!("{name} must be in 1..={max}, got {v}"));
+            }
+        }
+        if !(1..=3).contains(&self.in_chans) {
+            return Err(format!("input channels must be 1, 2 or 3, got {}", self.in_chans));
+        }
         if self.patch_size <= 0 || self.img_size <= 0 || self.img_size % self.patch_size != 0 {
             return Err(format!(
                 "image size {} is not a positive multiple of patch size {}",

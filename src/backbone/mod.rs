@@ -10,6 +10,7 @@ pub use config::{Pool, VitConfig};
 pub use hooks::{LayerHook, LayerWeights, StreamHook, StreamPoint, TokenHook};
 pub use vit::Vit;
 
+use crate::error::bad_input;
 use anyhow::{Result, bail};
 use std::path::Path;
 use tch::{Device, nn};
@@ -64,13 +65,15 @@ impl Backbone {
     pub fn check_input(&self, shape: &[i64]) -> Result<()> {
         let c = &self.vit.cfg;
         if shape.len() != 4 {
-            bail!("expected images as [N, C, H, W], got shape {shape:?}");
+            return Err(bad_input!("expected images as [N, C, H, W], got shape {shape:?}"));
         }
         if shape[1] != c.in_chans && shape[1] != 1 {
-            bail!("images have {} channels; the backbone takes {} (or 1)", shape[1], c.in_chans);
+            let takes = if c.in_chans == 1 { "1".to_string() } else { format!("{} (or 1)", c.in_chans) };
+            return Err(bad_input!("images have {} channels; the backbone takes {takes}", shape[1]));
         }
         if shape[2] % c.patch_size != 0 || shape[3] % c.patch_size != 0 || shape[2] == 0 || shape[3] == 0 {
-            bail!("image size {}x{} is not a multiple of the patch size {}", shape[2], shape[3], c.patch_size);
+            let (h, w, p) = (shape[2], shape[3], c.patch_size);
+            return Err(bad_input!("image size {h}x{w} is not a multiple of the patch size {p}"));
         }
         Ok(())
     }

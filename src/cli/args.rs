@@ -90,7 +90,7 @@ pub struct DataArgs {
     /// split's own mean and std, recorded in the run)
     #[arg(long, value_enum, default_value = "imagenet")]
     pub norm: Normalization,
-    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = 64)]
+    #[arg(value_parser = crate::check::int_flag(1, crate::check::MAX_BATCH), long, default_value_t = 64)]
     pub batch_size: i64,
     /// Keep a stratified, seeded fraction of the training labels (low-data studies)
     #[arg(value_parser = crate::check::float_flag(crate::check::UNIT_OPEN_LOW), long, default_value_t = 1.0)]
@@ -127,13 +127,13 @@ pub struct AugArgs {
     pub crop_min_area: Option<f64>,
     /// Augmentation: reflect-pad N pixels and crop back at a random offset per batch (0: none), as the
     /// MedMNIST pilot protocol does
-    #[arg(value_parser = crate::check::int_flag(0, i64::MAX), long, default_value_t = 0)]
+    #[arg(value_parser = crate::check::int_flag(0, crate::backbone::MAX_IMG_SIZE), long, default_value_t = 0)]
     pub pad_crop: i64,
-    /// Augmentation: max rotation in degrees
-    #[arg(value_parser = crate::check::float_flag(crate::check::NON_NEGATIVE), long, default_value_t = 0.0)]
+    /// Augmentation: max rotation in degrees (0-180)
+    #[arg(value_parser = crate::check::float_flag(crate::check::DEGREES), long, default_value_t = 0.0)]
     pub rotate: f64,
-    /// Augmentation: brightness/contrast jitter
-    #[arg(value_parser = crate::check::float_flag(crate::check::NON_NEGATIVE), long, default_value_t = 0.0)]
+    /// Augmentation: brightness/contrast jitter (0-1)
+    #[arg(value_parser = crate::check::float_flag(crate::check::UNIT), long, default_value_t = 0.0)]
     pub jitter: f64,
     #[arg(long)]
     pub no_hflip: bool,
@@ -174,18 +174,12 @@ pub struct MaeArgs {
     #[arg(value_parser = crate::check::float_flag(crate::check::OPEN_UNIT), long, default_value_t = MaeConfig::default().mask_ratio)]
     pub mask_ratio: f64,
     /// Decoder width (a fresh decoder; ignored when the checkpoint's decoder is used)
-    #[arg(value_parser = crate::check::int_flag(4, i64::MAX), long, default_value_t = MaeConfig::default().decoder_dim)]
+    #[arg(value_parser = crate::check::int_flag(4, 16384), long, default_value_t = MaeConfig::default().decoder_dim)]
     pub decoder_dim: i64,
-    #[arg(value_parser = crate::check::int_flag(0, i64::MAX), long, default_value_t = MaeConfig::default().decoder_depth)]
+    #[arg(value_parser = crate::check::int_flag(0, 64), long, default_value_t = MaeConfig::default().decoder_depth)]
     pub decoder_depth: i64,
-    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = MaeConfig::default().decoder_heads)]
+    #[arg(value_parser = crate::check::int_flag(1, 4096), long, default_value_t = MaeConfig::default().decoder_heads)]
     pub decoder_heads: i64,
-    /// Decoder source: auto (the checkpoint's when it has one), checkpoint, or fresh
-    #[arg(long, value_enum, default_value = "auto")]
-    pub decoder: DecoderSource,
-    /// Keep a loaded decoder frozen (only target parameters train)
-    #[arg(long)]
-    pub freeze_decoder: bool,
     /// Plain pixel targets instead of per-patch normalised ones
     #[arg(long)]
     pub no_norm_pix: bool,
@@ -206,6 +200,17 @@ impl MaeArgs {
             ..MaeConfig::default()
         }
     }
+}
+
+/// Where the TPP stage's MAE decoder comes from (a backbone trained from scratch always has a fresh one).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DecoderArgs {
+    /// Decoder source: auto (the checkpoint's when it has one), checkpoint, or fresh
+    #[arg(long, value_enum, default_value = "auto")]
+    pub decoder: DecoderSource,
+    /// Keep a loaded decoder frozen (only target parameters train)
+    #[arg(long)]
+    pub freeze_decoder: bool,
 }
 
 /// DINO pretext options (the others keep their defaults).

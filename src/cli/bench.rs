@@ -7,11 +7,11 @@ pub struct Args {
     /// timm preset name
     #[arg(long, default_value = "vit_base_patch16_224")]
     pub model: String,
-    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = 128)]
+    #[arg(value_parser = crate::check::int_flag(1, crate::check::MAX_BATCH), long, default_value_t = 128)]
     pub batch: i64,
     /// Timed steps (after 3 warm-up steps); the median is reported
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
+    #[arg(value_parser = crate::check::int_flag(1, 10_000), long, default_value_t = 20)]
+    pub steps: i64,
     /// Comma-separated: lora_ft, tpp_mae, full_ft
     #[arg(long, value_delimiter = ',', default_value = "lora_ft,tpp_mae,full_ft")]
     pub work: Vec<String>,
@@ -22,14 +22,31 @@ pub struct Args {
     /// Image size for the data-loading benchmark
     #[arg(value_parser = crate::check::int_flag(1, crate::backbone::MAX_IMG_SIZE), long, default_value_t = 224)]
     pub size: i64,
+    /// Format of --data: medmnist, folder, csv, segpairs, nifti
+    #[arg(long, requires = "data")]
+    pub format: Option<String>,
+    /// Label volume of a NIfTI --data
+    #[arg(long, requires = "data")]
+    pub labels: Option<std::path::PathBuf>,
+    /// Skip unreadable files of --data (listed on stderr) instead of stopping
+    #[arg(long, requires = "data")]
+    pub skip_bad: bool,
 }
 
 pub fn run(a: Args, device: Device) -> Result<()> {
     if let Some(d) = &a.data {
-        println!("RESULT {}", crate::bench::data(d, a.size, a.batch, device)?);
+        let o = crate::data::DataOptions {
+            format: a.format,
+            image_size: Some(a.size),
+            grey: false,
+            skip_bad: a.skip_bad,
+            mask_classes: 2,
+            labels: a.labels,
+        };
+        println!("RESULT {}", crate::bench::data(d, &o, a.batch, device)?);
         return Ok(());
     }
-    let b = crate::bench::StepBench { model: a.model, batch: a.batch, steps: a.steps, works: a.work };
+    let b = crate::bench::StepBench { model: a.model, batch: a.batch, steps: a.steps as usize, works: a.work };
     b.config()?;
     println!("{}", crate::bench::banner(device));
     // Each line as soon as it is measured (a timeout or an out-of-memory keeps the earlier ones).

@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     pub methods: Option<Vec<MethodSet>>,
     /// Number of seeds (0, 1, ..., N-1)
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=crate::experiment::compare::MAX_SEEDS))]
     pub seeds: Option<u64>,
     #[arg(long, value_enum)]
     pub norm: Option<Normalization>,

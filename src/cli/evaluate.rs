@@ -10,8 +10,15 @@ pub struct Args {
     /// Another dataset of the same task (its test split); default: the run's data
     #[arg(long)]
     pub data: Option<PathBuf>,
-    #[arg(long)]
+    /// Format of --data: medmnist, folder, csv, segpairs, nifti
+    #[arg(long, requires = "data")]
     pub format: Option<String>,
+    /// Label volume of a NIfTI --data
+    #[arg(long, requires = "data")]
+    pub labels: Option<PathBuf>,
+    /// Skip unreadable files of --data
+    #[arg(long, requires = "data")]
+    pub skip_bad: bool,
     /// Write the metrics as JSON here (default: print only)
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -24,7 +31,9 @@ pub fn run(a: Args, device: Device) -> Result<()> {
             out.display()
         ));
     }
-    let (ev, data) = crate::experiment::inference::evaluate_run(&a.run, a.data.as_deref(), a.format.clone(), device)?;
+    use crate::experiment::inference::{OtherData, evaluate_run};
+    let other = a.data.map(|data| OtherData { data, format: a.format, labels: a.labels, skip_bad: a.skip_bad });
+    let (ev, data) = evaluate_run(&a.run, other.as_ref(), device)?;
     println!("{} test images of {}", ev.n, data.display());
     for (k, v) in &ev.metrics {
         match ev.ci95.get(k) {

@@ -1,11 +1,11 @@
 //! `tpp pretrain-targets` (the TPP stage) and `tpp pretrain-backbone` (MAE from scratch).
 use super::BackboneArgs;
-use super::args::{AugArgs, DataArgs, DinoArgs, MaeArgs, OptimArgs, PeftArgs};
+use super::args::{AugArgs, DataArgs, DecoderArgs, DinoArgs, MaeArgs, OptimArgs, PeftArgs};
 use crate::backbone::{Pool, VitConfig};
 use crate::experiment::TppRecord;
 use crate::experiment::tpp::{pretrain_backbone, pretrain_targets};
 use crate::pretext::Pretext;
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use std::path::PathBuf;
 use tch::Device;
 
@@ -26,6 +26,8 @@ pub struct TargetsArgs {
     #[command(flatten)]
     pub mae: MaeArgs,
     #[command(flatten)]
+    pub decoder: DecoderArgs,
+    #[command(flatten)]
     pub dino: DinoArgs,
     /// Output folder: targets/, pretext_head.safetensors, config.json, loss.csv, previews
     #[arg(long)]
@@ -39,9 +41,9 @@ pub struct BackboneTrainArgs {
     pub arch: String,
     #[arg(value_parser = crate::check::int_flag(1, 1024), long)]
     pub patch_size: Option<i64>,
-    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long)]
+    #[arg(value_parser = crate::check::int_flag(1, crate::backbone::config::MAX_WIDTH), long)]
     pub embed_dim: Option<i64>,
-    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long)]
+    #[arg(value_parser = crate::check::int_flag(1, crate::backbone::config::MAX_DEPTH), long)]
     pub depth: Option<i64>,
     #[arg(value_parser = crate::check::int_flag(1, 4096), long)]
     pub heads: Option<i64>,
@@ -82,8 +84,8 @@ pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
         data: a.data.source(),
         pretext: a.pretext,
         config: a.optim.pretrain(&a.data, &a.aug, &a.mae, 1.5e-3)?,
-        decoder: a.mae.decoder,
-        freeze_decoder: a.mae.freeze_decoder,
+        decoder: a.decoder.decoder,
+        freeze_decoder: a.decoder.freeze_decoder,
         dino: a.dino.config(),
         backbone_fingerprint: None,
     };
@@ -93,9 +95,20 @@ pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
 
 pub fn run_backbone(a: BackboneTrainArgs, device: Device) -> Result<()> {
     check_no_fraction(&a.data)?;
-    let ds = crate::data::open(&a.data.data, a.data.format.as_deref())?;
-    let mut cfg = VitConfig::preset(&a.arch)
-        .ok_or_else(|| anyhow!("--arch '{}': unknown preset (known: {})", a.arch, VitConfig::PRESETS.join(", ")))?;
+    let mut cfg = VitConfig::preset(&a.arch).ok_or_else(|| {
+        let known = VitConfig::PRESETS.join(", ");
+        crate::error::bad_input!("--arch '{}': unknown preset (known: {known})", a.arch)
+    })?;
+    let source = a.data.source();
+    if a.img_size.is_none() || a.in_chans.is_none() {
+        // The data's own size and channels (file-based formats: decoded at 224 px, RGB unless asked).
+        let probe = VitConfig { img_size: a.img_size.unwrap_or(224), in_chans: a.in_chans.unwrap_or(3), ..cfg.clone() };
+        let (ds, _) = source.open(&probe)?;
+        cfg.img_size = a.img_size.unwrap_or(ds.image_size().0);
+        cfg.in_chans = a.in_chans.unwrap_or(ds.channels());
+    } else {
+        (cfg.img_size, cfg.in_chans) = (a.img_size.unwrap_or(224), a.in_chans.unwrap_or(3));
+    }
     cfg.patch_size = a.patch_size.unwrap_or(cfg.patch_size);
     if let Some(d) = a.embed_dim {
         cfg.embed_dim = d;
@@ -103,13 +116,10 @@ pub fn run_backbone(a: BackboneTrainArgs, device: Device) -> Result<()> {
     }
     cfg.depth = a.depth.unwrap_or(cfg.depth);
     cfg.num_heads = a.heads.unwrap_or(cfg.num_heads);
-    cfg.img_size = a.img_size.unwrap_or(ds.image_size().0);
-    cfg.in_chans = a.in_chans.unwrap_or(ds.channels());
     cfg.pool = Pool::Cls;
-    drop(ds);
-    cfg.validate().map_err(|e| anyhow!("--arch/--patch-size/...: {e}"))?;
+    cfg.validate().map_err(|e| crate::error::bad_input!("--arch/--patch-size/--embed-dim/--heads/--img-size: {e}"))?;
     let pcfg = a.optim.pretrain(&a.data, &a.aug, &a.mae, 1.5e-3)?;
     let pcfg = crate::train::pretrain::PretrainConfig { image_size: cfg.img_size, ..pcfg };
-    pretrain_backbone(&cfg, &a.data.source(), &pcfg, &a.out, device)?;
+    pretrain_backbone(&cfg, &source, &pcfg, &a.out, device)?;
     Ok(())
 }

@@ -79,10 +79,10 @@ pub fn decode_all(files: &[PathBuf], size: u32, grey: bool, nearest: bool, skip_
     Ok((ok, bad))
 }
 
-/// Stacks decoded images into uint8 [N, C, size, size].
-pub fn stack(images: &[Vec<u8>], channels: i64, size: i64) -> Result<Tensor> {
+/// Stacks decoded images of `source` (named in errors) into uint8 [N, C, size, size].
+pub fn stack(source: &str, images: &[Vec<u8>], channels: i64, size: i64) -> Result<Tensor> {
     if images.is_empty() {
-        bail!("no images");
+        bail!("{source}: no readable images");
     }
     let flat: Vec<u8> = images.concat();
     Ok(Tensor::from_slice(&flat).reshape([images.len() as i64, channels, size, size]))

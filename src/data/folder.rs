@@ -37,7 +37,7 @@ pub fn folder_items(root: &Path) -> Result<Items> {
     let mut classes: Vec<PathBuf> = std::fs::read_dir(root)
         .with_context(|| format!("{}: cannot list folder", root.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
+        .filter(|p| p.is_dir() && !super::images::is_hidden(p))
         .collect();
     classes.sort();
     if classes.len() < 2 {
@@ -177,7 +177,7 @@ pub fn build(name: &str, items: Items, opts: FileOptions) -> Result<(Dataset, Ve
     let files: Vec<PathBuf> = keep.iter().map(|&i| items.files[i].clone()).collect();
     let labels: Vec<Vec<f64>> = keep.iter().map(|&i| items.labels[i].clone()).collect();
     let channels = if opts.grey { 1 } else { 3 };
-    let images = stack(&decoded, channels, size)?;
+    let images = stack(name, &decoded, channels, size)?;
     let width = labels[0].len() as i64;
     let flat: Vec<f64> = labels.concat();
     let lab = Tensor::from_slice(&flat).reshape([labels.len() as i64, width]);

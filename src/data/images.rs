@@ -9,7 +9,14 @@ const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm"]
 
 /// Whether a file name is an image tpp decodes (PNG, JPEG, TIFF, BMP, DICOM).
 pub fn is_image(p: &Path) -> bool {
-    p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+    !is_hidden(p)
+        && p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Whether a file or folder is hidden (`.git`, `.ipynb_checkpoints`, macOS's `._x.png` copies): never
+/// data.
+pub fn is_hidden(p: &Path) -> bool {
+    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
 }
 
 /// Image files of a folder (sorted, non-recursive), or the file itself.

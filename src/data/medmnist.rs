@@ -9,17 +9,25 @@ fn read_array(
     path: &Path,
     name: &str,
 ) -> Result<(Vec<u64>, Vec<u8>)> {
+    let stored =
+        npz.zip_archive().by_name(&npyz::npz::file_name_from_array_name(name)).map(|f| f.size()).unwrap_or(u64::MAX);
     let arr = npz
         .by_name(name)
         .map_err(|e| anyhow!("{}: cannot read array '{name}' ({e})", path.display()))?
         .ok_or_else(|| anyhow!("{}: array '{name}' missing (not a MedMNIST file?)", path.display()))?;
     let shape = arr.shape().to_vec();
+    let n = super::npy::element_count(path, &format!("array '{name}'"), &shape)?;
+    // The header's shape must fit the bytes the archive says it holds, before anything that size is
+    // allocated.
+    if n as u64 > stored {
+        bail!("{}: array '{name}' has shape {shape:?}, more than its {stored} bytes hold (corrupt?)", path.display());
+    }
     let fortran = arr.order() == npyz::Order::Fortran;
     let data = arr
         .into_vec::<u8>()
         .map_err(|e| anyhow!("{}: array '{name}' is not uint8 or is corrupt ({e})", path.display()))?;
-    if shape.is_empty() || shape.contains(&0) {
-        bail!("{}: array '{name}' has shape {shape:?}; it needs at least one element along every axis", path.display());
+    if data.len() != n {
+        bail!("{}: array '{name}' holds {} values for shape {shape:?}", path.display(), data.len());
     }
     Ok((shape.clone(), if fortran { super::npy::c_order(&data, &shape) } else { data }))
 }
@@ -59,6 +67,16 @@ pub fn open(path: &Path) -> Result<Dataset> {
     let mut train = split(&mut npz, path, "train")?;
     let mut val = split(&mut npz, path, "val")?;
     let mut test = split(&mut npz, path, "test")?;
+    for (s, which) in [(&val, "val"), (&test, "test")] {
+        let (a, b) = (&train.images.size()[1..], &s.images.size()[1..]);
+        if a != b {
+            bail!("{}: {which}_images are {b:?} (C, H, W) but train_images are {a:?}", path.display());
+        }
+        let (a, b) = (train.labels.size()[1], s.labels.size()[1]);
+        if a != b {
+            bail!("{}: {which}_labels have {b} columns but train_labels have {a}", path.display());
+        }
+    }
     let width = train.labels.size()[1];
     let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("medmnist").to_string();
     let (task, num_classes) = if width > 1 {

@@ -120,7 +120,9 @@ pub fn open_with(path: &Path, o: &DataOptions) -> Result<(Dataset, Option<SplitR
                 };
                 Ok((nifti::open(path, labels, fo.image_size, o.mask_classes)?, None))
             }
-            other => bail!("unknown --format '{other}' (supported: medmnist, folder, csv, segpairs, nifti)"),
+            other => {
+                bail!("format '{other}' (--format) is unknown (supported: medmnist, folder, csv, segpairs, nifti)")
+            }
         }
     })())
 }

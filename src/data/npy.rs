@@ -28,6 +28,19 @@ pub fn c_order<T: Copy>(data: &[T], shape: &[u64]) -> Vec<T> {
     out
 }
 
+/// The number of elements of an array of shape `dims` ("`what`" in `path`): every axis must have at least
+/// one, and the product must be a size this machine can address (a corrupt header can claim anything).
+pub(crate) fn element_count(path: &Path, what: &str, dims: &[u64]) -> Result<usize> {
+    if dims.is_empty() || dims.contains(&0) {
+        bail!("{}: {what} has shape {dims:?}; it needs at least one element along every axis", path.display());
+    }
+    dims.iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= i64::MAX as u64)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| anyhow!("{}: {what} has shape {dims:?}, too many elements (corrupt header?)", path.display()))
+}
+
 /// Reads a float32 (or float64, converted) array of at least one element per axis and only finite
 /// values; Fortran-order arrays are rearranged.
 pub fn read_f32(path: &Path) -> Result<Tensor> {
@@ -38,8 +51,14 @@ pub fn read_f32(path: &Path) -> Result<Tensor> {
             npyz::NpyFile::new(&bytes[..]).map_err(|e| anyhow!("{}: not a valid .npy file ({e})", path.display()))?;
         let fortran = npy.order() == npyz::Order::Fortran;
         let dims = npy.shape().to_vec();
-        if dims.is_empty() || dims.contains(&0) {
-            bail!("{}: array has shape {dims:?}; it needs at least one element along every axis", path.display());
+        let n = element_count(path, "array", &dims)?;
+        let item = match npy.dtype() {
+            DType::Plain(t) => t.size_field(),
+            _ => 1,
+        };
+        // The header's shape must fit the bytes there are, before anything that size is allocated.
+        if n.saturating_mul(item as usize) > bytes.len() {
+            bail!("{}: shape {dims:?} needs more data than the file holds (truncated?)", path.display());
         }
         let shape: Vec<i64> = dims.iter().map(|&s| s as i64).collect();
         let data: Vec<f32> = match npy.dtype() {
@@ -52,6 +71,9 @@ pub fn read_f32(path: &Path) -> Result<Tensor> {
         .map_err(|e| anyhow!("{}: truncated or corrupt data ({e})", path.display()))?;
         if let Some(i) = data.iter().position(|x| !x.is_finite()) {
             bail!("{}: element {i} is {} (inputs must be finite)", path.display(), data[i]);
+        }
+        if data.len() != n {
+            bail!("{}: holds {} values for shape {dims:?}", path.display(), data.len());
         }
         let data = if fortran { c_order(&data, &dims) } else { data };
         Ok(Tensor::from_slice(&data).reshape(&shape))

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
+/// The images of `dir` by file stem; two files of one stem (`a.png`, `a.jpg`) cannot be paired by name.
 fn stems(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let mut m = BTreeMap::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list folder", dir.display()))? {
@@ -20,8 +21,9 @@ fn stems(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
         if p.is_file()
             && is_image(&p)
             && let Some(s) = p.file_stem().and_then(|s| s.to_str())
+            && let Some(other) = m.insert(s.to_string(), p.clone())
         {
-            m.insert(s.to_string(), p);
+            bail!("{} and {}: two files named '{s}'; pairs are matched by name", other.display(), p.display());
         }
     }
     Ok(m)
@@ -78,24 +80,21 @@ pub fn open(root: &Path, opts: FileOptions, mask_classes: i64) -> Result<(Datase
         .filter(|(i, _)| !mismatched.iter().any(|(j, _)| j == i))
         .map(|(_, p)| p)
         .collect();
-    let size = opts.image_size;
+    let (pairs, images, raw) = decode_pairs(root, pairs, opts)?;
     let files: Vec<PathBuf> = pairs.iter().map(|p| p.0.clone()).collect();
-    let mfiles: Vec<PathBuf> = pairs.iter().map(|p| p.1.clone()).collect();
-    let (decoded, bad) = decode_all(&files, size as u32, opts.grey, false, false)?;
-    debug_assert!(bad.is_empty());
-    let (mdecoded, _) = decode_all(&mfiles, size as u32, true, true, false)?;
-    let images = stack(&decoded, if opts.grey { 1 } else { 3 }, size)?;
-    let raw = stack(&mdecoded, 1, size)?.squeeze_dim(1).to_kind(Kind::Int64);
-    let max = raw.max().int64_value(&[]);
     let (labels, k) = if mask_classes > 2 {
+        let max = raw.max().int64_value(&[]);
         if max >= mask_classes {
             bail!("{}: a mask holds class {max}, but --mask-classes is {mask_classes}", root.display());
         }
         (raw, mask_classes)
     } else {
-        // 0/1 masks (no value above 1 anywhere) mark foreground with 1, 0/255 masks with 255.
-        let threshold = if max <= 1 { 0 } else { 127 };
-        (raw.gt(threshold).to_kind(Kind::Int64), 2)
+        // Each mask by its own encoding: 0/1 masks (no value above 1) mark foreground with 1, 0/255 masks
+        // with 255 (a 0/1 mask among 0/255 ones must not be read as empty).
+        let n = raw.size()[0];
+        let max = raw.amax([1, 2], false);
+        let threshold = max.gt(1).to_kind(Kind::Int64).g_mul_scalar(127).reshape([n, 1, 1]);
+        (raw.gt_tensor(&threshold).to_kind(Kind::Int64), 2)
     };
     if files.len() < 3 {
         bail!("{}: {} image/mask pairs; a train/val/test split needs at least 3", root.display(), files.len());
@@ -116,4 +115,35 @@ pub fn open(root: &Path, opts: FileOptions, mask_classes: i64) -> Result<(Datase
     };
     super::dataset::check_foreground(&ds.train, &root.join("masks"))?;
     Ok((ds, files, parts))
+}
+
+/// An image file and its mask file.
+type Pair = (PathBuf, PathBuf);
+
+/// Decodes the pairs at the model's size: images uint8 [N, C, S, S] and masks int64 [N, S, S]. With
+/// `skip_bad` a pair whose image or mask cannot be decoded is dropped (and listed); the pairs kept are
+/// returned with them.
+fn decode_pairs(root: &Path, pairs: Vec<Pair>, opts: FileOptions) -> Result<(Vec<Pair>, Tensor, Tensor)> {
+    let size = opts.image_size;
+    let files: Vec<PathBuf> = pairs.iter().map(|p| p.0.clone()).collect();
+    let mfiles: Vec<PathBuf> = pairs.iter().map(|p| p.1.clone()).collect();
+    let (decoded, bad) = decode_all(&files, size as u32, opts.grey, false, opts.skip_bad)?;
+    let (mdecoded, mbad) = decode_all(&mfiles, size as u32, true, true, opts.skip_bad)?;
+    let mut drop = vec![false; pairs.len()];
+    for (i, e) in bad.iter().chain(&mbad) {
+        tracing::warn!("skipped pair {}: {e}", pairs[*i].0.display());
+        drop[*i] = true;
+    }
+    // decode_all returns the good ones in order: walk each list past its own bad indices.
+    let keep = |list: Vec<Vec<u8>>, bad: &[(usize, String)]| -> Vec<Vec<u8>> {
+        let own_bad: Vec<usize> = bad.iter().map(|(i, _)| *i).collect();
+        let idx = (0..pairs.len()).filter(|i| !own_bad.contains(i));
+        idx.zip(list).filter(|(i, _)| !drop[*i]).map(|(_, v)| v).collect()
+    };
+    let (decoded, mdecoded) = (keep(decoded, &bad), keep(mdecoded, &mbad));
+    let pairs: Vec<_> = pairs.into_iter().zip(&drop).filter(|(_, d)| !**d).map(|(p, _)| p).collect();
+    let name = root.display().to_string();
+    let images = stack(&name, &decoded, if opts.grey { 1 } else { 3 }, size)?;
+    let masks = stack(&name, &mdecoded, 1, size)?.squeeze_dim(1).to_kind(Kind::Int64);
+    Ok((pairs, images, masks))
 }

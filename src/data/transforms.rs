@@ -69,16 +69,17 @@ impl Augment {
 
     /// Rejects values no augmentation can use, naming the field.
     pub fn validate(&self) -> anyhow::Result<()> {
-        use crate::check::{NON_NEGATIVE, UNIT_OPEN_LOW, float, int};
+        use crate::check::{DEGREES, UNIT, UNIT_OPEN_LOW, float, int};
         float("crop_min_area", self.crop_min_area, UNIT_OPEN_LOW)?;
         float("crop_max_area", self.crop_max_area, UNIT_OPEN_LOW)?;
         if self.crop_max_area < self.crop_min_area {
             let (lo, hi) = (self.crop_min_area, self.crop_max_area);
             return Err(crate::error::bad_input!("crop_max_area ({hi}) must be >= crop_min_area ({lo})"));
         }
-        int("pad_crop", self.pad_crop, 0, i64::MAX)?;
-        float("rotate", self.rotate_deg, NON_NEGATIVE)?;
-        float("jitter", self.jitter, NON_NEGATIVE)
+        int("pad_crop", self.pad_crop, 0, crate::backbone::MAX_IMG_SIZE)?;
+        float("rotate", self.rotate_deg, DEGREES)?;
+        // Jitter scales brightness and contrast by 1 +- jitter: beyond 1 a factor can turn negative.
+        float("jitter", self.jitter, UNIT)
     }
 
     /// No augmentation.

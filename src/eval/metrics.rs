@@ -112,6 +112,42 @@ impl Metric {
         }
     }
 
+    /// Whether runs of `task` with `classes` classes (or labels) report this metric: an error naming the
+    /// metrics they do report otherwise, so a bad `--select` fails before training, not after it.
+    pub fn check_for(self, task: Task, classes: i64) -> Result<(), String> {
+        if self.reported(task, classes) {
+            return Ok(());
+        }
+        let valid: Vec<String> = NAMED
+            .iter()
+            .map(|(m, _)| *m)
+            .chain((1..classes.min(64) as u32).flat_map(|c| [Metric::DiceClass(c), Metric::IouClass(c)]))
+            .filter(|m| m.reported(task, classes))
+            .map(|m| m.name())
+            .collect();
+        Err(format!(
+            "metric '{self}' is not reported for this data ({task:?}, {classes} classes); use one of {}",
+            valid.join(", ")
+        ))
+    }
+
+    /// Whether runs of `task` with `classes` classes (or labels) report this metric.
+    fn reported(self, task: Task, classes: i64) -> bool {
+        match (task, self) {
+            (Task::Segmentation, Metric::Dice | Metric::Iou) => true,
+            (Task::Segmentation, Metric::DiceClass(c) | Metric::IouClass(c)) => {
+                classes > 2 && c >= 1 && (c as i64) < classes
+            }
+            (Task::Segmentation, _) | (_, Metric::Dice | Metric::Iou | Metric::DiceClass(_) | Metric::IouClass(_)) => {
+                false
+            }
+            (Task::Multilabel, m) => matches!(m, Metric::Auc | Metric::Accuracy | Metric::F1),
+            (_, Metric::Sensitivity | Metric::Specificity) => classes == 2,
+            (t, Metric::Kappa) => t == Task::Ordinal,
+            _ => true,
+        }
+    }
+
     /// The default selection metric of a task: kappa (ordinal), Dice (segmentation), else AUC.
     pub fn default_for(task: Task) -> Metric {
         match task {
@@ -341,6 +377,15 @@ mod tests {
             assert_eq!(name.parse::<Metric>().unwrap().name(), name);
         }
         assert!("dice_classX".parse::<Metric>().unwrap_err().contains("unknown metric"));
+        assert!(Metric::Auc.check_for(Task::Binary, 2).is_ok());
+        assert!(Metric::Kappa.check_for(Task::Ordinal, 5).is_ok());
+        assert!(Metric::Kappa.check_for(Task::Multiclass, 5).unwrap_err().contains("balanced_accuracy"));
+        assert!(Metric::Sensitivity.check_for(Task::Multiclass, 3).is_err());
+        assert!(Metric::Auc.check_for(Task::Segmentation, 2).unwrap_err().contains("dice"));
+        assert!(Metric::DiceClass(2).check_for(Task::Segmentation, 3).is_ok());
+        assert!(Metric::DiceClass(3).check_for(Task::Segmentation, 3).is_err());
+        assert!(Metric::DiceClass(1).check_for(Task::Segmentation, 2).is_err());
+        assert!(Metric::BalancedAccuracy.check_for(Task::Multilabel, 4).is_err());
     }
 
     #[test]

@@ -177,9 +177,13 @@ impl CompareConfig {
     pub fn validate(&self) -> Result<()> {
         self.backbone.validate()?;
         self.data.validate()?;
-        if self.seeds.is_empty() {
-            return Err(crate::error::bad_input!("seeds: none given"));
+        if self.seeds.is_empty() || self.seeds.len() as u64 > MAX_SEEDS {
+            return Err(crate::error::bad_input!("seeds: give 1 to {MAX_SEEDS}, got {}", self.seeds.len()));
         }
+        // A repeated entry would run (and count) the same cell twice in the paired statistics.
+        unique("seeds", &self.seeds)?;
+        unique("methods", &self.methods.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        unique("references", &self.references.iter().map(|r| r.method().to_string()).collect::<Vec<_>>())?;
         self.tpp.config.validate().map_err(|e| e.context("[tpp]"))?;
         self.finetune.config.validate().map_err(|e| e.context("[finetune]"))?;
         crate::check::float("[finetune] full_lr", self.finetune.full_lr, crate::check::POSITIVE)?;
@@ -197,6 +201,17 @@ impl CompareConfig {
         let spec = PeftSpec::new(methods.0.clone(), &self.peft)?;
         spec.validate()?;
         Ok(spec)
+    }
+}
+
+/// The most seeds a comparison runs (each seed is a full set of runs).
+pub const MAX_SEEDS: u64 = 1000;
+
+/// An error naming the first entry of `values` given twice.
+fn unique<T: PartialEq + std::fmt::Display>(key: &str, values: &[T]) -> Result<()> {
+    match values.iter().enumerate().find(|(i, v)| values[..*i].contains(v)) {
+        Some((_, v)) => Err(crate::error::bad_input!("{key}: '{v}' is given twice")),
+        None => Ok(()),
     }
 }
 
@@ -287,7 +302,7 @@ impl CompareConfig {
         for job in &mut grid.tpp {
             job.record = job.record.resolved()?;
         }
-        let fingerprints = records::Fingerprints { backbone: Some(backbone), data: Some(data) };
+        let fingerprints = records::Fingerprints { backbone: Some(backbone), data: Some(data), init_targets: None };
         for c in &mut grid.cells {
             c.record = RunRecord { fingerprints: fingerprints.clone(), ..c.record.clone().absolute_paths() };
         }
@@ -299,6 +314,11 @@ impl CompareConfig {
         // Task and classes only; each run reads the data at its model's size.
         let (task, num_classes) = self.data.describe()?;
         let select = self.select.unwrap_or(Metric::default_for(task));
+        for (key, m) in [("select", Some(select)), ("metric", self.metric)] {
+            if let Some(m) = m {
+                m.check_for(task, num_classes).map_err(|e| crate::error::bad_input!("{key}: {e}"))?;
+            }
+        }
         let t = (task, num_classes, select);
         let (mut tpp, mut cells) = (Vec::new(), Vec::new());
         let seed_dir = |kind: &str, v: &str, seed: u64| out.join(kind).join(v).join(format!("seed{seed}"));
@@ -342,8 +362,9 @@ pub fn run(cfg: &CompareConfig, out: &Path, device: Device) -> Result<CompareRes
             check_kept_tpp(&job.record, &job.dir)?;
         }
     }
+    // Finished and interrupted runs alike: an interrupted one is resumed only with the same record.
     for c in &grid.cells {
-        if c.dir.join("metrics.json").exists() {
+        if c.dir.join(RUN_JSON).exists() {
             check_kept_run(&c.record, &c.dir)?;
         }
     }
@@ -385,8 +406,15 @@ pub(crate) fn remove_unfinished(dir: &Path) -> Result<()> {
 /// A finished cell is reused only if it ran the configuration asked for now: re-running an edited config
 /// into the same folder must not mix old and new numbers silently.
 fn check_kept_run(want: &RunRecord, dir: &Path) -> Result<()> {
-    let old = RunRecord::read(dir)?.normalised_like(want);
     let mut want = want.clone();
+    // A run that started from a TPP stage is the grid's only if that stage's targets are still the ones
+    // it used: a stage that is missing (to be recomputed) or recomputed gives other ones.
+    if let Some(init) = &want.init_targets {
+        let finished = init.join("config.json").exists();
+        want.fingerprints.init_targets =
+            Some(if finished { records::init_fingerprint(init)? } else { "(stage to be recomputed)".into() });
+    }
+    let old = RunRecord::read(dir)?.normalised_like(&want);
     adopt_filled_in((&mut want.config.image_size, &mut want.config.norm), (old.config.image_size, old.config.norm));
     check_same(&dir.join(RUN_JSON), &old, &want)
 }

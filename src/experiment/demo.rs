@@ -11,26 +11,32 @@ use crate::pretext::Pretext;
 use crate::pretext::mae::{DecoderSource, MaeConfig};
 use crate::train::finetune::FinetuneConfig;
 use crate::train::pretrain::PretrainConfig;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use tch::Device;
 
 /// The folder holding `pneumoniamnist.npz` and `breastmnist.npz`: `given`, else `data/` here or in the
 /// source tree.
 pub fn data_dir(given: Option<PathBuf>) -> Result<PathBuf> {
-    let candidates = match given {
-        Some(d) => vec![d],
-        None => vec![PathBuf::from("data"), Path::new(env!("CARGO_MANIFEST_DIR")).join("data")],
-    };
-    for d in &candidates {
-        if d.join("breastmnist.npz").exists() && d.join("pneumoniamnist.npz").exists() {
-            return Ok(d.clone());
+    let found = |d: &Path| d.join("breastmnist.npz").exists() && d.join("pneumoniamnist.npz").exists();
+    if let Some(d) = given {
+        if found(&d) {
+            return Ok(d);
         }
+        return Err(crate::error::bad_input!(
+            "--data-dir {}: needs pneumoniamnist.npz and breastmnist.npz (the MedMNIST v2 files of those names)",
+            d.display()
+        ));
     }
-    bail!(
-        "{}: pneumoniamnist.npz and breastmnist.npz not found (run from the repository, or pass --data-dir)",
-        candidates[0].display()
-    )
+    let candidates = [PathBuf::from("data"), Path::new(env!("CARGO_MANIFEST_DIR")).join("data")];
+    match candidates.iter().find(|d| found(d)) {
+        Some(d) => Ok(d.clone()),
+        None => Err(crate::error::bad_input!(
+            "{}: pneumoniamnist.npz and breastmnist.npz not found; run from the repository or pass --data-dir \
+             <folder with both>",
+            candidates[0].display()
+        )),
+    }
 }
 
 /// A small ViT for 28x28 grey images: patch 4 (7x7 grid), width 128, depth 4, 4 heads.
@@ -53,20 +59,22 @@ pub fn run(out: &Path, data: &Path, quick: bool, device: Device) -> Result<(Comp
     let (bb_epochs, tpp_epochs, ft_epochs) = if quick { (1, 2, 2) } else { (12, 30, 20) };
     let mae = MaeConfig { decoder_dim: 128, decoder_depth: 2, decoder_heads: 4, ..MaeConfig::default() };
     let bb_dir = out.join("backbone");
+    let pcfg = PretrainConfig {
+        epochs: bb_epochs,
+        image_size: 28,
+        norm: Norm::HALF,
+        augment: Augment { hflip: true, crop_min_area: 0.8, ..Augment::NONE },
+        mae: mae.clone(),
+        ..PretrainConfig::default()
+    };
     if bb_dir.join("config.json").exists() {
+        // A quick demo's backbone (one epoch) must not pass for the full demo's, nor the reverse.
+        check_kept_backbone(&bb_dir.join("config.json"), &pcfg)?;
         tracing::info!("step 1/2: backbone already pre-trained in {}", bb_dir.display());
     } else {
         tracing::info!(
             "step 1/2: MAE pre-training of a small ViT on PneumoniaMNIST (source domain), {bb_epochs} epochs"
         );
-        let pcfg = PretrainConfig {
-            epochs: bb_epochs,
-            image_size: 28,
-            norm: Norm::HALF,
-            augment: Augment { hflip: true, crop_min_area: 0.8, ..Augment::NONE },
-            mae: mae.clone(),
-            ..PretrainConfig::default()
-        };
         super::compare::remove_unfinished(&bb_dir)?;
         let source = super::records::DataSource::new(data.join("pneumoniamnist.npz"));
         super::tpp::pretrain_backbone(&demo_arch(), &source, &pcfg, &bb_dir, device)?;
@@ -94,4 +102,17 @@ pub fn run(out: &Path, data: &Path, quick: bool, device: Device) -> Result<(Comp
     };
     let results = super::compare::run(&cfg, &out.join("compare"), device)?;
     Ok((cfg, results))
+}
+
+/// An error ([`crate::Error::StaleRun`]) when the backbone kept in a demo folder was pre-trained with other
+/// settings than `want` (a `--quick` demo's folder reused for the full demo).
+fn check_kept_backbone(file: &Path, want: &PretrainConfig) -> Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not valid JSON ({e})", file.display()))?;
+    let changes = super::compare::changes(&v["config"], &serde_json::to_value(want)?)?;
+    if changes.is_empty() {
+        return Ok(());
+    }
+    Err(crate::Error::StaleRun { file: file.to_path_buf(), changes }.into())
 }

@@ -11,7 +11,7 @@ use crate::peft;
 use crate::train::callbacks::Checkpointable;
 use crate::train::finetune::finetune;
 use crate::train::trainer::TrainState;
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result};
 use std::path::Path;
 use tch::Device;
 
@@ -43,18 +43,55 @@ pub fn prepare(rec: &RunRecord, device: Device) -> Result<Prepared> {
     let (ds, files) = rec.open_data(&model, None)?;
     let ds = ds.with_train_fraction(rec.train_fraction, rec.config.seed)?;
     let img = model.bb.vit.config().img_size;
-    model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow!("{}: {e}", rec.data.data.display()))?;
+    let data = rec.data.data.display();
+    model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| crate::error::bad_input!("{data}: {e}"))?;
+    rec.config.select.check_for(ds.task, ds.num_classes).map_err(|e| crate::error::bad_input!("--select: {e}"))?;
+    check_usable(rec, &ds)?;
     if let Some(init) = &rec.init_targets {
         check_same_backbone(rec, init)?;
         let dir = targets_dir(init)?;
         let saved = peft::io::read_spec(&dir)?;
         if saved.methods != spec.methods {
-            bail!("{}: target parameters of '{}', but --peft is '{}'", dir.display(), saved.label(), spec.label());
+            let (s, p) = (saved.label(), spec.label());
+            return Err(crate::error::bad_input!("{}: target parameters of '{s}', but --peft is '{p}'", dir.display()));
+        }
+        // Options that change no shape (LoRA's alpha, ...) would otherwise load silently.
+        if let Some(d) = saved.option_differences(spec).first() {
+            return Err(crate::error::bad_input!(
+                "{}: target parameters made with {d}; use the same PEFT options",
+                dir.display()
+            ));
         }
         peft::io::load_values(&model.targets, &dir, false)?;
     }
     model.add_task_head(ds.task, ds.num_classes);
     Ok(Prepared { model, ds, checkpoint, files })
+}
+
+/// Options the data cannot use, refused before training rather than ignored or failing at the end.
+fn check_usable(rec: &RunRecord, ds: &Dataset) -> Result<()> {
+    if rec.config.mixup > 0.0 && ds.task == crate::data::Task::Segmentation {
+        return Err(crate::error::bad_input!("--mixup: mixes labels of whole images; segmentation has none to mix"));
+    }
+    // Selection by AUC needs both outcomes in the validation split (some label with both, for
+    // multi-label data).
+    if rec.config.select == crate::eval::metrics::Metric::Auc {
+        let v = &ds.val.labels;
+        let both = if ds.task == crate::data::Task::Multilabel {
+            let (lo, hi) = (v.amin([0], false), v.amax([0], false));
+            lo.lt_tensor(&hi).any().int64_value(&[]) != 0
+        } else {
+            v.amin([0], false).int64_value(&[]) != v.amax([0], false).int64_value(&[])
+        };
+        if !both {
+            return Err(crate::error::bad_input!(
+                "{}: the validation split has a single class, so its AUC is undefined; select by another metric \
+                 (--select accuracy) or use more data",
+                rec.data.data.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks the run folder: a run already there continues only with `resume` and the same record (the same

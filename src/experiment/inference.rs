@@ -2,13 +2,13 @@
 //! ([`evaluate_run`]), predictions for new images ([`predict`]: a CSV of probabilities, or mask PNGs for
 //! segmentation runs), a merged timm checkpoint ([`export_merged`]), and pooled backbone features
 //! ([`embed`]).
-use super::records::{BackboneSource, RunRecord};
+use super::records::{BackboneSource, DataSource, RunRecord};
 use crate::data::loader::LoaderConfig;
 use crate::data::transforms::resize;
 use crate::data::{Task, images, npy};
 use crate::eval::evaluate::{Evaluation, evaluate};
 use crate::model::PeftModel;
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -16,19 +16,19 @@ use tch::{Device, Kind, Tensor};
 /// Test metrics (with 95% bootstrap intervals) of the finished run in `run`, on its data or on `data`
 /// (another data set of the same task; its test split), read as `format` when given. Returns them with
 /// the data set used.
-pub fn evaluate_run(
-    run: &Path,
-    data: Option<&Path>,
-    format: Option<String>,
-    device: Device,
-) -> Result<(Evaluation, PathBuf)> {
-    let mut rec = RunRecord::read(run)?;
-    if format.is_some() {
-        rec.data.format = format;
-    }
+pub fn evaluate_run(run: &Path, data: Option<&OtherData>, device: Device) -> Result<(Evaluation, PathBuf)> {
+    let rec = RunRecord::read(run)?;
+    // Another data set is read with its own format and label volume, and the run's mask classes.
+    let other = data.map(|o| DataSource {
+        data: o.data.clone(),
+        format: o.format.clone(),
+        labels: o.labels.clone(),
+        skip_bad: o.skip_bad,
+        ..rec.data.clone()
+    });
     let model = rec.load_trained(run, device)?;
-    let (ds, _) = rec.open_data(&model, data)?;
-    let used = data.unwrap_or(&rec.data.data).to_path_buf();
+    let (ds, _) = rec.open_data(&model, other.as_ref())?;
+    let used = other.as_ref().map_or(&rec.data.data, |o| &o.data).to_path_buf();
     if ds.task != rec.task || ds.num_classes != rec.num_classes {
         return Err(crate::error::bad_input!(
             "{}: task {:?} with {} classes, but the run was trained for {:?} with {}",
@@ -47,6 +47,19 @@ pub fn evaluate_run(
         drop_last: false,
     };
     Ok((evaluate(&model, &ds.test, ds.task, ds.num_classes, loader, "test")?, used))
+}
+
+/// A data set other than a run's own to evaluate it on.
+#[derive(Debug, Clone)]
+pub struct OtherData {
+    /// The data set (any format tpp reads).
+    pub data: PathBuf,
+    /// Its format, when the path does not tell.
+    pub format: Option<String>,
+    /// A NIfTI volume's label volume.
+    pub labels: Option<PathBuf>,
+    /// Skip unreadable files.
+    pub skip_bad: bool,
 }
 
 /// Images to predict: a float32 `.npy` [N, C, H, W] already normalised, or image files (an image or a
@@ -95,6 +108,7 @@ pub fn predict(run: &Path, input: &Path, out: &Path, device: Device) -> Result<u
     let n = x.size()[0];
     let chunks: Vec<Tensor> = (0..n).step_by(64).map(|i| model.logits(&batch(i, 64.min(n - i)), false)).collect();
     let logits = Tensor::cat(&chunks, 0);
+    check_finite(&logits, "predictions")?;
     let probs = if rec.task == Task::Multilabel { logits.sigmoid() } else { logits.softmax(-1, Kind::Float) };
     let probs = probs.to_kind(Kind::Double).to_device(Device::Cpu);
     let k = probs.size()[1] as usize;
@@ -141,7 +155,31 @@ fn mask_stems(names: &[String]) -> Vec<String> {
     for s in &stems {
         *seen.entry(s.as_str()).or_default() += 1;
     }
-    stems.iter().enumerate().map(|(i, s)| if seen[s.as_str()] > 1 { format!("{s}_{i}") } else { s.clone() }).collect()
+    // A suffixed name can equal another input's own stem ("a" twice and "a_1"): every name is checked
+    // against those already given.
+    let mut used = std::collections::HashSet::new();
+    stems
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut name = if seen[s.as_str()] > 1 { format!("{s}_{i}") } else { s.clone() };
+            let mut k = 1;
+            while !used.insert(name.clone()) {
+                name = format!("{s}_{i}_{k}");
+                k += 1;
+            }
+            name
+        })
+        .collect()
+}
+
+/// An error when a model output holds NaN or infinity (broken weights or inputs): such numbers must
+/// never be written as predictions or embeddings.
+fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    if t.isfinite().all().int64_value(&[]) == 0 {
+        bail!("the model produced non-finite {what} (NaN or infinity): its weights or the inputs are broken");
+    }
+    Ok(())
 }
 
 /// Per-pixel classes of one image at `(h, w)`: the logits [1, K, h0, w0] resized bilinearly band by band
@@ -186,6 +224,7 @@ fn write_masks(model: &PeftModel, batch: &dyn Fn(i64, i64) -> Tensor, names: &[S
     for i in (0..n).step_by(16) {
         let b = 16.min(n - i);
         let logits = model.logits(&batch(i, b), false);
+        check_finite(&logits, "mask logits")?;
         let classes = logits.size()[1];
         for j in 0..b {
             let k = (i + j) as usize;
@@ -220,7 +259,7 @@ pub fn export_merged(run: &Path, out: &Path) -> Result<usize> {
     }
     let rec = RunRecord::read(run)?;
     let mut model = rec.load_trained(run, Device::Cpu)?;
-    crate::peft::merge(&mut model.bb.vit, &rec.peft).map_err(|e| anyhow!("{}: {e}", run.display()))?;
+    crate::peft::merge(&mut model.bb.vit, &rec.peft).with_context(|| run.display().to_string())?;
     let named = model.bb.vit.state_dict().map_err(|e| anyhow!("{}: {e}", run.display()))?;
     crate::peft::io::write_safetensors_atomic(out, &named)?;
     Ok(named.len())
@@ -255,7 +294,7 @@ pub fn embed(backbone: &BackboneSource, what: &EmbedInput, device: Device) -> Re
             .collect::<Result<Vec<_>>>()?;
         Tensor::stack(&imgs, 0)
     };
-    bb.check_input(&input.size()).map_err(|e| anyhow!("{}: {e}", what.input.display()))?;
+    bb.check_input(&input.size()).map_err(|e| crate::error::bad_input!("{}: {e}", what.input.display()))?;
     let _g = tch::no_grad_guard();
     let n = input.size()[0];
     let mut outs = Vec::new();
@@ -264,7 +303,9 @@ pub fn embed(backbone: &BackboneSource, what: &EmbedInput, device: Device) -> Re
         let f = crate::device::autocast(device, || bb.vit.embed(&x));
         outs.push(f.to_kind(Kind::Float).to_device(Device::Cpu));
     }
-    Ok(Tensor::cat(&outs, 0))
+    let out = Tensor::cat(&outs, 0);
+    check_finite(&out, "embeddings")?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -289,5 +330,20 @@ mod tests {
         let names = ["a.npy[0]".to_string(), "a.npy[1]".to_string(), "x/b.png".to_string(), "y/b.png".to_string()];
         let stems = mask_stems(&names);
         assert_eq!(stems, ["a_0", "a_1", "b_2", "b_3"]);
+        // Files: two `a` and one `a_1`; the suffixed `a_1` must not take the third one's name.
+        let dir = std::env::temp_dir().join(format!("tpp-stems-{}", std::process::id()));
+        let files: Vec<String> = ["d1/a.png", "d2/a.png", "d3/a_1.png"]
+            .iter()
+            .map(|f| {
+                let p = dir.join(f);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(&p, b"x").unwrap();
+                p.display().to_string()
+            })
+            .collect();
+        let stems = mask_stems(&files);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(stems.len(), 3);
+        assert!(stems.iter().all(|s| stems.iter().filter(|t| *t == s).count() == 1), "{stems:?}");
     }
 }

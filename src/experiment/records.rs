@@ -17,17 +17,23 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::Device;
 
-/// `p` made absolute (against the current folder), so a record names the same file from anywhere.
+/// `p` made absolute and canonical (`..` and links resolved, when it exists), so a record names the same
+/// file from anywhere and two spellings of one file compare equal.
 pub fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+    std::fs::canonicalize(p).or_else(|_| std::path::absolute(p)).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// A cheap fingerprint of a file or folder, to tell whether a run's inputs are still the ones it used.
-/// A file: its size and its first and last 64 KiB. A folder: the relative path and size of every file in
-/// it (recursively, sorted), since reading 10^5 images would take minutes. Detects another, added,
-/// removed, truncated or re-encoded file; an edit that keeps a folder file's size, or a large file's size
-/// and ends, may pass.
+/// A file: its size and its first and last 64 KiB. A folder: the relative path and size of every image
+/// file in it and its sub-folders (sorted; hidden entries skipped), since reading 10^5 images would take
+/// minutes. Detects another, added, removed, truncated or re-encoded file; an edit that keeps a folder
+/// file's size, or a large file's size and ends, may pass.
 pub fn fingerprint(path: &Path) -> Result<String> {
+    // A missing or unreadable input is the user's to fix.
+    crate::error::input(fingerprint_of(path))
+}
+
+fn fingerprint_of(path: &Path) -> Result<String> {
     use md5::{Digest, Md5};
     use std::io::{Read, Seek, SeekFrom};
     let mut h = Md5::new();
@@ -42,15 +48,22 @@ pub fn fingerprint(path: &Path) -> Result<String> {
         f.read_to_end(&mut buf)?;
         h.update(&buf);
     } else {
+        // A data folder's images: at most two levels down (class folders, images/ and masks/), hidden
+        // entries skipped, so notes, caches or run folders kept beside the data change nothing.
         let mut files = Vec::new();
-        let mut stack = vec![path.to_path_buf()];
-        while let Some(dir) = stack.pop() {
+        let mut stack = vec![(path.to_path_buf(), 0)];
+        while let Some((dir, depth)) = stack.pop() {
             for e in std::fs::read_dir(&dir).with_context(|| format!("{}: cannot list", dir.display()))? {
                 let e = e?;
                 let p = e.path();
+                if crate::data::images::is_hidden(&p) {
+                    continue;
+                }
                 if e.file_type()?.is_dir() {
-                    stack.push(p);
-                } else {
+                    if depth < 1 {
+                        stack.push((p, depth + 1));
+                    }
+                } else if crate::data::images::is_image(&p) {
                     files
                         .push((p.strip_prefix(path).unwrap_or(&p).to_string_lossy().into_owned(), e.metadata()?.len()));
                 }
@@ -75,12 +88,24 @@ pub struct Fingerprints {
     /// Of the data (and a NIfTI label volume).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<String>,
+    /// Of the target parameters the run started from (a TPP stage recomputed since gives other ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_targets: Option<String>,
 }
 
 impl Fingerprints {
     /// Whether none is recorded (records written before fingerprints were).
     pub fn is_empty(&self) -> bool {
-        self.backbone.is_none() && self.data.is_none()
+        self.backbone.is_none() && self.data.is_none() && self.init_targets.is_none()
+    }
+
+    /// Each one this record lacks (written by an earlier version) taken from `now` (it cannot tell).
+    fn filled_from(self, now: &Fingerprints) -> Fingerprints {
+        Fingerprints {
+            backbone: self.backbone.or_else(|| now.backbone.clone()),
+            data: self.data.or_else(|| now.data.clone()),
+            init_targets: self.init_targets.or_else(|| now.init_targets.clone()),
+        }
     }
 }
 
@@ -258,6 +283,9 @@ impl RunRecord {
         self.data.validate()?;
         self.peft.validate()?;
         crate::check::float("train_fraction", self.train_fraction, crate::check::UNIT_OPEN_LOW)?;
+        crate::check::int("num_classes", self.num_classes, 1, 1 << 16)?;
+        let select = self.config.select;
+        select.check_for(self.task, self.num_classes).map_err(|e| crate::error::bad_input!("select: {e}"))?;
         self.config.validate()
     }
 
@@ -273,18 +301,19 @@ impl RunRecord {
     /// The record with absolute paths and the inputs' fingerprints: what `run.json` keeps.
     pub fn resolved(&self) -> Result<Self> {
         let mut r = self.clone().absolute_paths();
-        r.fingerprints =
-            Fingerprints { backbone: Some(fingerprint(&r.backbone.path)?), data: Some(r.data.fingerprint()?) };
+        r.fingerprints = Fingerprints {
+            backbone: Some(fingerprint(&r.backbone.path)?),
+            data: Some(r.data.fingerprint()?),
+            init_targets: r.init_targets.as_deref().map(init_fingerprint).transpose()?,
+        };
         Ok(r)
     }
 
     /// A record as this version writes it, for comparing an earlier version's with `now`: absolute paths
-    /// (against the current folder) and, when it has none, `now`'s fingerprints (it cannot tell otherwise).
+    /// (against the current folder) and, for each fingerprint it lacks, `now`'s (it cannot tell otherwise).
     pub fn normalised_like(&self, now: &RunRecord) -> RunRecord {
         let mut r = self.clone().absolute_paths();
-        if r.fingerprints.is_empty() {
-            r.fingerprints = now.fingerprints.clone();
-        }
+        r.fingerprints = r.fingerprints.filled_from(&now.fingerprints);
         r
     }
 
@@ -295,7 +324,10 @@ impl RunRecord {
             let p = run.join(RUN_JSON);
             let text = std::fs::read_to_string(&p)
                 .with_context(|| format!("{}: cannot read (not a tpp run folder?)", p.display()))?;
-            serde_json::from_str(&text).map_err(|e| anyhow!("{}: not a valid run record ({e})", p.display()))
+            let rec: RunRecord =
+                serde_json::from_str(&text).map_err(|e| anyhow!("{}: not a valid run record ({e})", p.display()))?;
+            rec.validate().map_err(|e| anyhow!("{}: {e:#}", p.display()))?;
+            Ok(rec)
         })())
     }
 
@@ -314,10 +346,10 @@ impl RunRecord {
 
     /// Reads the run's dataset (or `data` instead) the way the model needs it; the run's own data must be
     /// what it was when the run started.
-    pub fn open_data(&self, model: &PeftModel, data: Option<&Path>) -> Result<(Dataset, Option<SplitRecord>)> {
-        let mut src = self.data.clone();
+    pub fn open_data(&self, model: &PeftModel, data: Option<&DataSource>) -> Result<(Dataset, Option<SplitRecord>)> {
+        let src = data.unwrap_or(&self.data);
         match data {
-            Some(d) => src.data = d.to_path_buf(),
+            Some(_) => {}
             None if self.fingerprints.data.as_ref().is_some_and(|f| Some(f) != src.fingerprint().ok().as_ref()) => {
                 return Err(crate::error::bad_input!(
                     "{}: the data changed since the run used it (its fingerprint differs); results would not be the run's",
@@ -413,6 +445,11 @@ impl TppRecord {
         self.config.validate()?;
         self.dino.validate()
     }
+}
+
+/// The fingerprint of the target parameters in a TPP output (or its `targets/`).
+pub fn init_fingerprint(p: &Path) -> Result<String> {
+    fingerprint(&targets_dir(p)?.join(crate::peft::io::WEIGHTS))
 }
 
 /// The folder of target parameters inside a TPP output (`<dir>/targets`) or the folder itself.

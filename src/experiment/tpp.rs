@@ -19,12 +19,7 @@ use tch::{Device, Tensor, nn};
 /// never looks finished. `out` must not exist (nothing is overwritten); the `.partial` of an interrupted
 /// run is cleared.
 fn claim(out: &Path) -> Result<PathBuf> {
-    if out.exists() {
-        return Err(crate::error::bad_input!(
-            "{}: exists; choose another --out or delete it (nothing is overwritten)",
-            out.display()
-        ));
-    }
+    refuse_existing(out)?;
     let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let work = out.with_file_name(format!("{name}.partial"));
     if work.exists() {
@@ -33,6 +28,17 @@ fn claim(out: &Path) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&work).with_context(|| format!("{}: cannot create output folder", work.display()))?;
     Ok(work)
+}
+
+/// Nothing is overwritten: checked first, before any model or data is read.
+fn refuse_existing(out: &Path) -> Result<()> {
+    if out.exists() {
+        return Err(crate::error::bad_input!(
+            "{}: exists; choose another --out or delete it (nothing is overwritten)",
+            out.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Moves a finished stage from its `.partial` folder to `out`.
@@ -64,8 +70,17 @@ fn decoder_tensors(vs: &nn::VarStore, dec: &MaeDecoder) -> Vec<(String, Tensor)>
 pub fn pretrain_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<PretrainSummary> {
     rec.validate()?;
     let rec = &rec.resolved()?;
+    refuse_existing(out)?;
+    // Model and data are opened before the folder is made, so a bad input leaves nothing behind.
+    let inputs = StageInputs::open(rec, device)?;
     let work = claim(out)?;
-    let summary = tpp_stage(rec, &work, device)?;
+    let summary = match rec.pretext {
+        Pretext::Mae => tpp_mae(rec, inputs, &work, device)?,
+        Pretext::Dino => {
+            drop(inputs.model);
+            tpp_dino(rec, &inputs.cfg, &inputs.ds, &work, device)?
+        }
+    };
     publish(&work, out)?;
     tracing::info!(
         "done: {} steps, loss {:.4} -> {:.4}, {:.0} img/s; target parameters in {}",
@@ -78,23 +93,59 @@ pub fn pretrain_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<P
     Ok(summary)
 }
 
-/// The TPP stage, writing into `out`.
-fn tpp_stage(rec: &TppRecord, out: &Path, device: Device) -> Result<PretrainSummary> {
-    let spec = &rec.peft;
-    let (model, ck) = rec.backbone.model(spec, device, rec.config.seed)?;
-    let vit = model.bb.vit.config();
-    let img = vit.img_size;
-    // File-based data is decoded at the model's size and channels (labels are not used here).
-    let (ds, _) = rec.data.open(vit)?;
-    model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| anyhow!("{}: {e}", rec.data.data.display()))?;
-    let cfg = PretrainConfig { image_size: img, norm: rec.config.norm.resolve(&ds.train.images), ..rec.config.clone() };
-    match rec.pretext {
-        Pretext::Mae => tpp_mae(rec, &cfg, model, &ck, &ds, out, device),
-        Pretext::Dino => {
-            drop(model);
-            tpp_dino(rec, &cfg, &ds, out, device)
+/// A TPP stage's model, checkpoint, data and resolved options, checked against each other.
+struct StageInputs {
+    model: PeftModel,
+    ck: Checkpoint,
+    ds: Dataset,
+    cfg: PretrainConfig,
+}
+
+impl StageInputs {
+    fn open(rec: &TppRecord, device: Device) -> Result<StageInputs> {
+        let (model, ck) = rec.backbone.model(&rec.peft, device, rec.config.seed)?;
+        let vit = model.bb.vit.config();
+        let (img, p) = (vit.img_size, vit.patch_size);
+        // File-based data is decoded at the model's size and channels (labels are not used here).
+        let (ds, _) = rec.data.open(vit)?;
+        model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| in_data(rec, e))?;
+        if rec.pretext == Pretext::Mae {
+            mae_grid(img, p)?;
         }
+        match rec.pretext {
+            Pretext::Mae if rec.decoder == DecoderSource::Checkpoint && ck.decoder.is_none() => {
+                return Err(crate::error::bad_input!(
+                    "{}: --decoder checkpoint, but the checkpoint has no MAE decoder",
+                    ck.path.display()
+                ));
+            }
+            Pretext::Dino if rec.dino.local_size > 0 && (rec.dino.local_size % p != 0) => {
+                return Err(crate::error::bad_input!(
+                    "DINO local_size {} is not a multiple of the patch size {p}",
+                    rec.dino.local_size
+                ));
+            }
+            _ => {}
+        }
+        let cfg =
+            PretrainConfig { image_size: img, norm: rec.config.norm.resolve(&ds.train.images), ..rec.config.clone() };
+        Ok(StageInputs { model, ck, ds, cfg })
     }
+}
+
+/// MAE hides some patches and shows the rest: it needs two or more.
+fn mae_grid(img: i64, patch: i64) -> Result<()> {
+    if (img / patch).pow(2) < 2 {
+        return Err(crate::error::bad_input!(
+            "MAE needs at least 2 patches (some hidden, some shown); {img} px images with patch {patch} make 1"
+        ));
+    }
+    Ok(())
+}
+
+/// The data does not fit the model: a bad-input error naming the data.
+fn in_data(rec: &TppRecord, e: anyhow::Error) -> anyhow::Error {
+    crate::error::bad_input!("{}: {e}", rec.data.data.display())
 }
 
 /// The pretext head of an MAE TPP stage: the checkpoint's decoder when `source` allows and it has one,
@@ -124,15 +175,9 @@ fn mae_decoder(
     Ok((MaeDecoder::new(&vs.root(), &ck.config, &cfg.mae, channels)?, cfg.mae.clone(), false))
 }
 
-fn tpp_mae(
-    rec: &TppRecord,
-    cfg: &PretrainConfig,
-    model: PeftModel,
-    ck: &Checkpoint,
-    ds: &Dataset,
-    out: &Path,
-    device: Device,
-) -> Result<PretrainSummary> {
+fn tpp_mae(rec: &TppRecord, inputs: StageInputs, out: &Path, device: Device) -> Result<PretrainSummary> {
+    let StageInputs { model, ck, ds, cfg } = inputs;
+    let (ck, ds, cfg) = (&ck, &ds, &cfg);
     let mut dec_vs = nn::VarStore::new(device);
     let (dec, mae_cfg, use_ck) = mae_decoder(rec.decoder, ck, &dec_vs, cfg, ds.channels())?;
     let cfg = PretrainConfig { mae: mae_cfg, ..cfg.clone() };
@@ -259,8 +304,13 @@ pub fn pretrain_backbone(
 ) -> Result<PretrainSummary> {
     arch.validate().map_err(|e| crate::error::bad_input!("architecture: {e}"))?;
     cfg.validate()?;
+    refuse_existing(out)?;
+    mae_grid(arch.img_size, arch.patch_size)?;
+    // File-based data is decoded at the architecture's size and channels; opened before the folder is
+    // made, so bad data leaves nothing behind.
+    let (ds, _) = data.open(arch)?;
     let work = claim(out)?;
-    let summary = backbone_stage(arch, data, cfg, &work, device)?;
+    let summary = backbone_stage(arch, data, &ds, cfg, &work, device)?;
     publish(&work, out)?;
     tracing::info!(
         "done: {} steps, loss {:.4} -> {:.4}; backbone in {}",
@@ -276,12 +326,11 @@ pub fn pretrain_backbone(
 fn backbone_stage(
     arch: &VitConfig,
     data: &DataSource,
+    ds: &Dataset,
     cfg: &PretrainConfig,
     out: &Path,
     device: Device,
 ) -> Result<PretrainSummary> {
-    // File-based data is decoded at the architecture's size and channels.
-    let (ds, _) = data.open(arch)?;
     tch::manual_seed(cfg.seed as i64);
     let bb = Backbone::fresh(arch, device)?;
     let dec_vs = nn::VarStore::new(device);

@@ -107,12 +107,12 @@ fn validate(opts: &Options) -> Result<()> {
     crate::check::float("lora_dropout", c.lora_dropout, crate::check::UNIT_OPEN_HIGH)?;
     for t in &c.lora_targets {
         if !LORA_TARGETS.contains(&t.as_str()) {
-            bail!("--lora-targets: unknown layer '{t}' (expected some of {})", LORA_TARGETS.join(", "));
+            bail!("lora_targets (--lora-targets): unknown layer '{t}' (expected some of {})", LORA_TARGETS.join(", "));
         }
     }
     let has = |t: &str| c.lora_targets.iter().any(|x| x == t);
     if has("qkv") && ["q", "k", "v"].iter().any(|t| has(t)) {
-        bail!("--lora-targets: 'qkv' already covers q, k and v; give either qkv or some of q, k, v");
+        bail!("lora_targets (--lora-targets): 'qkv' already covers q, k and v; give either qkv or some of q, k, v");
     }
     Ok(())
 }

@@ -23,7 +23,7 @@ pub mod vpt;
 pub use spec::{Method, Options, PeftSpec};
 
 use crate::backbone::Vit;
-use anyhow::{Result, bail};
+use anyhow::Result;
 use tch::nn;
 
 /// Every method, in the order their modules attach (the first wraps a layer innermost) and merge.
@@ -100,7 +100,8 @@ pub trait PeftMethod: Sync {
     /// Methods merge in registry order, so the modules inside this one's are already folded.
     fn merge(&self, vit: &mut Vit) -> Result<()> {
         let _ = vit;
-        bail!("'{}' adds modules to the network and cannot be merged into the backbone weights", self.name())
+        let e = format!("'{}' adds modules to the network and cannot be merged into the backbone weights", self.name());
+        Err(crate::Error::InvalidSpec(e).into())
     }
 
     /// HF PEFT's `adapter_config.json` for target parameters of this method alone, where PEFT has it.

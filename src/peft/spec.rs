@@ -173,7 +173,8 @@ impl PeftSpec {
         }
         let mut own = Options::default();
         for m in &methods {
-            let opts = m.get().options(options).map_err(|e| crate::Error::InvalidSpec(format!("--peft {m}: {e:#}")))?;
+            let opts =
+                m.get().options(options).map_err(|e| crate::Error::InvalidSpec(format!("PEFT method {m}: {e:#}")))?;
             own.extend(opts);
         }
         Ok(PeftSpec { methods, options: own })
@@ -204,6 +205,20 @@ impl PeftSpec {
         self.methods.iter().any(|m| m.get().adds_parameters())
     }
 
+    /// The options that differ from `other`'s, as `name: mine -> theirs` (both specs hold exactly their
+    /// methods' options, defaults filled in).
+    pub fn option_differences(&self, other: &PeftSpec) -> Vec<String> {
+        let (a, b) = (&self.options.0, &other.options.0);
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let show = |v: Option<&Value>| v.map_or_else(|| "unset".to_string(), Value::to_string);
+        keys.into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| format!("{k} = {} (now {})", show(a.get(k)), show(b.get(k))))
+            .collect()
+    }
+
     /// Short label for reports, e.g. `lora+vpt-deep`.
     pub fn label(&self) -> String {
         self.methods.iter().map(|m| m.name()).collect::<Vec<_>>().join("+")
@@ -223,12 +238,12 @@ impl PeftSpec {
 
     fn check(&self) -> Result<()> {
         if self.methods.is_empty() {
-            bail!("--peft: no method given");
+            bail!("no PEFT method given");
         }
         let mut seen = std::collections::BTreeSet::new();
         for m in &self.methods {
             if !seen.insert(*m) {
-                bail!("--peft: '{m}' given twice");
+                bail!("PEFT method '{m}' given twice");
             }
         }
         for m in &self.methods {
@@ -236,11 +251,11 @@ impl PeftSpec {
             if let Some(why) = imp.alone()
                 && self.methods.len() > 1
             {
-                bail!("--peft: '{m}' cannot be combined with other methods ({why})");
+                bail!("PEFT method '{m}' cannot be combined with other methods ({why})");
             }
             for (other, why) in imp.incompatible() {
                 if self.methods.iter().any(|o| o.name() == *other) {
-                    bail!("--peft: '{m}' and '{other}' {why}");
+                    bail!("PEFT methods '{m}' and '{other}' {why}");
                 }
             }
             imp.validate(&self.options)?;

@@ -196,9 +196,10 @@ pub struct MaeOutput {
     pub mask: Tensor,
 }
 
-/// Number of visible patches: round(N * (1 - ratio)), at least 1.
+/// Number of visible patches: round(N * (1 - ratio)), at least 1 and (with 2 or more patches) at most
+/// N - 1, so some patch is always left to reconstruct (the loss averages over hidden patches).
 pub fn num_visible(n: i64, ratio: f64) -> i64 {
-    ((n as f64 * (1.0 - ratio)).round() as i64).clamp(1, n)
+    ((n as f64 * (1.0 - ratio)).round() as i64).clamp(1, (n - 1).max(1))
 }
 
 /// One MAE forward: `noise` [B, N] decides the masking (ascending noise is kept first).

@@ -265,9 +265,15 @@ impl LossLog {
         let ips = self.window_images as f64 / self.window.elapsed().as_secs_f64().max(1e-9);
         for ((s, e, lr, _), l) in self.pending.drain(..).zip(losses) {
             if check && !l.is_finite() {
+                let kept = if e == 0 {
+                    "no epoch finished, so nothing was kept".to_string()
+                } else {
+                    format!("what the last finished epoch saved is kept in {}", self.kept.display())
+                };
                 bail!(
-                    "loss became {l} at step {s} (epoch {e}); stopping. What the last finished epoch saved is kept in {}",
-                    self.kept.display()
+                    "loss became {l} at step {s} (epoch {}); stopping (a learning rate too high for these data, a \
+                     non-finite input or weight, or an overflow); {kept}",
+                    e + 1
                 );
             }
             if self.first_loss.is_nan() {

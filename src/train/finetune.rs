@@ -90,12 +90,13 @@ impl FinetuneConfig {
     pub fn validate(&self) -> Result<()> {
         use crate::check::{NON_NEGATIVE, POSITIVE, UNIT, UNIT_OPEN_HIGH, UNIT_OPEN_LOW, float, int};
         int("epochs", self.epochs, 1, i64::MAX)?;
-        int("batch_size", self.batch_size, 1, i64::MAX)?;
+        int("batch_size", self.batch_size, 1, crate::check::MAX_BATCH)?;
         int("accum", self.accum, 1, i64::MAX)?;
         int("patience", self.patience, 0, i64::MAX)?;
         int("image_size", self.image_size, 0, crate::backbone::MAX_IMG_SIZE)?;
         float("lr", self.lr, POSITIVE)?;
         float("min_lr", self.min_lr, NON_NEGATIVE)?;
+        crate::check::at_most("min_lr", self.min_lr, "lr", self.lr)?;
         float("warmup", self.warmup, UNIT)?;
         float("weight_decay", self.weight_decay, NON_NEGATIVE)?;
         float("clip", self.clip, NON_NEGATIVE)?;
@@ -314,5 +315,6 @@ fn sample_beta(rng: &mut ChaCha8Rng, a: f64) -> f64 {
     }
     let x = gamma(rng, a);
     let y = gamma(rng, a);
-    x / (x + y)
+    // For a tiny alpha both draws can underflow to 0; Beta(a, a) is then almost surely 0 or 1.
+    if x + y > 0.0 { x / (x + y) } else { f64::from(u8::from(rng.random::<bool>())) }
 }

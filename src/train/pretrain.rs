@@ -75,11 +75,12 @@ impl PretrainConfig {
     pub fn validate(&self) -> Result<()> {
         use crate::check::{NON_NEGATIVE, POSITIVE, UNIT, float, int};
         int("epochs", self.epochs, 1, i64::MAX)?;
-        int("batch_size", self.batch_size, 1, i64::MAX)?;
+        int("batch_size", self.batch_size, 1, crate::check::MAX_BATCH)?;
         int("image_size", self.image_size, 0, crate::backbone::MAX_IMG_SIZE)?;
         int("preview_every", self.preview_every, 0, i64::MAX)?;
         float("lr", self.lr, POSITIVE)?;
         float("min_lr", self.min_lr, NON_NEGATIVE)?;
+        crate::check::at_most("min_lr", self.min_lr, "lr", self.lr)?;
         float("warmup", self.warmup, UNIT)?;
         float("weight_decay", self.weight_decay, NON_NEGATIVE)?;
         float("clip", self.clip, NON_NEGATIVE)?;

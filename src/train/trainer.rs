@@ -236,7 +236,8 @@ impl Trainer<'_> {
     fn divergence(&self, loss: f64, epoch: i64, state: &TrainState) -> String {
         let diverged = tch::no_grad(|| self.opt.tensors().any(|t| t.isfinite().all().int64_value(&[]) == 0));
         let cause = if diverged {
-            "a trained parameter is no longer finite (the learning rate may be too high)"
+            "a trained parameter is no longer finite (a learning rate too high for these data, or an extreme input \
+             batch)"
         } else {
             "the parameters are finite: a non-finite input or backbone weight, or an overflow in the forward pass"
         };
