@@ -84,6 +84,37 @@ pub(crate) fn at_most(name: &str, v: f64, other: &str, limit: f64) -> Result<()>
     Err(bad_input!("{name} ({v}) must not exceed {other} ({limit})"))
 }
 
+/// A clap value parser for an output path: `.` and `..` resolved (lexically, against the working folder),
+/// so `out/.` or `runs/..` name a folder whose `.partial` sibling and final rename are well defined. Paths
+/// without such parts are kept as typed, so messages show the user's own spelling.
+pub(crate) fn out_path(s: &str) -> Result<std::path::PathBuf, String> {
+    use std::path::{Component, Path, PathBuf};
+    if s.is_empty() {
+        return Err("an empty path".into());
+    }
+    // Re-collected without `.` parts: `runs/.` and `./runs` become `runs`.
+    let p: PathBuf = Path::new(s).components().filter(|c| *c != Component::CurDir).collect();
+    if !p.components().any(|c| c == Component::ParentDir) && p.file_name().is_some() {
+        return Ok(p);
+    }
+    let p = if p.as_os_str().is_empty() { PathBuf::from(".") } else { p };
+    let abs = std::path::absolute(&p).map_err(|e| format!("cannot resolve '{s}': {e}"))?;
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    if out.file_name().is_none() {
+        return Err(format!("'{s}' is the file-system root, not a folder to create"));
+    }
+    Ok(out)
+}
+
 /// A clap value parser for a float flag in `range`.
 pub(crate) fn float_flag(range: Range) -> impl Fn(&str) -> Result<f64, String> + Clone + Send + Sync + 'static {
     move |s: &str| {
@@ -103,6 +134,20 @@ pub(crate) fn int_flag(min: i64, max: i64) -> impl Fn(&str) -> Result<i64, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_paths_lose_dot_parts_so_their_partial_sibling_is_well_defined() {
+        use std::path::PathBuf;
+        assert_eq!(out_path("runs/a").unwrap(), PathBuf::from("runs/a"));
+        assert_eq!(out_path("runs/a/.").unwrap(), PathBuf::from("runs/a"));
+        assert_eq!(out_path("./runs/a").unwrap(), PathBuf::from("runs/a"));
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(out_path("runs/..").unwrap(), cwd);
+        assert_eq!(out_path(".").unwrap(), cwd);
+        assert_eq!(out_path("runs/x/../y").unwrap(), cwd.join("runs/y"));
+        assert!(out_path("/").unwrap_err().contains("root"));
+        assert!(out_path("").is_err());
+    }
 
     #[test]
     fn ranges_reject_out_of_range_and_non_finite_values_naming_them() {

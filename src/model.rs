@@ -35,7 +35,7 @@ impl PeftModel {
     /// As [`Self::build`], on a backbone already loaded.
     pub fn from_backbone(mut bb: Backbone, spec: &PeftSpec, device: Device, seed: u64) -> Result<Self> {
         // A checkpoint's own classifier is not part of the task: heads are made per task.
-        bb.vit.set_head(None);
+        bb.drop_head();
         tch::manual_seed(seed as i64);
         let targets = Targets::attach(&mut bb.vit, spec, device)?;
         if !spec.trains_backbone() {

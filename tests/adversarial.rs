@@ -88,12 +88,21 @@ fn bad_flags_are_usage_errors_naming_the_flag() {
         (vec!["--select", "bogus"], vec!["--select", "bogus"]),
         (vec!["--batch-size", "0"], vec!["--batch-size"]),
         (vec!["--peft", "lora,ia4"], vec!["--peft", "ia4"]),
+        (vec!["--rotate", "200"], vec!["--rotate", "[0, 180]"]),
+        (vec!["--jitter", "2"], vec!["--jitter", "[0, 1]"]),
+        (vec!["--batch-size", "100000"], vec!["--batch-size", "65536"]),
+        (vec!["--select", "kappa"], vec!["--select", "kappa", "auc"]),
+        (vec!["--lr", "0.1", "--min-lr", "1"], vec!["--min-lr", "--lr"]),
+        (vec!["--device", "bogus"], vec!["--device", "bogus"]),
     ] {
         bad(&args(&finetune(d, "/nonexistent/out", &extra)), &needles);
     }
     bad(&["embed", "--backbone", "x", "--heads", "0", "--input", "y", "--output", "z"], &["--heads"]);
     bad(&["embed", "--backbone", "x", "--img-size", "100000", "--input", "y", "--output", "z"], &["--img-size"]);
     bad(&["bench", "--size", "0"], &["--size"]);
+    bad(&["bench", "--steps", "0"], &["--steps"]);
+    bad(&["evaluate", "--run", "r", "--labels", "l.csv"], &["--data"]);
+    bad(&["compare", "--config", "c.toml", "--seeds", "0", "--out", "o"], &["--seeds", "0"]);
 }
 
 #[test]
@@ -147,8 +156,10 @@ fn bad_data_files_are_named_with_the_problem() {
     // A manifest naming one image twice (it would land in two splits).
     std::fs::write(p("small/m.csv"), "path,label\na/0.png,x\na/1.png,y\na/0.png,y\n").unwrap();
     bad(&args(&finetune(s(&p("small/m.csv")), &out, &[])), &["m.csv", "line 4", "a/0.png again"]);
+    std::fs::write(p("small/m.csv"), "path,label\na/0.png,x\na/1.png,y\n./a/../a/0.png,y\n").unwrap();
+    bad(&args(&finetune(s(&p("small/m.csv")), &out, &[])), &["m.csv", "line 4", "./a/../a/0.png again"]);
     // Segmentation: masks without any foreground, too few pairs.
-    for (root, n, value) in [("empty", 6, 0u8), ("few", 2, 255)] {
+    for (root, n, value) in [("empty", 6, 0u8), ("few", 2, 255), ("seg", 6, 255)] {
         std::fs::create_dir_all(p(root).join("images")).unwrap();
         std::fs::create_dir_all(p(root).join("masks")).unwrap();
         for i in 0..n {
@@ -162,6 +173,10 @@ fn bad_data_files_are_named_with_the_problem() {
     }
     bad(&args(&finetune(s(&p("empty")), &out, &[])), &["masks", "no training mask has a foreground"]);
     bad(&args(&finetune(s(&p("few")), &out, &[])), &["few", "2 image/mask pairs", "at least 3"]);
+    bad(&args(&finetune(s(&p("seg")), &out, &["--mixup", "0.2"])), &["--mixup", "segmentation"]);
+    // Two images with one stem would share one predicted-mask file and one mask.
+    image::GrayImage::new(16, 16).save(p("seg/images/0.jpg")).unwrap();
+    bad(&args(&finetune(s(&p("seg")), &out, &[])), &["0.jpg", "0.png"]);
     // .npy inputs: a 0-d array, a non-finite value.
     let scalar = p("scalar.npy");
     tpp::data::npy::write_f32(&scalar, &Tensor::from(1f32)).unwrap();
@@ -351,4 +366,17 @@ fn a_run_whose_best_value_is_null_resumes() {
     let (code, err) = run(&args(&finetune(&data, s(&out), &["--epochs", "2", "--resume"])));
     assert_eq!(code, 0, "{err}");
     assert!(out.join("metrics.json").exists());
+}
+
+#[test]
+fn full_fine_tuning_ignores_the_checkpoints_own_classifier() {
+    // The fixture's classifier has 3 classes, the data 2: the checkpoint's head is dropped, so the best
+    // weights reload (they were refused as "head.bias has shape [2] ... expects [3]").
+    let dir = tmp_dir("adv-full-head");
+    let data = s(&fixture("../../data/breastmnist.npz")).to_string();
+    let out = dir.join("run");
+    let (code, err) = run(&args(&finetune(&data, s(&out), &["--peft", "full"])));
+    assert_eq!(code, 0, "{err}");
+    let (code, err) = run(&["evaluate", "--run", s(&out)]);
+    assert_eq!(code, 0, "{err}");
 }

@@ -56,6 +56,17 @@ impl Backbone {
         Ok(bb)
     }
 
+    /// Removes the checkpoint's own classifier (`head.*`): tasks make their own heads, and a stale one would
+    /// be counted, trained with full fine-tuning, and expected back when a checkpoint of it is reloaded.
+    pub fn drop_head(&mut self) {
+        self.vit.set_head(None);
+        let mut vars = self.vs.variables_.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let gone: Vec<_> =
+            vars.named_variables.iter().filter(|(k, _)| k.starts_with("head.")).map(|(_, t)| t.data_ptr()).collect();
+        vars.named_variables.retain(|k, _| !k.starts_with("head."));
+        vars.trainable_variables.retain(|v| !gone.contains(&v.tensor.data_ptr()));
+    }
+
     /// Freezes every backbone weight (requires_grad false): they get no gradient and no optimiser slot.
     pub fn freeze(&mut self) {
         self.vs.freeze();

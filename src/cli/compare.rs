@@ -46,7 +46,7 @@ pub struct Args {
     #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long)]
     pub ft_epochs: Option<i64>,
     /// Report folder (report.md, results.json, plots, and every run)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::check::out_path)]
     pub out: PathBuf,
 }
 

@@ -6,7 +6,7 @@ use tch::Device;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Output folder
-    #[arg(long, default_value = "runs/demo")]
+    #[arg(long, value_parser = crate::check::out_path, default_value = "runs/demo")]
     pub out: PathBuf,
     /// Folder holding pneumoniamnist.npz and breastmnist.npz (default: the repository's data/)
     #[arg(long)]

@@ -14,7 +14,7 @@ pub struct Args {
     #[arg(long)]
     pub input: PathBuf,
     /// Output .npy: float32 [N, D] pooled features (rows in sorted file order for folders)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::check::out_path)]
     pub output: PathBuf,
     #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, default_value_t = 32)]
     pub batch_size: i64,

@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long, requires = "data")]
     pub skip_bad: bool,
     /// Write the metrics as JSON here (default: print only)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::check::out_path)]
     pub out: Option<PathBuf>,
 }
 

@@ -10,7 +10,7 @@ pub struct Args {
     /// Merge LoRA/DoRA/SSF/BitFit/IA³ into the weights (the only export mode: a plain timm checkpoint)
     #[arg(long)]
     pub merge: bool,
-    #[arg(long)]
+    #[arg(long, value_parser = crate::check::out_path)]
     pub out: PathBuf,
 }
 

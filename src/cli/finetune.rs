@@ -43,7 +43,7 @@ pub struct Args {
     #[arg(long)]
     pub select: Option<Metric>,
     /// Run folder (run.json, adapter/, best/, checkpoint/, metrics.json, metrics.csv)
-    #[arg(long)]
+    #[arg(long, value_parser = crate::check::out_path)]
     pub out: PathBuf,
     /// Continue an interrupted run in --out (same arguments)
     #[arg(long)]

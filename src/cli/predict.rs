@@ -12,7 +12,7 @@ pub struct Args {
     pub input: PathBuf,
     /// CSV: input, predicted label, one probability column per class; for segmentation runs, a folder of
     /// PNG masks (same names; 0/255 for binary, class ids otherwise) at each image's own size
-    #[arg(long)]
+    #[arg(long, value_parser = crate::check::out_path)]
     pub out: PathBuf,
 }
 

@@ -30,7 +30,7 @@ pub struct TargetsArgs {
     #[command(flatten)]
     pub dino: DinoArgs,
     /// Output folder: targets/, pretext_head.safetensors, config.json, loss.csv, previews
-    #[arg(long)]
+    #[arg(long, value_parser = crate::check::out_path)]
     pub out: PathBuf,
 }
 
@@ -62,7 +62,7 @@ pub struct BackboneTrainArgs {
     #[command(flatten)]
     pub mae: MaeArgs,
     /// Output folder: backbone.safetensors (timm encoder + MAE decoder), config.json, loss.csv, previews
-    #[arg(long)]
+    #[arg(long, value_parser = crate::check::out_path)]
     pub out: PathBuf,
 }
 

@@ -2,7 +2,7 @@
 //! table of the `medmnist` package's `info.py`, version 3.0.2).
 use anyhow::{Context, Result, anyhow, bail};
 use md5::{Digest, Md5};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -72,20 +72,45 @@ pub fn md5_hex(bytes: &[u8]) -> String {
     Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The body of `u`; a server that does not answer, or stalls, fails after `patience` (per connection,
-/// response and read), never hangs.
-pub(crate) fn download(u: &str, patience: Duration) -> Result<Vec<u8>> {
+/// Streams the body of `u` into the file `to`, returning its size and md5. A server that does not answer,
+/// or stalls, fails after `patience` (per connection, response and read); a trickle that never ends fails
+/// after `total`; a body over `max_bytes` is cut off. Never hangs, never holds the file in memory.
+pub(crate) fn download(
+    u: &str,
+    to: &Path,
+    patience: Duration,
+    total: Duration,
+    max_bytes: u64,
+) -> Result<(u64, String)> {
     let config = ureq::Agent::config_builder()
         .timeout_connect(Some(patience))
         .timeout_recv_response(Some(patience))
         .timeout_per_read(Some(patience))
+        .timeout_global(Some(total))
         .build();
     let agent = ureq::Agent::new_with_config(config);
     let resp = agent.get(u).call().map_err(|e| anyhow!("cannot download {u}: {e}"))?;
-    let mut bytes = Vec::new();
-    resp.into_body().into_reader().read_to_end(&mut bytes).map_err(|e| anyhow!("download of {u} broke off: {e}"))?;
-    Ok(bytes)
+    let mut reader = resp.into_body().into_reader();
+    let mut file = std::fs::File::create(to).with_context(|| format!("{}: cannot create", to.display()))?;
+    let (mut hasher, mut n, mut buf) = (Md5::new(), 0u64, vec![0u8; 1 << 20]);
+    loop {
+        let k = reader.read(&mut buf).map_err(|e| anyhow!("download of {u} broke off after {n} bytes: {e}"))?;
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+        if n > max_bytes {
+            bail!("download of {u}: more than {max_bytes} bytes, larger than any file it can be; stopped");
+        }
+        hasher.update(&buf[..k]);
+        file.write_all(&buf[..k]).with_context(|| format!("{}: cannot write", to.display()))?;
+    }
+    file.sync_all().with_context(|| format!("{}: cannot write", to.display()))?;
+    Ok((n, hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()))
 }
+
+/// Larger than any MedMNIST file (the largest, at 224 px, are a few GB).
+const MAX_DOWNLOAD: u64 = 64 << 30;
 
 /// What a fetch did.
 pub struct Fetched {
@@ -121,17 +146,23 @@ pub fn medmnist(flag: &str, size: i64, dir: &Path) -> Result<Fetched> {
     }
     let u = url(flag, size);
     tracing::info!("downloading {u}");
-    let bytes = download(&u, Duration::from_secs(30))
-        .map_err(|e| anyhow!("{e:#} (offline? copy the file into {} by hand)", dir.display()))?;
-    let have = md5_hex(&bytes);
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    // Written under a temporary name and renamed only once verified: a broken download never looks done.
+    let tmp = dir.join(format!("{name}.download"));
+    let got = download(&u, &tmp, Duration::from_secs(30), Duration::from_secs(12 * 3600), MAX_DOWNLOAD);
+    let (n, have) = match got {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            bail!("{e:#} (offline? copy the file into {} by hand)", dir.display());
+        }
+    };
     if have != md5 {
+        let _ = std::fs::remove_file(&tmp);
         bail!("{u}: downloaded file has md5 {have}, not the official {md5}; nothing written");
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    crate::peft::io::write_atomic(&dest, |p| {
-        std::fs::write(p, &bytes).with_context(|| format!("{}: cannot write", p.display()))
-    })?;
-    Ok(Fetched { path: dest, md5, downloaded: Some(bytes.len()) })
+    std::fs::rename(&tmp, &dest).with_context(|| format!("{}: cannot move into place", dest.display()))?;
+    Ok(Fetched { path: dest, md5, downloaded: Some(n as usize) })
 }
 
 #[cfg(test)]
@@ -162,8 +193,35 @@ mod tests {
             drop(conn);
         });
         let t = std::time::Instant::now();
-        let e = download(&format!("http://{addr}/x.npz"), Duration::from_millis(500)).unwrap_err().to_string();
+        let to = std::env::temp_dir().join(format!("tpp-fetch-test-{}", std::process::id()));
+        let (patience, total) = (Duration::from_millis(500), Duration::from_secs(60));
+        let e = download(&format!("http://{addr}/x.npz"), &to, patience, total, 1 << 20).unwrap_err().to_string();
         assert!(t.elapsed() < Duration::from_secs(4), "took {:?}", t.elapsed());
         assert!(e.contains("cannot download") && e.contains("x.npz"), "{e}");
+    }
+
+    #[test]
+    fn a_body_over_the_cap_is_cut_off_and_a_good_one_streams_to_disk() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _server = std::thread::spawn(move || {
+            for body_len in [3usize << 20, 1000] {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut req = [0u8; 4096];
+                let _ = conn.read(&mut req);
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {body_len}\r\nconnection: close\r\n\r\n");
+                let _ = conn.write_all(head.as_bytes());
+                let _ = conn.write_all(&vec![7u8; body_len]);
+            }
+        });
+        let to = std::env::temp_dir().join(format!("tpp-fetch-cap-{}", std::process::id()));
+        let (patience, total) = (Duration::from_secs(5), Duration::from_secs(60));
+        let u = format!("http://{addr}/x.npz");
+        let e = download(&u, &to, patience, total, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("more than 1048576 bytes"), "{e}");
+        let (n, md5) = download(&u, &to, patience, total, 1 << 20).unwrap();
+        assert_eq!((n, md5), (1000, md5_hex(&[7u8; 1000])));
+        assert_eq!(std::fs::read(&to).unwrap(), vec![7u8; 1000]);
+        let _ = std::fs::remove_file(&to);
     }
 }

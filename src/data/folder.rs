@@ -85,7 +85,9 @@ pub fn csv_items(csv: &Path) -> Result<Items> {
             bail!("{}: line {} has {} fields, the header has {}", csv.display(), i + 2, f.len(), cols.len());
         }
         let file = base.join(f[0]);
-        if let Some(first) = first_line.insert(file.clone(), i + 2) {
+        // One file under two spellings (`./a.png`, `x/../a.png`, a link) is still one image.
+        let key = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
+        if let Some(first) = first_line.insert(key, i + 2) {
             bail!("{}: line {} names {} again (first on line {first})", csv.display(), i + 2, f[0]);
         }
         files.push(file);

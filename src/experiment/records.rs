@@ -285,7 +285,9 @@ impl RunRecord {
         crate::check::float("train_fraction", self.train_fraction, crate::check::UNIT_OPEN_LOW)?;
         crate::check::int("num_classes", self.num_classes, 1, 1 << 16)?;
         let select = self.config.select;
-        select.check_for(self.task, self.num_classes).map_err(|e| crate::error::bad_input!("select: {e}"))?;
+        select
+            .check_for(self.task, self.num_classes)
+            .map_err(|e| crate::error::bad_input!("select (--select): {e}"))?;
         self.config.validate()
     }
 

@@ -22,6 +22,8 @@ const PREFIX: &str = "base_model.model.";
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
     write(&tmp)?;
+    // On disk before the rename: after a power cut the file is either the old one or the whole new one.
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot move into place", path.display()))
 }
 

@@ -96,7 +96,7 @@ impl FinetuneConfig {
         int("image_size", self.image_size, 0, crate::backbone::MAX_IMG_SIZE)?;
         float("lr", self.lr, POSITIVE)?;
         float("min_lr", self.min_lr, NON_NEGATIVE)?;
-        crate::check::at_most("min_lr", self.min_lr, "lr", self.lr)?;
+        crate::check::at_most("min_lr (--min-lr)", self.min_lr, "lr (--lr)", self.lr)?;
         float("warmup", self.warmup, UNIT)?;
         float("weight_decay", self.weight_decay, NON_NEGATIVE)?;
         float("clip", self.clip, NON_NEGATIVE)?;

@@ -80,7 +80,7 @@ impl PretrainConfig {
         int("preview_every", self.preview_every, 0, i64::MAX)?;
         float("lr", self.lr, POSITIVE)?;
         float("min_lr", self.min_lr, NON_NEGATIVE)?;
-        crate::check::at_most("min_lr", self.min_lr, "lr", self.lr)?;
+        crate::check::at_most("min_lr (--min-lr)", self.min_lr, "lr (--lr)", self.lr)?;
         float("warmup", self.warmup, UNIT)?;
         float("weight_decay", self.weight_decay, NON_NEGATIVE)?;
         float("clip", self.clip, NON_NEGATIVE)?;
