@@ -34,26 +34,57 @@ pub fn data(path: &std::path::Path, o: &crate::data::DataOptions, batch: i64, de
     use crate::data::loader::{LoaderConfig, epoch_batches};
     use crate::data::transforms::{Augment, Norm};
     let size = o.image_size.unwrap_or(224);
+    let (hits, builds) = crate::data::cache::counters();
     let t = Instant::now();
     let (ds, _) = crate::data::open_with(path, o)?;
     let n = ds.train.len() + ds.val.len() + ds.test.len();
     let decode_s = t.elapsed().as_secs_f64();
+    let cache = match crate::data::cache::counters() {
+        _ if o.cache.is_none() => "off",
+        (h, _) if h > hits => "mapped",
+        (_, b) if b > builds => "built",
+        _ => "unwritable",
+    };
+    let rss_after_open = rss_anon_mb();
+    let mut rss_peak = rss_after_open;
     let seg = ds.task == crate::data::Task::Segmentation;
     let loader = LoaderConfig { batch_size: batch, image_size: size, norm: Norm::IMAGENET, device, drop_last: false };
     let aug = Augment { hflip: true, crop_min_area: 0.5, rotate_deg: 10.0, jitter: 0.1, ..Augment::NONE };
+    // An epoch without augmentation: what the loader itself delivers (gather, copy, normalise).
+    let t = Instant::now();
+    let mut gathered = 0;
+    for b in epoch_batches(&ds.train, loader, None, 0, seg) {
+        gathered += b.images.size()[0];
+        rss_peak = rss_peak.max(rss_anon_mb());
+    }
+    let gather_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let mut seen = 0;
     for b in epoch_batches(&ds.train, loader, Some(aug), 0, seg) {
         seen += b.images.size()[0];
         let _ = b.images.sum(Kind::Float).double_value(&[]);
+        rss_peak = rss_peak.max(rss_anon_mb());
     }
     let aug_s = t.elapsed().as_secs_f64();
     let r = json!({
         "work": "data", "data": path, "size": size, "images": n, "threads": rayon::current_num_threads(),
+        "cache": cache, "open_s": (decode_s * 100.0).round() / 100.0,
         "decode_img_per_s": (n as f64 / decode_s * 10.0).round() / 10.0,
+        "rss_anon_mb_after_open": rss_after_open, "rss_anon_mb_peak_epoch": rss_peak,
+        "gather_img_per_s": (gathered as f64 / gather_s * 10.0).round() / 10.0,
         "augment_img_per_s": (seen as f64 / aug_s * 10.0).round() / 10.0, "device": format!("{device:?}"),
     });
     Ok(r)
+}
+
+/// Resident anonymous memory (heap, not file pages) of this process in MB, from /proc (0 elsewhere).
+fn rss_anon_mb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+    kb.unwrap_or(0) / 1024
 }
 
 fn sync(device: Device) {

@@ -42,6 +42,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
             skip_bad: a.skip_bad,
             mask_classes: 2,
             labels: a.labels,
+            cache: crate::data::cache::dir(),
         };
         println!("RESULT {}", crate::bench::data(d, &o, a.batch, device)?);
         return Ok(());

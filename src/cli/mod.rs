@@ -33,6 +33,12 @@ pub struct Cli {
     /// Warnings and errors only
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
+    /// Decoded-data cache folder [default: $TPP_CACHE_DIR, else $XDG_CACHE_HOME/tpp, else ~/.cache/tpp]
+    #[arg(long, global = true, value_parser = crate::check::out_path)]
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Decode file-based data into memory at every run instead of through the cache
+    #[arg(long, global = true, conflicts_with = "cache_dir")]
+    pub no_cache: bool,
     /// The command
     #[command(subcommand)]
     pub cmd: Command,
@@ -41,7 +47,7 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Data sets: `tpp data fetch medmnist <flag> [--size N] [--dir D]`
+    /// Data sets: `tpp data fetch medmnist <flag>`, `tpp data cache <path>`, `tpp data info`
     #[command(subcommand)]
     Data(data::DataCommand),
     /// Print a checkpoint's detected format, architecture, parameter count and unused keys
@@ -100,6 +106,11 @@ impl BackboneArgs {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     crate::device::set_threads(cli.threads as usize);
+    crate::data::cache::set_dir(if cli.no_cache {
+        None
+    } else {
+        cli.cache_dir.or_else(crate::data::cache::default_dir)
+    });
     let device = crate::device::parse_device(&cli.device)?;
     match cli.cmd {
         Command::Inspect(a) => inspect::run(a),

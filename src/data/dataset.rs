@@ -1,4 +1,5 @@
-//! In-memory datasets: images as uint8 NCHW tensors (decoded once), labels as tensors, three splits.
+//! Decoded datasets: images as uint8 NCHW tensors (in memory or mapped from the cache), labels as tensors,
+//! three splits.
 use anyhow::{Result, bail};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;

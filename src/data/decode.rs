@@ -79,11 +79,18 @@ pub fn decode_all(files: &[PathBuf], size: u32, grey: bool, nearest: bool, skip_
     Ok((ok, bad))
 }
 
-/// Stacks decoded images of `source` (named in errors) into uint8 [N, C, size, size].
-pub fn stack(source: &str, images: &[Vec<u8>], channels: i64, size: i64) -> Result<Tensor> {
+/// Stacks decoded images of `source` (named in errors) into uint8 [N, C, size, size]. Each image is freed
+/// as soon as it is copied, so the peak is about one data set, not two.
+pub fn stack(source: &str, images: Vec<Vec<u8>>, channels: i64, size: i64) -> Result<Tensor> {
     if images.is_empty() {
         bail!("{source}: no readable images");
     }
-    let flat: Vec<u8> = images.concat();
-    Ok(Tensor::from_slice(&flat).reshape([images.len() as i64, channels, size, size]))
+    let out = Tensor::empty([images.len() as i64, channels, size, size], (tch::Kind::Uint8, tch::Device::Cpu));
+    for (i, v) in images.into_iter().enumerate() {
+        if v.len() as i64 != channels * size * size {
+            bail!("{source}: image {i} decoded to {} bytes, not {channels} x {size} x {size}", v.len());
+        }
+        out.get(i as i64).copy_(&Tensor::from_slice(&v).reshape([channels, size, size]));
+    }
+    Ok(out)
 }

@@ -179,7 +179,7 @@ pub fn build(name: &str, items: Items, opts: FileOptions) -> Result<(Dataset, Ve
     let files: Vec<PathBuf> = keep.iter().map(|&i| items.files[i].clone()).collect();
     let labels: Vec<Vec<f64>> = keep.iter().map(|&i| items.labels[i].clone()).collect();
     let channels = if opts.grey { 1 } else { 3 };
-    let images = stack(name, &decoded, channels, size)?;
+    let images = stack(name, decoded, channels, size)?;
     let width = labels[0].len() as i64;
     let flat: Vec<f64> = labels.concat();
     let lab = Tensor::from_slice(&flat).reshape([labels.len() as i64, width]);

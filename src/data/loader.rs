@@ -1,6 +1,7 @@
 //! Batches of a split on the compute device: seeded shuffling, uint8 -> float on the device, resize,
-//! augmentation (training) and normalisation. Images are held decoded in memory, so a batch costs one
-//! gather and one host-to-device copy: the GPU never waits on decoding.
+//! augmentation (training) and normalisation. Images are decoded already (in memory, or mapped from the
+//! decoded-data cache), so a batch costs one gather and one host-to-device copy: the GPU never waits on
+//! decoding.
 use super::dataset::Split;
 use super::transforms::{Augment, Norm, resize, resize_masks};
 use rand::SeedableRng;

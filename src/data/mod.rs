@@ -1,4 +1,5 @@
 //! Data formats and loading. Each format is one module producing a [`Dataset`]; errors name the file.
+pub mod cache;
 pub mod dataset;
 pub mod decode;
 pub mod dicom;
@@ -36,6 +37,8 @@ pub struct DataOptions {
     pub mask_classes: i64,
     /// NIfTI: the label volume.
     pub labels: Option<PathBuf>,
+    /// The decoded-data cache folder (see [`cache`]); None decodes into memory at every open.
+    pub cache: Option<PathBuf>,
 }
 
 /// The format name for a path: `.npz` -> medmnist, `.csv` -> csv, `.nii(.gz)` -> nifti, a folder with
@@ -90,7 +93,8 @@ pub fn open(path: &Path, format: Option<&str>) -> Result<Dataset> {
     open_with(path, &DataOptions { format: format.map(str::to_string), ..Default::default() }).map(|(d, _)| d)
 }
 
-/// Opens a dataset; for file-based formats also returns (files, split indices) to record the split.
+/// Opens a dataset; for file-based formats also returns (files, split indices) to record the split. With
+/// `o.cache` set, through the decoded-data cache there.
 pub fn open_with(path: &Path, o: &DataOptions) -> Result<(Dataset, Option<SplitRecord>)> {
     // Every failure here is a problem with the input named.
     crate::error::input((|| -> Result<(Dataset, Option<SplitRecord>)> {
@@ -98,6 +102,16 @@ pub fn open_with(path: &Path, o: &DataOptions) -> Result<(Dataset, Option<SplitR
             Some(f) => f.as_str(),
             None => infer_format(path)?,
         };
+        match &o.cache {
+            Some(dir) => cache::open(path, o, fmt, dir),
+            None => open_uncached(path, o, fmt),
+        }
+    })())
+}
+
+/// Decodes a dataset of format `fmt` into memory.
+fn open_uncached(path: &Path, o: &DataOptions, fmt: &str) -> Result<(Dataset, Option<SplitRecord>)> {
+    {
         let fo = folder::FileOptions { image_size: o.image_size.unwrap_or(224), grey: o.grey, skip_bad: o.skip_bad };
         let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("data").to_string();
         match fmt {
@@ -124,5 +138,5 @@ pub fn open_with(path: &Path, o: &DataOptions) -> Result<(Dataset, Option<SplitR
                 bail!("format '{other}' (--format) is unknown (supported: medmnist, folder, csv, segpairs, nifti)")
             }
         }
-    })())
+    }
 }

@@ -143,7 +143,7 @@ fn decode_pairs(root: &Path, pairs: Vec<Pair>, opts: FileOptions) -> Result<(Vec
     let (decoded, mdecoded) = (keep(decoded, &bad), keep(mdecoded, &mbad));
     let pairs: Vec<_> = pairs.into_iter().zip(&drop).filter(|(_, d)| !**d).map(|(p, _)| p).collect();
     let name = root.display().to_string();
-    let images = stack(&name, &decoded, if opts.grey { 1 } else { 3 }, size)?;
-    let masks = stack(&name, &mdecoded, 1, size)?.squeeze_dim(1).to_kind(Kind::Int64);
+    let images = stack(&name, decoded, if opts.grey { 1 } else { 3 }, size)?;
+    let masks = stack(&name, mdecoded, 1, size)?.squeeze_dim(1).to_kind(Kind::Int64);
     Ok((pairs, images, masks))
 }

@@ -225,6 +225,7 @@ impl DataSource {
             skip_bad: self.skip_bad,
             mask_classes: self.mask_classes,
             labels: self.labels.clone(),
+            cache: crate::data::cache::dir(),
         }
     }
 
@@ -237,6 +238,7 @@ impl DataSource {
             skip_bad: self.skip_bad,
             mask_classes: self.mask_classes,
             labels: self.labels.clone(),
+            cache: None,
         };
         crate::data::describe(&self.data, &probe)
     }
