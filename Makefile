@@ -39,10 +39,11 @@ build: $(TORCH_STAMP)
 demo: build
 	./target/release/tpp demo
 
+# The tests' data sets go to a cache inside target/, not the user's ~/.cache/tpp.
 test: $(TORCH_STAMP) $(TEST_DATA_STAMP)
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
-	cargo test --release
+	TPP_CACHE_DIR=$(CURDIR)/target/test-cache cargo test --release
 
 # Developer-only: regenerate the timm / Hugging Face parity fixtures (needs network for pip).
 fixtures: $(TORCH_STAMP)

@@ -102,6 +102,19 @@ fn decoded_once_rebuilt_when_sources_or_cache_files_change_and_identical_to_memo
         assert!(same(&healed, &truth), "{damage}: damaged cache data were read");
     }
 
+    // A bad file: an error naming it (nothing cached), or with skip_bad the same split as in memory.
+    let data2 = dir.join("folder_bad");
+    write_folder(&data2);
+    std::fs::write(data2.join("b/zz.png"), b"not a png").unwrap();
+    let cdir5 = dir.join("cache5");
+    let e = tpp::data::open_with(&data2, &opts(Some(cdir5.clone()))).err().unwrap();
+    assert!(format!("{e:#}").contains("zz.png") && format!("{e:#}").contains("--skip-bad"), "{e:#}");
+    assert!(cache::entries(&cdir5).unwrap().is_empty());
+    let skip = |cache| DataOptions { skip_bad: true, ..opts(cache) };
+    let (a, ra) = tpp::data::open_with(&data2, &skip(Some(cdir5.clone()))).unwrap();
+    let (b, rb) = tpp::data::open_with(&data2, &skip(None)).unwrap();
+    assert!(same(&a, &b) && ra == rb && ra.unwrap().0.len() == 18);
+
     // Concurrent builders of one new entry: all get the same data, one entry remains, nothing left over.
     let cdir2 = dir.join("cache2");
     let handles: Vec<_> = (0..8)

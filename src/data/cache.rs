@@ -139,6 +139,21 @@ pub fn open(path: &Path, o: &DataOptions, format: &str, dir: &Path) -> Result<(D
             discard(&entry);
         }
     }
+    if matches!(format, "folder" | "csv") {
+        match stream_items(&entry, &key, srcs.clone(), path, o, format) {
+            Ok(()) => BUILDS.fetch_add(1, Ordering::Relaxed),
+            Err(e) if e.downcast_ref::<CacheWrite>().is_some() => {
+                tracing::warn!("cannot write the cache entry {}: {e:#}; decoding into memory", entry.display());
+                return super::open_uncached(path, o, format);
+            }
+            Err(e) => return Err(e),
+        };
+        return match read(&entry, &key, &srcs) {
+            Ok(v) => Ok(v),
+            // Replaced by a concurrent run with other sources meanwhile: this run decodes its own.
+            Err(_) => super::open_uncached(path, o, format),
+        };
+    }
     let (ds, record) = super::open_uncached(path, o, format)?;
     BUILDS.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = write(&entry, &key, srcs.clone(), &ds, record.as_ref()) {
@@ -345,53 +360,114 @@ fn crc_of(path: &Path) -> Result<u32> {
     }
 }
 
-/// Writes one tensor's raw bytes (row blocks at a time), returning its manifest line.
-fn write_array(dir: &Path, file: &str, t: &Tensor) -> Result<Array> {
-    let t = t.contiguous();
-    let kind = kind_name(t.kind())?;
-    let path = dir.join(file);
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?,
-    );
-    let mut h = crc32fast::Hasher::new();
-    let n = t.size().first().copied().unwrap_or(0);
-    let row_bytes = if n == 0 { 0 } else { t.numel() / n as usize * t.kind().elt_size_in_bytes() };
-    let rows = (64usize << 20).checked_div(row_bytes).unwrap_or(1).max(1) as i64;
-    let mut buf = Vec::new();
-    let mut i = 0;
-    while i < n {
-        let k = rows.min(n - i);
-        let block = t.narrow(0, i, k).contiguous();
-        buf.resize(block.numel() * t.kind().elt_size_in_bytes(), 0);
-        block.f_copy_data_u8(&mut buf, block.numel()).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        h.update(&buf);
-        f.write_all(&buf).with_context(|| format!("{}: cannot write", path.display()))?;
-        i += k;
+/// A failure to write the cache (disk full, read-only folder): the run goes on without the cache, while a
+/// problem with the data itself stays an error.
+#[derive(Debug)]
+struct CacheWrite(String);
+
+impl std::fmt::Display for CacheWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
-    let file_handle = f.into_inner().map_err(|e| anyhow!("{}: cannot write ({e})", path.display()))?;
-    file_handle.sync_all().with_context(|| format!("{}: cannot write", path.display()))?;
-    let bytes = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
-    Ok(Array { file: file.to_string(), kind: kind.to_string(), shape: t.size(), bytes, crc32: h.finalize() })
 }
 
-/// Writes a new entry: into a private temporary folder, renamed into place at the end. A stale or corrupt
-/// entry is moved aside first; if another process placed a valid one meanwhile, ours is discarded.
-fn write(entry: &Path, key: &Key, sources: Vec<Source>, ds: &Dataset, record: Option<&SplitRecord>) -> Result<()> {
+impl std::error::Error for CacheWrite {}
+
+/// `r`, its error marked as a cache-writing one naming `path`.
+fn io<T, E: std::fmt::Display>(r: std::result::Result<T, E>, path: &Path) -> Result<T> {
+    r.map_err(|e| anyhow::Error::new(CacheWrite(format!("{}: {e}", path.display()))))
+}
+
+/// Writes blocks of rows of one array to `dir/file`, returning its manifest line.
+fn write_blocks(
+    dir: &Path,
+    file: &str,
+    kind: Kind,
+    shape: Vec<i64>,
+    blocks: impl Iterator<Item = Tensor>,
+) -> Result<Array> {
+    let kname = kind_name(kind)?;
+    let path = dir.join(file);
+    let mut f = std::io::BufWriter::new(io(std::fs::File::create(&path), &path)?);
+    let (mut h, mut buf, mut bytes) = (crc32fast::Hasher::new(), Vec::new(), 0u64);
+    for block in blocks {
+        let block = block.contiguous();
+        buf.resize(block.numel() * kind.elt_size_in_bytes(), 0);
+        block.f_copy_data_u8(&mut buf, block.numel()).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        h.update(&buf);
+        io(f.write_all(&buf), &path)?;
+        bytes += buf.len() as u64;
+    }
+    let file_handle = io(f.into_inner(), &path)?;
+    io(file_handle.sync_all(), &path)?;
+    Ok(Array { file: file.to_string(), kind: kname.to_string(), shape, bytes, crc32: h.finalize() })
+}
+
+/// Rows per block: about 64 MB.
+fn block_rows(t: &Tensor) -> i64 {
+    let n = t.size().first().copied().unwrap_or(0);
+    let row_bytes = if n == 0 { 0 } else { t.numel() / n as usize * t.kind().elt_size_in_bytes() };
+    (64usize << 20).checked_div(row_bytes).unwrap_or(1).max(1) as i64
+}
+
+/// Writes one tensor's raw bytes, row blocks at a time.
+fn write_array(dir: &Path, file: &str, t: &Tensor) -> Result<Array> {
+    let n = t.size().first().copied().unwrap_or(0);
+    let rows = block_rows(t);
+    let blocks = (0..n).step_by(rows as usize).map(|i| t.narrow(0, i, rows.min(n - i)));
+    write_blocks(dir, file, t.kind(), t.size(), blocks)
+}
+
+/// Writes the rows `idx` of `src` (gathered a block at a time, never all at once).
+fn write_gather(dir: &Path, file: &str, src: &Tensor, idx: &[i64]) -> Result<Array> {
+    let mut shape = src.size();
+    shape[0] = idx.len() as i64;
+    let blocks = idx.chunks(block_rows(src) as usize).map(|c| src.index_select(0, &Tensor::from_slice(c)));
+    write_blocks(dir, file, src.kind(), shape, blocks)
+}
+
+/// Builds a new entry in a private temporary folder (`fill` writes the arrays and returns the manifest)
+/// and renames it into place. A stale entry is moved aside first; if another process placed a current one
+/// meanwhile, ours is discarded.
+fn publish(entry: &Path, fill: impl FnOnce(&Path) -> Result<Manifest>) -> Result<()> {
     let parent = entry.parent().ok_or_else(|| anyhow!("{}: no parent folder", entry.display()))?;
-    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
-    let nonce = nonce();
+    io(std::fs::create_dir_all(parent), parent)?;
     let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or("entry");
-    let tmp = parent.join(format!(".{name}.tmp-{nonce}"));
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", nonce()));
+    io(std::fs::create_dir_all(&tmp), &tmp)?;
     let result = (|| -> Result<()> {
+        let m = fill(&tmp)?;
+        // The manifest last: an entry without one is never read as data.
+        let manifest = tmp.join(MANIFEST);
+        io(crate::peft::io::write_text_atomic(&manifest, &serde_json::to_string(&m)?), &manifest)?;
+        if entry.exists() {
+            // A concurrent builder's entry for the same sources is as good as ours: keep it.
+            if current(entry, &m.key, &m.sources) {
+                return Ok(());
+            }
+            discard(entry);
+        }
+        // Fails when another builder got there first: its entry is as good as ours.
+        if std::fs::rename(&tmp, entry).is_err() && !entry.join(MANIFEST).exists() {
+            return io(Err("cannot move the new entry into place"), entry);
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// Writes a data set already in memory as a new entry.
+fn write(entry: &Path, key: &Key, sources: Vec<Source>, ds: &Dataset, record: Option<&SplitRecord>) -> Result<()> {
+    publish(entry, |tmp| {
         let mut splits = Vec::new();
         for (s, split) in SPLITS.iter().zip([&ds.train, &ds.val, &ds.test]) {
-            let images = write_array(&tmp, &format!("{s}.images.u8"), &split.images)?;
+            let images = write_array(tmp, &format!("{s}.images.u8"), &split.images)?;
             let lk = kind_name(split.labels.kind())?;
-            let labels = write_array(&tmp, &format!("{s}.labels.{lk}"), &split.labels)?;
+            let labels = write_array(tmp, &format!("{s}.labels.{lk}"), &split.labels)?;
             splits.push(SplitArrays { images, labels });
         }
-        let m = Manifest {
+        Ok(Manifest {
             key: key.clone(),
             sources,
             name: ds.name.clone(),
@@ -399,24 +475,61 @@ fn write(entry: &Path, key: &Key, sources: Vec<Source>, ds: &Dataset, record: Op
             num_classes: ds.num_classes,
             splits,
             record: record.cloned(),
-        };
-        // The manifest last: an entry without one is never read as data.
-        crate::peft::io::write_text_atomic(&tmp.join(MANIFEST), &serde_json::to_string(&m)?)?;
-        if entry.exists() {
-            // A concurrent builder's entry for the same sources is as good as ours: keep it.
-            if current(entry, key, &m.sources) {
-                return Ok(());
-            }
-            discard(entry);
+        })
+    })
+}
+
+/// Decodes an image folder or CSV manifest straight into a new entry: images go to disk a chunk at a time
+/// as they are decoded, then into the split files a block at a time, so memory stays bounded whatever the
+/// data set's size. The same split and bytes as decoding into memory ([`super::folder::build`]).
+fn stream_items(
+    entry: &Path,
+    key: &Key,
+    sources: Vec<Source>,
+    path: &Path,
+    o: &DataOptions,
+    format: &str,
+) -> Result<()> {
+    let items = if format == "csv" { super::folder::csv_items(path)? } else { super::folder::folder_items(path)? };
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("data").to_string();
+    let size = o.image_size.unwrap_or(224);
+    let channels = if o.grey { 1 } else { 3 };
+    publish(entry, |tmp| {
+        let all = tmp.join("all.images.u8");
+        let mut w = std::io::BufWriter::new(io(std::fs::File::create(&all), &all)?);
+        let mut n = 0i64;
+        let bad = super::decode::decode_each(&items.files, size as u32, o.grey, o.skip_bad, |_, v| {
+            io(w.write_all(&v), &all)?;
+            n += 1;
+            Ok(())
+        })?;
+        io(w.flush(), &all)?;
+        drop(w);
+        let kept = super::folder::Kept::of(&name, &items, &bad)?;
+        let all_name = all.to_str().ok_or_else(|| anyhow!("{}: not a UTF-8 path", all.display()))?;
+        let images =
+            io(Tensor::f_from_file(all_name, false, n * channels * size * size, (Kind::Uint8, Device::Cpu)), &all)?
+                .reshape([n, channels, size, size]);
+        let mut splits = Vec::new();
+        for (s, idx) in SPLITS.iter().zip(&kept.parts) {
+            let images = write_gather(tmp, &format!("{s}.images.u8"), &images, idx)?;
+            let labels = kept.labels.index_select(0, &Tensor::from_slice(idx));
+            let lk = kind_name(labels.kind())?;
+            let labels = write_array(tmp, &format!("{s}.labels.{lk}"), &labels)?;
+            splits.push(SplitArrays { images, labels });
         }
-        // Fails when another builder got there first: its entry is as good as ours.
-        if std::fs::rename(&tmp, entry).is_err() && !entry.join(MANIFEST).exists() {
-            bail!("{}: cannot move the new entry into place", entry.display());
-        }
-        Ok(())
-    })();
-    let _ = std::fs::remove_dir_all(&tmp);
-    result
+        drop(images);
+        let _ = std::fs::remove_file(&all);
+        Ok(Manifest {
+            key: key.clone(),
+            sources,
+            name: name.clone(),
+            task: items.task,
+            num_classes: items.class_names.len() as i64,
+            splits,
+            record: Some((kept.files, kept.parts)),
+        })
+    })
 }
 
 /// A name part no other builder (process or thread) uses at the same time.

@@ -62,7 +62,17 @@ pub type Decoded = (Vec<Vec<u8>>, Vec<(usize, String)>);
 /// Decodes `files` in parallel. With `skip_bad`, undecodable files are dropped and returned in the second
 /// list; otherwise the first bad file is the error.
 pub fn decode_all(files: &[PathBuf], size: u32, grey: bool, nearest: bool, skip_bad: bool) -> Result<Decoded> {
-    let results: Vec<Result<Vec<u8>>> = files.par_iter().map(|f| decode(f, size, grey, nearest)).collect();
+    let task = crate::progress::start(if nearest { "decode masks" } else { "decode" }, files.len() as u64);
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let results: Vec<Result<Vec<u8>>> = files
+        .par_iter()
+        .map(|f| {
+            let r = decode(f, size, grey, nearest);
+            task.set_position(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+            r
+        })
+        .collect();
+    drop(task);
     let mut ok = Vec::with_capacity(files.len());
     let mut bad = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
@@ -77,6 +87,39 @@ pub fn decode_all(files: &[PathBuf], size: u32, grey: bool, nearest: bool, skip_
         }
     }
     Ok((ok, bad))
+}
+
+/// Decodes `files` in parallel chunks and hands each good image to `sink` in file order (index, bytes), so
+/// only one chunk is held at a time. Returns the (index, error) of the files skipped with `skip_bad`;
+/// without it the first bad file is the error.
+pub fn decode_each(
+    files: &[PathBuf],
+    size: u32,
+    grey: bool,
+    skip_bad: bool,
+    mut sink: impl FnMut(usize, Vec<u8>) -> Result<()>,
+) -> Result<Vec<(usize, String)>> {
+    let task = crate::progress::start("decode", files.len() as u64);
+    let mut bad = Vec::new();
+    // Enough per chunk to keep every core busy; small next to any data set worth streaming.
+    let chunk = 64 * rayon::current_num_threads().max(1);
+    for (c, part) in files.chunks(chunk).enumerate() {
+        let results: Vec<Result<Vec<u8>>> = part.par_iter().map(|f| decode(f, size, grey, false)).collect();
+        for (j, r) in results.into_iter().enumerate() {
+            let i = c * chunk + j;
+            match r {
+                Ok(v) => sink(i, v)?,
+                Err(e) if skip_bad => bad.push((i, format!("{e:#}"))),
+                Err(e) => {
+                    return Err(
+                        e.context("use --skip-bad (skip_bad = true in a compare config) to skip and list bad files")
+                    );
+                }
+            }
+        }
+        task.set_position((c * chunk + part.len()) as u64);
+    }
+    Ok(bad)
 }
 
 /// Stacks decoded images of `source` (named in errors) into uint8 [N, C, size, size]. Each image is freed

@@ -171,44 +171,66 @@ fn check_class_sizes(name: &str, items: &Items, keep: &[usize]) -> Result<()> {
 pub fn build(name: &str, items: Items, opts: FileOptions) -> Result<(Dataset, Vec<PathBuf>, [Vec<i64>; 3])> {
     let size = opts.image_size;
     let (decoded, bad) = decode_all(&items.files, size as u32, opts.grey, false, opts.skip_bad)?;
-    for (i, e) in &bad {
-        tracing::warn!("skipped bad file {}: {e}", items.files[*i].display());
-    }
-    let keep: Vec<usize> = (0..items.files.len()).filter(|i| !bad.iter().any(|(b, _)| b == i)).collect();
-    check_class_sizes(name, &items, &keep)?;
-    let files: Vec<PathBuf> = keep.iter().map(|&i| items.files[i].clone()).collect();
-    let labels: Vec<Vec<f64>> = keep.iter().map(|&i| items.labels[i].clone()).collect();
+    let kept = Kept::of(name, &items, &bad)?;
     let channels = if opts.grey { 1 } else { 3 };
     let images = stack(name, decoded, channels, size)?;
-    let width = labels[0].len() as i64;
-    let flat: Vec<f64> = labels.concat();
-    let lab = Tensor::from_slice(&flat).reshape([labels.len() as i64, width]);
-    let (lab, keys): (Tensor, Vec<i64>) = if items.task == Task::Multilabel {
-        let keys = Vec::<i64>::try_from(lab.argmax(1, false)).unwrap_or_default();
-        (lab.to_kind(Kind::Float), keys)
-    } else {
-        let l = lab.squeeze_dim(1).to_kind(Kind::Int64);
-        (l.shallow_clone(), Vec::<i64>::try_from(&l).unwrap_or_default())
-    };
-    let parts = split_indices(&keys, 0);
     let take = |idx: &[i64]| Split {
         images: images.index_select(0, &Tensor::from_slice(idx)),
-        labels: lab.index_select(0, &Tensor::from_slice(idx)),
+        labels: kept.labels.index_select(0, &Tensor::from_slice(idx)),
     };
     let ds = Dataset {
         name: name.to_string(),
         task: items.task,
         num_classes: items.class_names.len() as i64,
-        train: take(&parts[0]),
-        val: take(&parts[1]),
-        test: take(&parts[2]),
+        train: take(&kept.parts[0]),
+        val: take(&kept.parts[1]),
+        test: take(&kept.parts[2]),
     };
-    for (s, n) in [(&ds.train, "train"), (&ds.val, "val"), (&ds.test, "test")] {
-        if s.is_empty() {
-            bail!("{name}: the {n} split is empty (too few images per class)");
+    Ok((ds, kept.files, kept.parts))
+}
+
+/// The items kept after decoding (bad ones dropped with `--skip-bad`), their labels and seeded split: the
+/// same whether the images are decoded into memory or streamed into the cache.
+pub(crate) struct Kept {
+    /// The files kept, in order.
+    pub files: Vec<PathBuf>,
+    /// Their labels: int64 [N] classes, or float [N, L] multi-label.
+    pub labels: Tensor,
+    /// train/val/test indices into `files`.
+    pub parts: [Vec<i64>; 3],
+}
+
+impl Kept {
+    /// Reports the `bad` (index, error) files, checks the class sizes and makes the split.
+    pub(crate) fn of(name: &str, items: &Items, bad: &[(usize, String)]) -> Result<Kept> {
+        for (i, e) in bad {
+            tracing::warn!("skipped bad file {}: {e}", items.files[*i].display());
         }
+        let keep: Vec<usize> = (0..items.files.len()).filter(|i| !bad.iter().any(|(b, _)| b == i)).collect();
+        if keep.is_empty() {
+            bail!("{name}: no readable images");
+        }
+        check_class_sizes(name, items, &keep)?;
+        let files: Vec<PathBuf> = keep.iter().map(|&i| items.files[i].clone()).collect();
+        let labels: Vec<Vec<f64>> = keep.iter().map(|&i| items.labels[i].clone()).collect();
+        let width = labels[0].len() as i64;
+        let flat: Vec<f64> = labels.concat();
+        let lab = Tensor::from_slice(&flat).reshape([labels.len() as i64, width]);
+        let (lab, keys): (Tensor, Vec<i64>) = if items.task == Task::Multilabel {
+            let keys = Vec::<i64>::try_from(lab.argmax(1, false)).unwrap_or_default();
+            (lab.to_kind(Kind::Float), keys)
+        } else {
+            let l = lab.squeeze_dim(1).to_kind(Kind::Int64);
+            (l.shallow_clone(), Vec::<i64>::try_from(&l).unwrap_or_default())
+        };
+        let parts = split_indices(&keys, 0);
+        for (idx, n) in parts.iter().zip(["train", "val", "test"]) {
+            if idx.is_empty() {
+                bail!("{name}: the {n} split is empty (too few images per class)");
+            }
+        }
+        Ok(Kept { files, labels: lab, parts })
     }
-    Ok((ds, files, parts))
 }
 
 /// Writes `splits.csv` (file, split) so a run's split is on record.

@@ -110,7 +110,7 @@ pub fn open_with(path: &Path, o: &DataOptions) -> Result<(Dataset, Option<SplitR
 }
 
 /// Decodes a dataset of format `fmt` into memory.
-fn open_uncached(path: &Path, o: &DataOptions, fmt: &str) -> Result<(Dataset, Option<SplitRecord>)> {
+pub(crate) fn open_uncached(path: &Path, o: &DataOptions, fmt: &str) -> Result<(Dataset, Option<SplitRecord>)> {
     {
         let fo = folder::FileOptions { image_size: o.image_size.unwrap_or(224), grey: o.grey, skip_bad: o.skip_bad };
         let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("data").to_string();
