@@ -102,6 +102,36 @@ fn decoded_once_rebuilt_when_sources_or_cache_files_change_and_identical_to_memo
         assert!(same(&healed, &truth), "{damage}: damaged cache data were read");
     }
 
+    // MedMNIST npz files stream into the cache (grey, and colour in both memory orders) and read back the same.
+    let colour = |file: &Path, order: npyz::Order| {
+        use npyz::WriterBuilder;
+        let mut npz = npyz::npz::NpzWriter::create(file).unwrap();
+        for split in ["train", "val", "test"] {
+            let values: Vec<u8> = (0..6u32 * 8 * 8 * 3).map(|i| (i * 13 % 251) as u8).collect();
+            let w = npz.array::<u8>(&format!("{split}_images"), Default::default()).unwrap().default_dtype();
+            let mut w = w.shape(&[6, 8, 8, 3]).order(order).begin_nd().unwrap();
+            w.extend(values).unwrap();
+            w.finish().unwrap();
+            let w = npz.array::<u8>(&format!("{split}_labels"), Default::default()).unwrap().default_dtype();
+            let mut w = w.shape(&[6, 1]).begin_nd().unwrap();
+            w.extend((0..6u8).map(|i| i % 2)).unwrap();
+            w.finish().unwrap();
+        }
+    };
+    let (c_npz, f_npz) = (dir.join("c.npz"), dir.join("f.npz"));
+    colour(&c_npz, npyz::Order::C);
+    colour(&f_npz, npyz::Order::Fortran);
+    let breast = common::fixture("../../data/breastmnist.npz");
+    for npz in [&breast, &c_npz, &f_npz] {
+        let before = cache::counters().1;
+        let cached = tpp::data::open_with(npz, &opts(Some(dir.join("cache-npz")))).unwrap().0;
+        assert_eq!(cache::counters().1, before + 1);
+        let again = tpp::data::open_with(npz, &opts(Some(dir.join("cache-npz")))).unwrap().0;
+        assert_eq!(cache::counters().1, before + 1, "{}: decoded again", npz.display());
+        let memory = tpp::data::open(npz, None).unwrap();
+        assert!(same(&cached, &memory) && same(&again, &memory), "{}: cached data differ", npz.display());
+    }
+
     // A bad file: an error naming it (nothing cached), or with skip_bad the same split as in memory.
     let data2 = dir.join("folder_bad");
     write_folder(&data2);

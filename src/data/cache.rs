@@ -139,8 +139,13 @@ pub fn open(path: &Path, o: &DataOptions, format: &str, dir: &Path) -> Result<(D
             discard(&entry);
         }
     }
-    if matches!(format, "folder" | "csv") {
-        match stream_items(&entry, &key, srcs.clone(), path, o, format) {
+    if matches!(format, "folder" | "csv" | "medmnist" | "npz") {
+        let built = if matches!(format, "medmnist" | "npz") {
+            stream_medmnist(&entry, &key, srcs.clone(), path)
+        } else {
+            stream_items(&entry, &key, srcs.clone(), path, o, format)
+        };
+        match built {
             Ok(()) => BUILDS.fetch_add(1, Ordering::Relaxed),
             Err(e) if e.downcast_ref::<CacheWrite>().is_some() => {
                 tracing::warn!("cannot write the cache entry {}: {e:#}; decoding into memory", entry.display());
@@ -475,6 +480,64 @@ fn write(entry: &Path, key: &Key, sources: Vec<Source>, ds: &Dataset, record: Op
             num_classes: ds.num_classes,
             splits,
             record: record.cloned(),
+        })
+    })
+}
+
+/// Reads a MedMNIST npz straight into a new entry: each split's images go to their file one image at a
+/// time (HWC to CHW as they pass), so a multi-GB MedMNIST+ file is never held in memory, not even once.
+fn stream_medmnist(entry: &Path, key: &Key, sources: Vec<Source>, path: &Path) -> Result<()> {
+    publish(entry, |tmp| {
+        let mut arrays: Vec<(String, Array)> = Vec::new();
+        let mut sink = |which: &str, shape: &[u64], values: &mut dyn std::io::Read| {
+            let d: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+            let (n, h, w, c) = (d[0], d[1], d[2], d.get(3).copied().unwrap_or(1));
+            let file = format!("{which}.images.u8");
+            let out = tmp.join(&file);
+            let mut f = std::io::BufWriter::new(io(std::fs::File::create(&out), &out)?);
+            let (hw, mut crc) = ((h * w) as usize, crc32fast::Hasher::new());
+            let (mut img, mut planar) = (vec![0u8; hw * c as usize], vec![0u8; hw * c as usize]);
+            for _ in 0..n {
+                super::medmnist::fill(values, &mut img)?;
+                for (i, px) in img.chunks_exact(c as usize).enumerate() {
+                    for (k, v) in px.iter().enumerate() {
+                        planar[k * hw + i] = *v;
+                    }
+                }
+                crc.update(&planar);
+                io(f.write_all(&planar), &out)?;
+            }
+            io(io(f.into_inner(), &out)?.sync_all(), &out)?;
+            let numel = n * c * h * w;
+            let shape = vec![n, c, h, w];
+            let bytes = numel as u64;
+            arrays.push((
+                which.to_string(),
+                Array { file, kind: "u8".into(), shape: shape.clone(), bytes, crc32: crc.finalize() },
+            ));
+            if numel == 0 {
+                return Ok(Tensor::zeros(shape.as_slice(), (Kind::Uint8, Device::Cpu)));
+            }
+            let name = out.to_str().ok_or_else(|| anyhow!("{}: not a UTF-8 path", out.display()))?;
+            Ok(io(Tensor::f_from_file(name, false, numel, (Kind::Uint8, Device::Cpu)), &out)?.reshape(shape.as_slice()))
+        };
+        let ds = super::medmnist::open_into(path, &mut sink)?;
+        let mut splits = Vec::new();
+        for (s, split) in SPLITS.iter().zip([&ds.train, &ds.val, &ds.test]) {
+            let images = arrays.iter().find(|(w, _)| w == s).map(|(_, a)| a.clone());
+            let images = images.ok_or_else(|| anyhow!("{}: split '{s}' was not read", path.display()))?;
+            let lk = kind_name(split.labels.kind())?;
+            let labels = write_array(tmp, &format!("{s}.labels.{lk}"), &split.labels)?;
+            splits.push(SplitArrays { images, labels });
+        }
+        Ok(Manifest {
+            key: key.clone(),
+            sources,
+            name: ds.name.clone(),
+            task: ds.task,
+            num_classes: ds.num_classes,
+            splits,
+            record: None,
         })
     })
 }
