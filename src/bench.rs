@@ -50,6 +50,20 @@ pub fn data(path: &std::path::Path, o: &crate::data::DataOptions, batch: i64, de
     let seg = ds.task == crate::data::Task::Segmentation;
     let loader = LoaderConfig { batch_size: batch, image_size: size, norm: Norm::IMAGENET, device, drop_last: false };
     let aug = Augment { hflip: true, crop_min_area: 0.5, rotate_deg: 10.0, jitter: 0.1, ..Augment::NONE };
+    // The host's part of a GPU epoch: shuffled uint8 batches gathered from memory or the mapped cache
+    // (normalisation and augmentation then run on the device).
+    let t = Instant::now();
+    let mut order: Vec<i64> = (0..ds.train.len()).collect();
+    rand::seq::SliceRandom::shuffle(
+        order.as_mut_slice(),
+        &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0),
+    );
+    for c in order.chunks(batch.max(1) as usize) {
+        let b = ds.train.images.index_select(0, &tch::Tensor::from_slice(c));
+        rss_peak = rss_peak.max(rss_anon_mb());
+        drop(b);
+    }
+    let gather_u8_s = t.elapsed().as_secs_f64();
     // An epoch without augmentation: what the loader itself delivers (gather, copy, normalise).
     let t = Instant::now();
     let mut gathered = 0;
@@ -71,6 +85,7 @@ pub fn data(path: &std::path::Path, o: &crate::data::DataOptions, batch: i64, de
         "cache": cache, "open_s": (decode_s * 100.0).round() / 100.0,
         "decode_img_per_s": (n as f64 / decode_s * 10.0).round() / 10.0,
         "rss_anon_mb_after_open": rss_after_open, "rss_anon_mb_peak_epoch": rss_peak,
+        "gather_u8_img_per_s": (order.len() as f64 / gather_u8_s * 10.0).round() / 10.0,
         "gather_img_per_s": (gathered as f64 / gather_s * 10.0).round() / 10.0,
         "augment_img_per_s": (seen as f64 / aug_s * 10.0).round() / 10.0, "device": format!("{device:?}"),
     });
