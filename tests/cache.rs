@@ -145,6 +145,18 @@ fn decoded_once_rebuilt_when_sources_or_cache_files_change_and_identical_to_memo
     let (b, rb) = tpp::data::open_with(&data2, &skip(None)).unwrap();
     assert!(same(&a, &b) && ra == rb && ra.unwrap().0.len() == 18);
 
+    // A build killed midway leaves a temporary folder; the next build of that entry removes it.
+    let cdir6 = dir.join("cache6");
+    tpp::data::open_with(&data, &opts(Some(cdir6.clone()))).unwrap();
+    let (e6, _) = entry(&cdir6);
+    let name6 = e6.file_name().unwrap().to_str().unwrap().to_string();
+    let dead = cdir6.join(format!(".{name6}.tmp-999999999-0"));
+    std::fs::create_dir_all(&dead).unwrap();
+    std::fs::write(dead.join("all.images.u8"), [0u8; 100]).unwrap();
+    std::fs::remove_dir_all(&e6).unwrap();
+    tpp::data::open_with(&data, &opts(Some(cdir6.clone()))).unwrap();
+    entry(&cdir6);
+
     // Concurrent builders of one new entry: all get the same data, one entry remains, nothing left over.
     let cdir2 = dir.join("cache2");
     let handles: Vec<_> = (0..8)

@@ -438,6 +438,7 @@ fn publish(entry: &Path, fill: impl FnOnce(&Path) -> Result<Manifest>) -> Result
     let parent = entry.parent().ok_or_else(|| anyhow!("{}: no parent folder", entry.display()))?;
     io(std::fs::create_dir_all(parent), parent)?;
     let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or("entry");
+    remove_abandoned(parent, name);
     let tmp = parent.join(format!(".{name}.tmp-{}", nonce()));
     io(std::fs::create_dir_all(&tmp), &tmp)?;
     let result = (|| -> Result<()> {
@@ -593,6 +594,24 @@ fn stream_items(
             record: Some((kept.files, kept.parts)),
         })
     })
+}
+
+/// Removes the temporary folders of builds of `name` whose process is gone (killed mid-build): they could
+/// hold gigabytes. Builds still running are left alone; without /proc nothing is removed.
+fn remove_abandoned(parent: &Path, name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!(".{name}.tmp-");
+    for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        let file_name = e.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!("removing {}, left by a build that was stopped", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// A name part no other builder (process or thread) uses at the same time.
