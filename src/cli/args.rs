@@ -76,6 +76,36 @@ impl PeftArgs {
     }
 }
 
+/// How a data set is read, beyond its path: shared by the training commands and `data cache`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReadArgs {
+    /// Force the dataset format: medmnist, folder, csv, segpairs, nifti
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Skip unreadable or inconsistent files (listed on stderr) instead of stopping
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Segmentation masks: number of classes (2: binarised, at 127 or at 1 for 0/1 masks; more: class ids)
+    #[arg(value_parser = crate::check::int_flag(2, 256), long, default_value_t = 2)]
+    pub mask_classes: i64,
+    /// NIfTI: the label volume giving each axial slice's mask
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+}
+
+impl ReadArgs {
+    /// The data source of `data` read this way.
+    pub fn source(&self, data: PathBuf) -> DataSource {
+        DataSource {
+            data,
+            format: self.format.clone(),
+            skip_bad: self.skip_bad,
+            mask_classes: self.mask_classes,
+            labels: self.labels.clone(),
+        }
+    }
+}
+
 /// Dataset and how batches are made.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
@@ -83,9 +113,8 @@ pub struct DataArgs {
     /// segmentation folder (images/ + masks/); the format is inferred from the path
     #[arg(long)]
     pub data: PathBuf,
-    /// Force the dataset format: medmnist, folder, csv, segpairs, nifti
-    #[arg(long)]
-    pub format: Option<String>,
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// Pixel normalisation: imagenet (pre-trained RGB backbones), half ([-1, 1]) or dataset (the training
     /// split's own mean and std, recorded in the run)
     #[arg(long, value_enum, default_value = "imagenet")]
@@ -95,27 +124,12 @@ pub struct DataArgs {
     /// Keep a stratified, seeded fraction of the training labels (low-data studies)
     #[arg(value_parser = crate::check::float_flag(crate::check::UNIT_OPEN_LOW), long, default_value_t = 1.0)]
     pub train_fraction: f64,
-    /// Skip unreadable or inconsistent files (listed on stderr) instead of stopping
-    #[arg(long)]
-    pub skip_bad: bool,
-    /// Segmentation masks: number of classes (2: binarised at 127; more: pixel values are class ids)
-    #[arg(value_parser = crate::check::int_flag(2, 256), long, default_value_t = 2)]
-    pub mask_classes: i64,
-    /// NIfTI: the label volume giving each axial slice's mask
-    #[arg(long)]
-    pub labels: Option<PathBuf>,
 }
 
 impl DataArgs {
     /// The data source these flags name.
     pub fn source(&self) -> DataSource {
-        DataSource {
-            data: self.data.clone(),
-            format: self.format.clone(),
-            skip_bad: self.skip_bad,
-            mask_classes: self.mask_classes,
-            labels: self.labels.clone(),
-        }
+        self.read.source(self.data.clone())
     }
 }
 

@@ -1,4 +1,5 @@
 //! `tpp bench`: training-step speed and peak memory (see `crate::bench`), or data-loading speed.
+use crate::experiment::DataSource;
 use anyhow::Result;
 use tch::Device;
 
@@ -35,15 +36,8 @@ pub struct Args {
 
 pub fn run(a: Args, device: Device) -> Result<()> {
     if let Some(d) = &a.data {
-        let o = crate::data::DataOptions {
-            format: a.format,
-            image_size: Some(a.size),
-            grey: false,
-            skip_bad: a.skip_bad,
-            mask_classes: 2,
-            labels: a.labels,
-            cache: crate::data::cache::dir(),
-        };
+        let source = DataSource { format: a.format, skip_bad: a.skip_bad, labels: a.labels, ..DataSource::new(d) };
+        let o = source.options_at(a.size, false, crate::data::cache::dir());
         println!("RESULT {}", crate::bench::data(d, &o, a.batch, device)?);
         return Ok(());
     }

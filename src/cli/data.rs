@@ -28,18 +28,8 @@ pub struct CacheArgs {
     /// Decode as 1-channel grey (for 1-channel models)
     #[arg(long)]
     pub grey: bool,
-    /// Force the dataset format: medmnist, folder, csv, segpairs, nifti
-    #[arg(long)]
-    pub format: Option<String>,
-    /// Skip unreadable or inconsistent files (listed on stderr) instead of stopping
-    #[arg(long)]
-    pub skip_bad: bool,
-    /// Segmentation masks: number of classes (2: binarised)
-    #[arg(value_parser = crate::check::int_flag(2, 256), long, default_value_t = 2)]
-    pub mask_classes: i64,
-    /// NIfTI: the label volume giving each axial slice's mask
-    #[arg(long)]
-    pub labels: Option<PathBuf>,
+    #[command(flatten)]
+    pub read: super::args::ReadArgs,
     /// Remove every cache entry instead
     #[arg(long)]
     pub clear: bool,
@@ -79,15 +69,7 @@ fn cache(a: CacheArgs) -> Result<()> {
         return Ok(());
     }
     let Some(data) = a.data else { return Err(crate::error::bad_input!("a data set to cache is required")) };
-    let o = crate::data::DataOptions {
-        format: a.format,
-        image_size: Some(a.img_size),
-        grey: a.grey,
-        skip_bad: a.skip_bad,
-        mask_classes: a.mask_classes,
-        labels: a.labels,
-        cache: Some(dir),
-    };
+    let o = a.read.source(data.clone()).options_at(a.img_size, a.grey, Some(dir));
     let (before_hits, _) = crate::data::cache::counters();
     let (ds, _) = crate::data::open_with(&data, &o)?;
     let n = ds.train.len() + ds.val.len() + ds.test.len();

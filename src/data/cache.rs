@@ -179,16 +179,16 @@ pub fn open(path: &Path, o: &DataOptions, format: &str, dir: &Path) -> Result<(D
 
 /// The key of a data set (absolute paths, so one entry serves every working folder).
 fn key(path: &Path, o: &DataOptions, format: &str) -> Key {
-    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    // MedMNIST keeps its own size and channels.
+    let npz = matches!(format, "medmnist" | "npz");
     Key {
-        data: abs(path),
+        data: super::absolute(path),
         format: format.to_string(),
-        // MedMNIST keeps its own size and channels.
-        image_size: (format != "medmnist").then(|| o.image_size.unwrap_or(224)),
-        grey: format != "medmnist" && o.grey,
+        image_size: (!npz).then(|| o.image_size.unwrap_or(224)),
+        grey: !npz && o.grey,
         skip_bad: o.skip_bad,
         mask_classes: o.mask_classes,
-        labels: o.labels.as_deref().map(abs),
+        labels: o.labels.as_deref().map(super::absolute),
         decoder: DECODER_VERSION,
     }
 }
@@ -196,7 +196,7 @@ fn key(path: &Path, o: &DataOptions, format: &str) -> Key {
 /// `<stem>-<16 hex digits of the key's hash>`: readable, and distinct per key.
 fn entry_name(path: &Path, key: &Key) -> String {
     let json = serde_json::to_string(key).unwrap_or_default();
-    let hash: String = Md5::digest(json.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let hash = super::fetch::hex(&Md5::digest(json.as_bytes())[..8]);
     let stem: String = path
         .file_stem()
         .and_then(|s| s.to_str())
@@ -463,24 +463,39 @@ fn publish(entry: &Path, fill: impl FnOnce(&Path) -> Result<Manifest>) -> Result
     result
 }
 
+/// The manifest of a data set whose arrays are in `tmp`: the labels written here, each split's images by
+/// `images` (written from memory, or already streamed).
+fn manifest(
+    tmp: &Path,
+    key: &Key,
+    sources: Vec<Source>,
+    ds: &Dataset,
+    record: Option<SplitRecord>,
+    mut images: impl FnMut(&str, &Split) -> Result<Array>,
+) -> Result<Manifest> {
+    let mut splits = Vec::new();
+    for (s, split) in SPLITS.iter().zip([&ds.train, &ds.val, &ds.test]) {
+        let images = images(s, split)?;
+        let lk = kind_name(split.labels.kind())?;
+        let labels = write_array(tmp, &format!("{s}.labels.{lk}"), &split.labels)?;
+        splits.push(SplitArrays { images, labels });
+    }
+    Ok(Manifest {
+        key: key.clone(),
+        sources,
+        name: ds.name.clone(),
+        task: ds.task,
+        num_classes: ds.num_classes,
+        splits,
+        record,
+    })
+}
+
 /// Writes a data set already in memory as a new entry.
 fn write(entry: &Path, key: &Key, sources: Vec<Source>, ds: &Dataset, record: Option<&SplitRecord>) -> Result<()> {
     publish(entry, |tmp| {
-        let mut splits = Vec::new();
-        for (s, split) in SPLITS.iter().zip([&ds.train, &ds.val, &ds.test]) {
-            let images = write_array(tmp, &format!("{s}.images.u8"), &split.images)?;
-            let lk = kind_name(split.labels.kind())?;
-            let labels = write_array(tmp, &format!("{s}.labels.{lk}"), &split.labels)?;
-            splits.push(SplitArrays { images, labels });
-        }
-        Ok(Manifest {
-            key: key.clone(),
-            sources,
-            name: ds.name.clone(),
-            task: ds.task,
-            num_classes: ds.num_classes,
-            splits,
-            record: record.cloned(),
+        manifest(tmp, key, sources, ds, record.cloned(), |s, split| {
+            write_array(tmp, &format!("{s}.images.u8"), &split.images)
         })
     })
 }
@@ -523,22 +538,9 @@ fn stream_medmnist(entry: &Path, key: &Key, sources: Vec<Source>, path: &Path) -
             Ok(io(Tensor::f_from_file(name, false, numel, (Kind::Uint8, Device::Cpu)), &out)?.reshape(shape.as_slice()))
         };
         let ds = super::medmnist::open_into(path, &mut sink)?;
-        let mut splits = Vec::new();
-        for (s, split) in SPLITS.iter().zip([&ds.train, &ds.val, &ds.test]) {
+        manifest(tmp, key, sources, &ds, None, |s, _| {
             let images = arrays.iter().find(|(w, _)| w == s).map(|(_, a)| a.clone());
-            let images = images.ok_or_else(|| anyhow!("{}: split '{s}' was not read", path.display()))?;
-            let lk = kind_name(split.labels.kind())?;
-            let labels = write_array(tmp, &format!("{s}.labels.{lk}"), &split.labels)?;
-            splits.push(SplitArrays { images, labels });
-        }
-        Ok(Manifest {
-            key: key.clone(),
-            sources,
-            name: ds.name.clone(),
-            task: ds.task,
-            num_classes: ds.num_classes,
-            splits,
-            record: None,
+            images.ok_or_else(|| anyhow!("{}: split '{s}' was not read", path.display()))
         })
     })
 }

@@ -69,7 +69,12 @@ pub fn url(flag: &str, size: i64) -> String {
 
 /// The md5 of bytes, in hex.
 pub fn md5_hex(bytes: &[u8]) -> String {
-    Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Md5::digest(bytes))
+}
+
+/// Bytes (a digest) as lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Streams the body of `u` into the file `to`, returning its size and md5. A server that does not answer,
@@ -106,7 +111,7 @@ pub(crate) fn download(
         file.write_all(&buf[..k]).with_context(|| format!("{}: cannot write", to.display()))?;
     }
     file.sync_all().with_context(|| format!("{}: cannot write", to.display()))?;
-    Ok((n, hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()))
+    Ok((n, hex(&hasher.finalize())))
 }
 
 /// Larger than any MedMNIST file (the largest, at 224 px, are a few GB).

@@ -41,6 +41,12 @@ pub struct DataOptions {
     pub cache: Option<PathBuf>,
 }
 
+/// `p` as an absolute path: canonical (links and `..` resolved) when it exists, else joined to the working
+/// folder; as given if even that fails.
+pub fn absolute(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).or_else(|_| std::path::absolute(p)).unwrap_or_else(|_| p.to_path_buf())
+}
+
 /// The format name for a path: `.npz` -> medmnist, `.csv` -> csv, `.nii(.gz)` -> nifti, a folder with
 /// images/ and masks/ -> segpairs, another folder -> folder (DICOM files count as images in folders and
 /// manifests).

@@ -17,11 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::Device;
 
-/// `p` made absolute and canonical (`..` and links resolved, when it exists), so a record names the same
-/// file from anywhere and two spellings of one file compare equal.
-pub fn absolute(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).or_else(|_| std::path::absolute(p)).unwrap_or_else(|_| p.to_path_buf())
-}
+pub use crate::data::absolute;
 
 /// A cheap fingerprint of a file or folder, to tell whether a run's inputs are still the ones it used.
 /// A file: its size and its first and last 64 KiB. A folder: the relative path and size of every image
@@ -75,7 +71,7 @@ fn fingerprint_of(path: &Path) -> Result<String> {
             h.update(len.to_le_bytes());
         }
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::data::fetch::hex(&h.finalize()))
 }
 
 /// Fingerprints of a run's backbone and data ([`fingerprint`]), recorded so that a later use of the run
@@ -218,29 +214,25 @@ impl DataSource {
 
     /// Reading options for a model's input (size and channels of file-based formats).
     pub fn options(&self, model: &crate::backbone::VitConfig) -> crate::data::DataOptions {
+        self.options_at(model.img_size, model.in_chans == 1, crate::data::cache::dir())
+    }
+
+    /// Reading options at `image_size` px, grey or RGB, through the decoded-data cache in `cache`.
+    pub fn options_at(&self, image_size: i64, grey: bool, cache: Option<PathBuf>) -> crate::data::DataOptions {
         crate::data::DataOptions {
             format: self.format.clone(),
-            image_size: Some(model.img_size),
-            grey: model.in_chans == 1,
+            image_size: Some(image_size),
+            grey,
             skip_bad: self.skip_bad,
             mask_classes: self.mask_classes,
             labels: self.labels.clone(),
-            cache: crate::data::cache::dir(),
+            cache,
         }
     }
 
     /// The task and number of classes, without decoding file-based formats.
     pub fn describe(&self) -> Result<(Task, i64)> {
-        let probe = crate::data::DataOptions {
-            format: self.format.clone(),
-            image_size: Some(16),
-            grey: true,
-            skip_bad: self.skip_bad,
-            mask_classes: self.mask_classes,
-            labels: self.labels.clone(),
-            cache: None,
-        };
-        crate::data::describe(&self.data, &probe)
+        crate::data::describe(&self.data, &self.options_at(16, true, None))
     }
 
     /// Opens the data for `model` (at its input size and channels).
