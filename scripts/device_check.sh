@@ -25,3 +25,14 @@ for run in peer1 tpp peer2; do
 done
 timeout 150 device/tpp --device cuda demo --quick --out /tmp/demo_cuda 2>&1 | tail -40 | tee "$OUT/demo_quick.txt"
 cp /tmp/demo_cuda/compare/report.md "$OUT/demo_report.md" 2>/dev/null || true
+# 4. Data-parallel fine-tuning on NCCL under torchrun: world size 1, and every GPU of the machine.
+TORCHRUN=/opt/torch/.venv/bin/torchrun
+[ -x $TORCHRUN ] || TORCHRUN=torchrun
+NGPU=$(nvidia-smi --list-gpus | wc -l)
+for n in 1 $NGPU; do
+  timeout 120 $TORCHRUN --no-python --nproc-per-node "$n" device/tpp --device cuda finetune \
+    --backbone tests/fixtures/timm_vit_avg_fcnorm.safetensors --heads 3 --img-size 32 --data data/breastmnist.npz \
+    --norm half --peft lora --epochs 2 --batch-size 64 --out /tmp/ddp_$n 2>&1 | tail -5 | tee "$OUT/ddp_nccl_$n.txt"
+  cp /tmp/ddp_$n/metrics.json "$OUT/ddp_nccl_$n.metrics.json" 2>/dev/null || true
+  [ "$NGPU" = 1 ] && break
+done

@@ -13,7 +13,8 @@ unsafe extern "C" {
 pub fn parse_device(s: &str) -> Result<Device> {
     let dev = match s {
         "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
+        // Under torchrun each process takes the GPU of its LOCAL_RANK.
+        "cuda" => Device::Cuda(crate::dist::local_cuda_index()),
         _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
             Some(n) => Device::Cuda(n),
             None => return Err(crate::error::bad_input!("--device '{s}': unknown (expected cpu, cuda or cuda:N)")),

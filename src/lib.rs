@@ -26,6 +26,7 @@ mod check;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod dist;
 mod error;
 pub mod eval;
 pub mod experiment;

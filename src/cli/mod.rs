@@ -112,6 +112,19 @@ pub fn run(cli: Cli) -> Result<()> {
         cli.cache_dir.or_else(crate::data::cache::default_dir)
     });
     let device = crate::device::parse_device(&cli.device)?;
+    // Under torchrun: the training commands run data-parallel; the others would only repeat one another.
+    match &cli.cmd {
+        Command::PretrainTargets(_) | Command::PretrainBackbone(_) | Command::Finetune(_) => {
+            crate::dist::init(device)?;
+        }
+        _ if crate::dist::Launch::from_env()?.is_some() => {
+            return Err(crate::error::bad_input!(
+                "this command runs in one process; under torchrun only pretrain-targets, pretrain-backbone and \
+                 finetune run (data-parallel). To spread a compare grid, use `tpp compare --devices` or `--cell K`"
+            ));
+        }
+        _ => {}
+    }
     match cli.cmd {
         Command::Inspect(a) => inspect::run(a),
         Command::Data(c) => data::run(c),
@@ -122,7 +135,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Evaluate(a) => evaluate::run(a, device),
         Command::Predict(a) => predict::run(a, device),
         Command::Export(a) => export::run(a),
-        Command::Compare(a) => compare::run(a, device),
+        Command::Compare(a) => compare::run(a, device, cli.threads),
         Command::Demo(a) => demo::run(a, device),
         Command::Bench(a) => bench::run(a, device),
     }

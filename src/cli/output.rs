@@ -83,7 +83,10 @@ where
 /// Installs logging (`TPP_LOG` or else `RUST_LOG` when set, else info, debug with `-v`, trace with `-vv`,
 /// warnings only with `-q`) and the progress bar.
 pub fn init(verbose: u8, quiet: bool) {
+    // In a data-parallel job rank 0 speaks for all; the others report errors only (their last line).
+    let other_rank = crate::dist::env_rank().is_some_and(|r| r != 0);
     let level = match (quiet, verbose) {
+        _ if other_rank => "error",
         (true, _) => "warn",
         (_, 0) => "info",
         (_, 1) => "debug",
@@ -93,5 +96,7 @@ pub fn init(verbose: u8, quiet: bool) {
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| level.into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).event_format(Plain).with_writer(|| Stderr).try_init();
-    crate::progress::set_reporter(Arc::new(Bars));
+    if !other_rank {
+        crate::progress::set_reporter(Arc::new(Bars));
+    }
 }

@@ -3,6 +3,7 @@
 //! resize and normalisation.
 //! Masks follow the same warp with nearest-neighbour sampling. Random draws come from a seeded ChaCha
 //! generator on the host, so runs repeat exactly on any device.
+use crate::dist::Shard;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -131,8 +132,21 @@ impl Augment {
 
     /// Warps images (float [B, C, H, W]) and, when given, masks (int64 [B, H, W]) identically.
     pub fn apply(&self, x: &Tensor, masks: Option<&Tensor>, rng: &mut ChaCha8Rng) -> (Tensor, Option<Tensor>) {
+        let b = x.size()[0];
+        self.apply_shard(x, masks, rng, Shard::whole(b))
+    }
+
+    /// As [`Self::apply`] for `shard`'s rows of a global batch (data-parallel training): the random draws
+    /// are those of the whole global batch, so each image is warped as one process would warp it.
+    pub fn apply_shard(
+        &self,
+        x: &Tensor,
+        masks: Option<&Tensor>,
+        rng: &mut ChaCha8Rng,
+        shard: Shard,
+    ) -> (Tensor, Option<Tensor>) {
         let (_, _, h, w) = x.size4().expect("images are [B, C, H, W]");
-        self.warp(x, masks, (h, w), rng)
+        self.warp_shard(x, masks, (h, w), rng, shard)
     }
 
     /// As [`Self::apply`], sampling the output directly at `out` = (height, width) (multi-crop).
@@ -143,7 +157,23 @@ impl Augment {
         out: (i64, i64),
         rng: &mut ChaCha8Rng,
     ) -> (Tensor, Option<Tensor>) {
+        let b = x.size()[0];
+        self.warp_shard(x, masks, out, rng, Shard::whole(b))
+    }
+
+    /// As [`Self::warp`] for `shard`'s rows (`x` holds `shard.len` images of a global batch of
+    /// `shard.total`); an empty shard still draws, so every process's generator stays in step.
+    pub fn warp_shard(
+        &self,
+        x: &Tensor,
+        masks: Option<&Tensor>,
+        out: (i64, i64),
+        rng: &mut ChaCha8Rng,
+        shard: Shard,
+    ) -> (Tensor, Option<Tensor>) {
         let (b, c, h0, w0) = x.size4().expect("images are [B, C, H, W]");
+        assert_eq!(b, shard.len, "a shard's images");
+        let total = shard.total;
         let (h, w) = out;
         let mut x = x.shallow_clone();
         let mut m = masks.map(Tensor::shallow_clone);
@@ -152,26 +182,38 @@ impl Augment {
         if p > 0 {
             let dy = rng.random_range(0..=2 * p);
             let dx = rng.random_range(0..=2 * p);
-            let crop = |t: &Tensor| t.reflection_pad2d([p, p, p, p]).narrow(2, dy, h0).narrow(3, dx, w0);
-            x = crop(&x);
-            m = m.map(|m| crop(&m.unsqueeze(1).to_kind(Kind::Float)).squeeze_dim(1).to_kind(Kind::Int64));
+            if b > 0 {
+                let crop = |t: &Tensor| t.reflection_pad2d([p, p, p, p]).narrow(2, dy, h0).narrow(3, dx, w0);
+                x = crop(&x);
+                m = m.map(|m| crop(&m.unsqueeze(1).to_kind(Kind::Float)).squeeze_dim(1).to_kind(Kind::Int64));
+            }
         }
         if !self.is_identity_warp() || (h, w) != (h0, w0) {
-            let theta =
-                Tensor::from_slice(&self.thetas(b, rng)).reshape([b, 2, 3]).to_device(x.device()).to_kind(x.kind());
-            let grid = Tensor::affine_grid_generator(&theta, [b, c, h, w], false);
-            // padding_mode 2 = reflection (no black borders); interpolation 0 = bilinear, 1 = nearest.
-            x = x.grid_sampler(&grid, 0, 2, false);
-            m = m.map(|m| {
-                m.unsqueeze(1).to_kind(grid.kind()).grid_sampler(&grid, 1, 2, false).squeeze_dim(1).to_kind(Kind::Int64)
-            });
+            let all = self.thetas(total, rng);
+            if b == 0 {
+                x = x.new_zeros([0, c, h, w], (x.kind(), x.device()));
+                m = m.map(|m| m.new_zeros([0, h, w], (m.kind(), m.device())));
+            } else {
+                let th = &all[(shard.start * 6) as usize..((shard.start + b) * 6) as usize];
+                let theta = Tensor::from_slice(th).reshape([b, 2, 3]).to_device(x.device()).to_kind(x.kind());
+                let grid = Tensor::affine_grid_generator(&theta, [b, c, h, w], false);
+                // padding_mode 2 = reflection (no black borders); interpolation 0 = bilinear, 1 = nearest.
+                x = x.grid_sampler(&grid, 0, 2, false);
+                m = m.map(|m| {
+                    let m = m.unsqueeze(1).to_kind(grid.kind()).grid_sampler(&grid, 1, 2, false);
+                    m.squeeze_dim(1).to_kind(Kind::Int64)
+                });
+            }
         }
         if self.jitter > 0.0 {
-            let j: Vec<f32> = (0..2 * b).map(|_| rng.random_range(-self.jitter..=self.jitter) as f32).collect();
-            let j = Tensor::from_slice(&j).reshape([2, b, 1, 1, 1]).to_device(x.device()).to_kind(x.kind());
-            let mean = x.mean_dim([1i64, 2, 3].as_slice(), true, None);
-            // contrast around the image mean, then brightness
-            x = (&x - &mean) * (j.get(0) + 1.0) + &mean + j.get(1);
+            let j: Vec<f32> = (0..2 * total).map(|_| rng.random_range(-self.jitter..=self.jitter) as f32).collect();
+            if b > 0 {
+                let j = Tensor::from_slice(&j).reshape([2, total, 1, 1, 1]).narrow(1, shard.start, b);
+                let j = j.to_device(x.device()).to_kind(x.kind());
+                let mean = x.mean_dim([1i64, 2, 3].as_slice(), true, None);
+                // contrast around the image mean, then brightness
+                x = (&x - &mean) * (j.get(0) + 1.0) + &mean + j.get(1);
+            }
         }
         (x, m)
     }

@@ -1,6 +1,6 @@
 //! Evaluation of a model on a split: predictions, metrics with bootstrap intervals, the confusion matrix,
 //! and `metrics.json`. The test split meets a model here once, after model selection.
-use crate::data::loader::{LoaderConfig, epoch_batches};
+use crate::data::loader::{LoaderConfig, epoch_shards};
 use crate::data::{Split, Task};
 use crate::eval::metrics;
 use crate::model::PeftModel;
@@ -10,14 +10,24 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Kind};
 
-/// Segmentation: per-image, per-class pixel counts of a whole split (eval mode, no gradient).
+/// Segmentation: per-image, per-class pixel counts of a whole split (eval mode, no gradient). In a
+/// data-parallel run each process scores its shard of every batch and the counts are gathered.
 pub fn seg_counts(model: &PeftModel, split: &Split, loader: LoaderConfig) -> Result<Vec<metrics::SegCounts>> {
     let _g = tch::no_grad_guard();
     let mut out = Vec::new();
-    for b in epoch_batches(split, LoaderConfig { drop_last: false, ..loader }, None, 0, true) {
+    let mut index = Vec::new();
+    let cfg = LoaderConfig { drop_last: false, ..loader };
+    for b in epoch_shards(split, cfg, None, 0, true, crate::dist::part()) {
+        if b.shard.len == 0 {
+            continue;
+        }
+        index.extend(Vec::<i64>::try_from(&b.index)?);
         out.extend(crate::heads::segmentation::counts(&model.logits(&b.images, false), &b.labels));
     }
-    Ok(out)
+    let Some(g) = crate::dist::current() else { return Ok(out) };
+    let rows: Vec<Vec<f64>> = out.iter().map(|c| c.iter().flatten().copied().collect()).collect();
+    let all = g.gather_rows(split.len() as usize, &index, &rows)?;
+    Ok(all.into_iter().map(|r| r.chunks(3).map(|c| [c[0], c[1], c[2]]).collect()).collect())
 }
 
 /// Validation (or test) metrics of a split for the task (no intervals).
@@ -37,12 +47,19 @@ pub fn split_metrics(
 /// One row of numbers per image.
 pub type Rows = Vec<Vec<f64>>;
 
-/// Class (or label) probabilities and truths of a whole split, in order. No gradient, eval mode.
+/// Class (or label) probabilities and truths of a whole split, in order. No gradient, eval mode. In a
+/// data-parallel run each process predicts its shard of every batch and the rows are gathered.
 pub fn predict_split(model: &PeftModel, split: &Split, task: Task, loader: LoaderConfig) -> Result<(Rows, Rows)> {
     let _g = tch::no_grad_guard();
     let mut probs = Vec::new();
     let mut truth = Vec::new();
-    for b in epoch_batches(split, LoaderConfig { drop_last: false, ..loader }, None, 0, false) {
+    let mut index = Vec::new();
+    let cfg = LoaderConfig { drop_last: false, ..loader };
+    for b in epoch_shards(split, cfg, None, 0, false, crate::dist::part()) {
+        if b.shard.len == 0 {
+            continue;
+        }
+        index.extend(Vec::<i64>::try_from(&b.index)?);
         let l = model.logits(&b.images, false);
         let p = if task == Task::Multilabel { l.sigmoid() } else { l.softmax(-1, Kind::Float) };
         let p = p.to_kind(Kind::Double).to_device(Device::Cpu);
@@ -54,7 +71,9 @@ pub fn predict_split(model: &PeftModel, split: &Split, task: Task, loader: Loade
         let flat = Vec::<f64>::try_from(t.flatten(0, -1))?;
         truth.extend(flat.chunks(w as usize).map(<[f64]>::to_vec));
     }
-    Ok((probs, truth))
+    let Some(g) = crate::dist::current() else { return Ok((probs, truth)) };
+    let n = split.len() as usize;
+    Ok((g.gather_rows(n, &index, &probs)?, g.gather_rows(n, &index, &truth)?))
 }
 
 /// Test-split evaluation of the current model: metrics, 95% bootstrap intervals, confusion matrix.

@@ -352,25 +352,116 @@ impl CompareConfig {
     }
 }
 
-/// Runs the whole grid of `cfg` into `out` (keeping finished cells) and collects the results.
-pub fn run(cfg: &CompareConfig, out: &Path, device: Device) -> Result<CompareResults> {
+/// An independent piece of a grid (`tpp compare --cell K`): a PEFT method at one seed (its TPP stage, then
+/// fine-tuning without and with it) or a reference at one seed. Units share nothing but the data, so
+/// they can run at the same time on other devices or machines sharing the output folder.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    /// e.g. `lora seed 0`, `linear seed 2`.
+    pub label: String,
+    /// Its TPP stages (indices into `Grid::tpp`).
+    pub tpp: Vec<usize>,
+    /// Its fine-tuning runs (indices into `Grid::cells`).
+    pub runs: Vec<usize>,
+    /// Every stage and run of it finished.
+    pub done: bool,
+    /// Some stage or run of it has started (a folder exists).
+    pub started: bool,
+}
+
+impl Grid {
+    /// The grid's independent units, in a fixed order (the numbering of `--cell K`, from 0).
+    pub fn units(&self) -> Vec<Unit> {
+        let mut units = Vec::new();
+        let mut claimed = vec![false; self.cells.len()];
+        for (j, job) in self.tpp.iter().enumerate() {
+            // The plain and the +TPP run of the stage's method and seed.
+            let (method, seed) = (job.record.peft.label(), job.record.config.seed);
+            let runs: Vec<usize> = (0..self.cells.len())
+                .filter(|&i| {
+                    let c = &self.cells[i];
+                    let ours = c.record.init_targets.as_deref() == Some(job.dir.as_path())
+                        || (!c.tpp && c.record.peft.label() == method);
+                    !claimed[i] && c.seed == seed && ours
+                })
+                .collect();
+            for &i in &runs {
+                claimed[i] = true;
+            }
+            units.push(self.unit(format!("{method} seed {seed}"), vec![j], runs));
+        }
+        for (i, c) in self.cells.iter().enumerate() {
+            if !claimed[i] {
+                units.push(self.unit(format!("{} seed {}", c.variant, c.seed), Vec::new(), vec![i]));
+            }
+        }
+        units
+    }
+
+    fn unit(&self, label: String, tpp: Vec<usize>, runs: Vec<usize>) -> Unit {
+        let tpp_done = |j: &usize| self.tpp[*j].dir.join("config.json").exists();
+        let run_done = |i: &usize| self.cells[*i].dir.join("metrics.json").exists();
+        let done = tpp.iter().all(tpp_done) && runs.iter().all(run_done);
+        let started = tpp.iter().any(|j| self.tpp[*j].dir.exists() || partial(&self.tpp[*j].dir).exists())
+            || runs.iter().any(|i| self.cells[*i].dir.exists());
+        Unit { label, tpp, runs, done, started }
+    }
+}
+
+fn partial(dir: &Path) -> PathBuf {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    dir.with_file_name(format!("{name}.partial"))
+}
+
+/// The units of `cfg`'s grid in `out`, with what is done (`tpp compare --list-cells`).
+pub fn units(cfg: &CompareConfig, out: &Path) -> Result<Vec<Unit>> {
+    Ok(cfg.grid(out)?.units())
+}
+
+/// Runs unit `k` of the grid (keeping what finished; an interrupted run resumes) and, when that completes
+/// the grid, collects the results (None while other units are missing). Concurrent units write only
+/// into their own folders, each file atomically.
+pub fn run_unit(cfg: &CompareConfig, out: &Path, k: usize, device: Device) -> Result<Option<CompareResults>> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let grid = cfg.grid(out)?;
+    let units = grid.units();
+    let Some(unit) = units.get(k) else {
+        return Err(crate::error::bad_input!(
+            "--cell {k}: the grid has {} cells (0 to {}; see --list-cells)",
+            units.len(),
+            units.len().saturating_sub(1)
+        ));
+    };
+    let tpp: Vec<&TppJob> = unit.tpp.iter().map(|&j| &grid.tpp[j]).collect();
+    let cells: Vec<&Cell> = unit.runs.iter().map(|&i| &grid.cells[i]).collect();
+    check_kept(&tpp, &cells)?;
+    crate::peft::io::write_text_atomic(&out.join("compare.toml"), &toml::to_string_pretty(cfg)?)?;
+    tracing::info!("cell {k} of {}: {}", units.len(), unit.label);
+    run_jobs(&tpp, &cells, device)?;
+    if grid.units().iter().all(|u| u.done) { Ok(Some(CompareResults::collect(cfg, &grid)?)) } else { Ok(None) }
+}
+
+/// Errors unless every finished (or interrupted) stage and run ran the configuration asked for now.
+fn check_kept(tpp: &[&TppJob], cells: &[&Cell]) -> Result<()> {
     // Before any work: finished results are reused only for the configuration asked for now.
-    for job in &grid.tpp {
+    for job in tpp {
         if job.dir.join("config.json").exists() {
             check_kept_tpp(&job.record, &job.dir)?;
         }
     }
     // Finished and interrupted runs alike: an interrupted one is resumed only with the same record.
-    for c in &grid.cells {
+    for c in cells {
         if c.dir.join(RUN_JSON).exists() {
             check_kept_run(&c.record, &c.dir)?;
         }
     }
-    crate::peft::io::write_text_atomic(&out.join("compare.toml"), &toml::to_string_pretty(cfg)?)?;
-    let total = grid.tpp.len() + grid.cells.len();
-    for (k, job) in grid.tpp.iter().enumerate() {
+    Ok(())
+}
+
+/// Runs what is not finished of these stages and runs, in order, with `[k/total]` progress lines.
+fn run_jobs(tpp: &[&TppJob], cells: &[&Cell], device: Device) -> Result<()> {
+    let total = tpp.len() + cells.len();
+    for (k, job) in tpp.iter().enumerate() {
         let (label, seed) = (job.record.peft.label(), job.record.config.seed);
         if job.dir.join("config.json").exists() {
             tracing::info!("[{}/{total}] TPP {label} seed {seed}: done before, kept", k + 1);
@@ -380,8 +471,8 @@ pub fn run(cfg: &CompareConfig, out: &Path, device: Device) -> Result<CompareRes
         remove_unfinished(&job.dir)?;
         super::tpp::pretrain_targets(&job.record, &job.dir, device)?;
     }
-    for (k, c) in grid.cells.iter().enumerate() {
-        let k = grid.tpp.len() + k + 1;
+    for (k, c) in cells.iter().enumerate() {
+        let k = tpp.len() + k + 1;
         if c.dir.join("metrics.json").exists() {
             tracing::info!("[{k}/{total}] {} seed {}: done before, kept", c.variant, c.seed);
             continue;
@@ -390,6 +481,29 @@ pub fn run(cfg: &CompareConfig, out: &Path, device: Device) -> Result<CompareRes
         tracing::info!("[{k}/{total}] {} seed {}{}", c.variant, c.seed, if resume { " (resuming)" } else { "" });
         super::finetune::run(&c.record, &c.dir, resume, device)?;
     }
+    Ok(())
+}
+
+/// Collects the results of a grid whose units have all finished (after `--cell` runs elsewhere).
+pub fn collect(cfg: &CompareConfig, out: &Path) -> Result<CompareResults> {
+    let grid = cfg.grid(out)?;
+    let missing: Vec<String> =
+        grid.units().iter().enumerate().filter(|(_, u)| !u.done).map(|(k, u)| format!("{k} ({})", u.label)).collect();
+    if !missing.is_empty() {
+        return Err(anyhow!("{}: cells not finished: {}", out.display(), missing.join(", ")));
+    }
+    CompareResults::collect(cfg, &grid)
+}
+
+/// Runs the whole grid of `cfg` into `out` (keeping finished cells) and collects the results.
+pub fn run(cfg: &CompareConfig, out: &Path, device: Device) -> Result<CompareResults> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let grid = cfg.grid(out)?;
+    let tpp: Vec<&TppJob> = grid.tpp.iter().collect();
+    let cells: Vec<&Cell> = grid.cells.iter().collect();
+    check_kept(&tpp, &cells)?;
+    crate::peft::io::write_text_atomic(&out.join("compare.toml"), &toml::to_string_pretty(cfg)?)?;
+    run_jobs(&tpp, &cells, device)?;
     CompareResults::collect(cfg, &grid)
 }
 

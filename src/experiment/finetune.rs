@@ -134,6 +134,9 @@ fn check_same_backbone(rec: &RunRecord, init: &Path) -> Result<()> {
 /// Runs (or resumes) the fine-tuning run of `rec` in `out`: train with selection on validation, then one
 /// evaluation of the best weights on the test split. Writes the run folder.
 pub fn run(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Result<Outcome> {
+    // Data-parallel: the other processes write into scratch folders, removed at the end.
+    let dir = crate::dist::OutDir::for_rank(out)?;
+    let out = dir.path();
     rec.validate()?;
     let rec = &rec.resolved()?;
     let Prepared { model, ds, checkpoint, files } = prepare(rec, device)?;
@@ -167,11 +170,24 @@ pub fn run(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Result<
     Ok(Outcome { state, evaluation })
 }
 
+/// Loads the best epoch's weights; in a data-parallel run rank 0's (the others' scratch folders lack an
+/// epoch that was best before a resume).
+fn load_best(model: &PeftModel, best: &Path) -> Result<()> {
+    if crate::dist::is_writer() {
+        model.load(best)?;
+    }
+    if let Some(g) = crate::dist::current() {
+        let ts: Vec<tch::Tensor> = model.trainable().into_iter().map(|(_, t)| t).collect();
+        g.broadcast_in_place(&ts)?;
+    }
+    Ok(())
+}
+
 /// After training: the best-on-validation weights meet the test split once; `adapter/`, `metrics.json`,
 /// curves and the confusion matrix are written.
 fn finish(model: &PeftModel, ds: &Dataset, rec: &RunRecord, state: &TrainState, out: &Path) -> Result<Evaluation> {
     let cfg = &rec.config;
-    model.load(&out.join("best"))?;
+    load_best(model, &out.join("best"))?;
     let loader = LoaderConfig {
         batch_size: 128,
         image_size: cfg.image_size,

@@ -68,6 +68,9 @@ fn decoder_tensors(vs: &nn::VarStore, dec: &MaeDecoder) -> Vec<(String, Tensor)>
 /// The TPP stage of `rec` in `out` (which must not exist): `targets/` (the pre-trained target
 /// parameters), the pretext head, `config.json` (the record, with the run's results) and `loss.csv`.
 pub fn pretrain_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<PretrainSummary> {
+    // Data-parallel: the other processes write into scratch folders, removed at the end.
+    let dir = crate::dist::OutDir::for_rank(out)?;
+    let out = dir.path();
     rec.validate()?;
     let rec = &rec.resolved()?;
     refuse_existing(out)?;
@@ -302,6 +305,8 @@ pub fn pretrain_backbone(
     out: &Path,
     device: Device,
 ) -> Result<PretrainSummary> {
+    let dir = crate::dist::OutDir::for_rank(out)?;
+    let out = dir.path();
     arch.validate().map_err(|e| crate::error::bad_input!("architecture: {e}"))?;
     cfg.validate()?;
     refuse_existing(out)?;

@@ -103,20 +103,60 @@ impl SegHead {
 
 /// Cross-entropy plus soft Dice over the foreground classes (all classes when K = 1).
 pub fn loss(logits: &Tensor, masks: &Tensor) -> Tensor {
+    let (ce, inter, denom) = loss_parts(logits, masks);
+    ce + (1.0 - dice(&inter, &denom).mean(Kind::Float))
+}
+
+/// Pixel-mean cross-entropy, and the soft-Dice intersections and denominators per foreground class,
+/// summed over the batch.
+fn loss_parts(logits: &Tensor, masks: &Tensor) -> (Tensor, Tensor, Tensor) {
     let logits = logits.to_kind(Kind::Float);
     let k = logits.size()[1];
     let ce = logits.cross_entropy_loss::<Tensor>(masks, None, tch::Reduction::Mean, -100, 0.0);
     let probs = logits.softmax(1, Kind::Float);
     let onehot = masks.one_hot(k).permute([0, 3, 1, 2]).to_kind(Kind::Float);
-    let first = if k > 1 { 1 } else { 0 };
+    let first = dice_first(k);
     let p = probs.narrow(1, first, k - first);
     let y = onehot.narrow(1, first, k - first);
     let dims = [0i64, 2, 3];
     let inter = (&p * &y).sum_dim_intlist(dims.as_slice(), false, Kind::Float);
     let denom =
         p.sum_dim_intlist(dims.as_slice(), false, Kind::Float) + y.sum_dim_intlist(dims.as_slice(), false, Kind::Float);
-    let dice = (inter * 2.0 + 1.0) / (denom + 1.0);
-    ce + (1.0 - dice.mean(Kind::Float))
+    (ce, inter, denom)
+}
+
+/// The first class Dice counts (the background is left out when there are others).
+fn dice_first(k: i64) -> i64 {
+    if k > 1 { 1 } else { 0 }
+}
+
+fn dice(inter: &Tensor, denom: &Tensor) -> Tensor {
+    (inter * 2.0 + 1.0) / (denom + 1.0)
+}
+
+/// Data-parallel: this process's part of [`loss`] of the global batch, given its `shard` (None: an empty
+/// shard) of a `k`-class problem. The Dice sums are the global batch's (summed across processes, the
+/// other processes' parts held constant), so summed over processes the value and the gradients are those
+/// of one process on the whole batch.
+pub fn shard_loss(
+    part: Option<(&Tensor, &Tensor)>,
+    k: i64,
+    shard: crate::dist::Shard,
+    g: &crate::dist::Group,
+) -> anyhow::Result<Tensor> {
+    let kk = k - dice_first(k);
+    let Some((logits, masks)) = part else {
+        let _ = g.sum(&Tensor::zeros([2 * kk], (Kind::Float, tch::Device::Cpu)))?;
+        return Ok(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)));
+    };
+    let (ce, inter, denom) = loss_parts(logits, masks);
+    let all = g.sum(&Tensor::cat(&[inter.detach(), denom.detach()], 0))?;
+    let inter = &inter + (all.narrow(0, 0, kk) - inter.detach());
+    let denom = &denom + (all.narrow(0, kk, kk) - denom.detach());
+    let x = 1.0 - dice(&inter, &denom).mean(Kind::Float);
+    let share = shard.share();
+    // Value: this shard's share of the global Dice term; gradient: the whole term's, for this shard.
+    Ok(ce * share + &x - (&x * (1.0 - share)).detach())
 }
 
 /// Per-image, per-class (intersection, predicted, true) pixel counts of argmax predictions.

@@ -18,10 +18,18 @@ pub const SPEC: &str = "tpp_peft.json";
 pub const PEFT_CONFIG: &str = "adapter_config.json";
 const PREFIX: &str = "base_model.model.";
 
-/// Writes a file atomically: to a temporary name in the same folder, then renamed over the target.
+/// Writes a file atomically: to a temporary name in the same folder, then renamed over the target. The
+/// temporary name is this process's and this call's own, so concurrent writers (compare cells on other
+/// devices or machines) never write into each other's file; the last rename wins whole.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
-    write(&tmp)?;
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.{}-{seq}.tmp", std::process::id()));
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     // On disk before the rename: after a power cut the file is either the old one or the whole new one.
     std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot move into place", path.display()))

@@ -7,7 +7,7 @@ use super::callbacks::{BestOnValidation, Checkpointable, Checkpointer, EarlyStop
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::WarmupCosine;
 use super::trainer::{Batches, TrainState, TrainStep, Trainer};
-use crate::data::loader::{Batch, LoaderConfig, epoch_batches};
+use crate::data::loader::{Batch, LoaderConfig, epoch_shards};
 use crate::data::transforms::{Augment, Norm};
 use crate::data::{Dataset, Task};
 use crate::eval::metrics::Metric;
@@ -151,6 +151,24 @@ impl<'a> FinetuneStep<'a> {
     }
 }
 
+impl FinetuneStep<'_> {
+    /// Data-parallel: this process's part of the global batch's loss (mixup is refused before training).
+    fn shard_loss(&self, b: &Batch, g: &crate::dist::Group) -> Result<Tensor> {
+        let (task, k) = (self.ds.task, self.ds.num_classes);
+        if b.shard.len == 0 {
+            return match task {
+                Task::Segmentation => crate::heads::segmentation::shard_loss(None, k, b.shard, g),
+                _ => Ok(Tensor::zeros([], (Kind::Float, self.model.device))),
+            };
+        }
+        let l = self.model.logits(&b.images, true);
+        Ok(match task {
+            Task::Segmentation => crate::heads::segmentation::shard_loss(Some((&l, &b.labels)), k, b.shard, g)?,
+            _ => loss_fn(task, &l, &b.labels, k, self.cfg.label_smoothing, None) * b.shard.share(),
+        })
+    }
+}
+
 impl TrainStep for FinetuneStep<'_> {
     fn batches(&mut self, epoch: i64) -> Batches {
         // Every epoch draws from its own seeded stream, so a resumed run repeats an uninterrupted one.
@@ -160,11 +178,14 @@ impl TrainStep for FinetuneStep<'_> {
         // Batches stream from the loader (prefetched on the host): collecting a whole epoch of augmented
         // float batches on the device would need the data set's size in device memory.
         let len = self.loader.num_batches(self.ds.train.len());
-        let iter = epoch_batches(&self.ds.train, self.loader, Some(self.cfg.augment), seed, seg);
+        let iter = epoch_shards(&self.ds.train, self.loader, Some(self.cfg.augment), seed, seg, crate::dist::part());
         Batches { len, iter: Box::new(iter) }
     }
 
     fn loss(&mut self, b: &Batch) -> Result<Tensor> {
+        if let Some(g) = crate::dist::current() {
+            return self.shard_loss(b, g);
+        }
         let bsz = b.images.size()[0];
         let mix = if self.cfg.mixup > 0.0 && bsz > 1 && self.ds.task != Task::Segmentation {
             let lam = sample_beta(&mut self.rng, self.cfg.mixup);
@@ -261,6 +282,10 @@ fn trainer<'a>(model: &'a PeftModel, cfg: &FinetuneConfig, n: i64, out: &Path) -
 /// Returns the final state; the best weights are in `<out>/best`, the latest epoch in `<out>/checkpoint`.
 pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Path, resume: bool) -> Result<TrainState> {
     cfg.validate()?;
+    if cfg.mixup > 0.0 && crate::dist::part().world > 1 {
+        // Mixup pairs images across the whole batch, which no process holds.
+        return Err(crate::error::bad_input!("--mixup is not supported in data-parallel runs (under torchrun)"));
+    }
     let n = ds.train.len();
     let mut trainer = trainer(model, cfg, n, out);
     let mut state = TrainState::default();

@@ -6,7 +6,7 @@ use super::optim::{AdamW, AdamWConfig};
 use super::schedule::WarmupCosine;
 use super::trainer::{Batches, TrainState, TrainStep, Trainer};
 use crate::data::Split;
-use crate::data::loader::{Batch, LoaderConfig, epoch_batches};
+use crate::data::loader::{Batch, LoaderConfig, epoch_shards};
 use crate::data::transforms::{Augment, Norm};
 use crate::pretext::dino::{self, DinoConfig, DinoHead};
 use crate::pretext::mae::{self, MaeConfig, MaeDecoder};
@@ -122,6 +122,13 @@ fn plan(
         bail!("no training images");
     }
     let bs = cfg.batch_size.min(n);
+    let world = crate::dist::part().world;
+    if bs < world {
+        return Err(crate::error::bad_input!(
+            "--batch-size {bs} (the global batch; at most the number of training images) is smaller than the {world} \
+             processes: every process needs at least one image of each batch"
+        ));
+    }
     let steps_per_epoch = (n / bs).max(1);
     let schedule = WarmupCosine::new(cfg.lr, cfg.min_lr, cfg.warmup, steps_per_epoch * cfg.epochs);
     let opt = AdamW::new(params, AdamWConfig { beta1: 0.9, beta2, eps: 1e-8, weight_decay: cfg.weight_decay });
@@ -186,19 +193,22 @@ impl<'a> MaeStep<'a> {
 impl TrainStep for MaeStep<'_> {
     fn batches(&mut self, epoch: i64) -> Batches {
         let seed = self.cfg.seed.wrapping_add(epoch as u64 * 7919);
-        let iter = epoch_batches(self.split, self.loader, Some(self.cfg.augment), seed, false);
+        let part = crate::dist::part();
+        let iter = epoch_shards(self.split, self.loader, Some(self.cfg.augment), seed, false, part);
         Batches { len: self.loader.num_batches(self.split.len()), iter: Box::new(iter) }
     }
 
     fn loss(&mut self, batch: &Batch) -> Result<Tensor> {
-        let b = batch.images.size()[0];
+        // The masking noise of the whole global batch (every process draws the same), this shard's rows.
+        let (b, shard) = (batch.shard.total, batch.shard);
         let n_patches = (self.cfg.image_size / self.vit.config().patch_size).pow(2);
         let noise: Vec<f32> = (0..b * n_patches).map(|_| self.noise_rng.random::<f32>()).collect();
-        let noise = Tensor::from_slice(&noise).reshape([b, n_patches]).to_device(self.loader.device);
+        let noise = shard.rows(&Tensor::from_slice(&noise).reshape([b, n_patches])).to_device(self.loader.device);
         let out = crate::device::autocast(self.loader.device, || {
             mae::forward(self.vit, self.dec, &batch.images, &self.cfg.mae, &noise, true)
         });
-        Ok(out.loss)
+        // Every image hides as many patches, so the mean over hidden patches weights images equally.
+        Ok(if shard.is_whole() { out.loss } else { out.loss * shard.share() })
     }
 }
 
@@ -338,16 +348,30 @@ impl TrainStep for DinoStep<'_> {
         self.rng = ChaCha8Rng::seed_from_u64(seed);
         // Shuffled batches without the loader's own warp: the crops are the augmentation.
         let seed = self.cfg.seed.wrapping_add(epoch as u64 * 7919);
-        let iter = epoch_batches(self.split, self.loader, Some(Augment::NONE), seed, false);
+        let part = crate::dist::part();
+        let iter = epoch_shards(self.split, self.loader, Some(Augment::NONE), seed, false, part);
         Batches { len: self.loader.num_batches(self.split.len()), iter: Box::new(iter) }
     }
 
+    fn shared_state(&self) -> Vec<Tensor> {
+        // Sorted by name: a store's map iterates in a different order in every process.
+        let mut v: Vec<Tensor> = Vec::new();
+        for (t, _) in &self.parts.ema {
+            let mut named: Vec<(String, Tensor)> = t.variables().into_iter().collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            v.extend(named.into_iter().map(|(_, t)| t));
+        }
+        v.push(self.center.shallow_clone());
+        v
+    }
+
     fn loss(&mut self, batch: &Batch) -> Result<Tensor> {
-        let (g, parts, device) = (self.cfg.image_size, self.parts, self.loader.device);
+        let (g, parts, device, shard) = (self.cfg.image_size, self.parts, self.loader.device, batch.shard);
         let globals: Vec<Tensor> =
-            (0..2).map(|_| self.global_aug.warp(&batch.images, None, (g, g), &mut self.rng).0).collect();
+            (0..2).map(|_| self.global_aug.warp_shard(&batch.images, None, (g, g), &mut self.rng, shard).0).collect();
+        let local = (self.local, self.local);
         let locals: Vec<Tensor> = (0..self.dino.local_crops)
-            .map(|_| self.local_aug.warp(&batch.images, None, (self.local, self.local), &mut self.rng).0)
+            .map(|_| self.local_aug.warp_shard(&batch.images, None, local, &mut self.rng, shard).0)
             .collect();
         let teacher_out = tch::no_grad(|| {
             crate::device::autocast(device, || {
@@ -361,12 +385,18 @@ impl TrainStep for DinoStep<'_> {
                 let l = dino::project(parts.student, parts.s_head, &Tensor::cat(&locals, 0), true);
                 s.extend(l.chunk(locals.len() as i64, 0));
             }
-            let (l, batch_center) = dino::loss(&s, &teacher_out, &self.center, self.dino, self.t_temp);
-            let _g = tch::no_grad_guard();
-            let m = self.dino.center_momentum;
-            self.center = &self.center * m + batch_center * (1.0 - m);
-            l
+            dino::loss(&s, &teacher_out, &self.center, self.dino, self.t_temp)
         });
+        let (loss, batch_center) = loss;
+        let loss = if shard.is_whole() { loss } else { loss * shard.share() };
+        let _g = tch::no_grad_guard();
+        // The centre follows the mean teacher output of the global batch.
+        let batch_center = match crate::dist::current() {
+            Some(grp) if !shard.is_whole() => grp.sum(&(batch_center * shard.share()))?,
+            _ => batch_center,
+        };
+        let m = self.dino.center_momentum;
+        self.center = &self.center * m + batch_center * (1.0 - m);
         Ok(loss)
     }
 

@@ -25,12 +25,20 @@ pub struct Batches {
 pub trait TrainStep {
     /// The batches of `epoch` (0-based), seeded by the epoch so that a resumed run sees the same ones.
     fn batches(&mut self, epoch: i64) -> Batches;
-    /// Forward pass and loss (a scalar) of one batch; gradients flow to the trained parameters.
+    /// Forward pass and loss (a scalar) of one batch; gradients flow to the trained parameters. In a
+    /// data-parallel run the batch is this process's shard (`batch.shard`, possibly empty) and the loss is
+    /// its part of the global batch's loss: summed over processes, values and gradients are the one-process
+    /// ones (a per-sample mean times `shard.share()`). The loss of an empty shard is not back-propagated.
     fn loss(&mut self, batch: &Batch) -> Result<Tensor>;
     /// After every optimiser update (DINO's EMA teacher follows the student here).
     fn after_update(&mut self, step: i64, total_steps: i64) -> Result<()> {
         let _ = (step, total_steps);
         Ok(())
+    }
+    /// State outside the optimiser that every process of a data-parallel run must start from rank 0's
+    /// values (DINO's teacher and centre); none by default.
+    fn shared_state(&self) -> Vec<Tensor> {
+        Vec::new()
     }
     /// Validation metrics at the end of an epoch (none by default).
     fn validate(&mut self) -> Result<BTreeMap<String, f64>> {
@@ -192,6 +200,9 @@ impl Trainer<'_> {
         state: &mut TrainState,
         callbacks: &mut [&mut dyn Callback],
     ) -> Result<()> {
+        if let Some(g) = crate::dist::current() {
+            self.start_together(g, step, state)?;
+        }
         let total = self.steps_per_epoch * self.epochs;
         let mut update = state.epochs_done * self.steps_per_epoch;
         for cb in callbacks.iter_mut() {
@@ -232,6 +243,53 @@ impl Trainer<'_> {
         Ok(())
     }
 
+    /// Data-parallel: every process starts from rank 0's parameters, optimiser state, step state and run
+    /// state (rank 0 alone holds the checkpoint a resumed run continues from).
+    fn start_together(&mut self, g: &crate::dist::Group, step: &dyn TrainStep, state: &mut TrainState) -> Result<()> {
+        let params: Vec<Tensor> = self.opt.tensors().map(Tensor::shallow_clone).collect();
+        g.broadcast_in_place(&params)?;
+        let mut opt_state = BTreeMap::new();
+        for (k, t) in self.opt.state() {
+            opt_state.insert(k, g.broadcast(&t, 0)?);
+        }
+        self.opt.load_state(&opt_state, std::path::Path::new("rank 0's optimiser state"))?;
+        g.broadcast_in_place(&step.shared_state())?;
+        let bytes = g.broadcast_bytes(&serde_json::to_vec(state)?)?;
+        *state = serde_json::from_slice(&bytes)?;
+        Ok(())
+    }
+
+    /// Data-parallel: sums the update's gradients (each process's already weighted by its share of the
+    /// global batches) and its batches' losses over all processes, in one flat bucket; returns the
+    /// losses of the global batches. A gradient that is undefined here (no backward on an empty shard)
+    /// but defined elsewhere is created; one defined nowhere stays undefined, as in one process.
+    fn sum_window(&mut self, g: &crate::dist::Group, losses: &[Tensor]) -> Result<Vec<Tensor>> {
+        let params: Vec<Tensor> = self.opt.tensors().map(Tensor::shallow_clone).collect();
+        let mut parts = Vec::with_capacity(params.len() + 2);
+        let mut defined = Vec::with_capacity(params.len());
+        for p in &params {
+            let gr = p.grad();
+            defined.push(gr.defined());
+            parts.push(if gr.defined() { gr } else { p.zeros_like().to_kind(Kind::Float) });
+        }
+        let flags: Vec<f32> = defined.iter().map(|&d| f32::from(u8::from(d))).collect();
+        let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
+        parts.push(Tensor::from_slice(&flags).to_device(device));
+        let losses: Vec<Tensor> = losses.iter().map(|l| l.detach().to_kind(Kind::Float).to_device(device)).collect();
+        parts.push(Tensor::stack(&losses, 0));
+        g.sum_in_place(&parts)?;
+        let flags = Vec::<f32>::try_from(&parts[params.len()].to_device(tch::Device::Cpu))?;
+        for (i, p) in params.iter().enumerate() {
+            if !defined[i] && flags[i] > 0.0 {
+                // A zero gradient through autograd (tch cannot assign one), then the sum.
+                (p * 0.0).sum(Kind::Float).backward();
+                let _g = tch::no_grad_guard();
+                p.grad().copy_(&parts[i].to_kind(p.kind()));
+            }
+        }
+        Ok(parts[params.len() + 1].unbind(0))
+    }
+
     /// Why and where a run with a non-finite loss stopped: whether the parameters diverged, and what is kept.
     fn divergence(&self, loss: f64, epoch: i64, state: &TrainState) -> String {
         let diverged = tch::no_grad(|| self.opt.tensors().any(|t| t.isfinite().all().int64_value(&[]) == 0));
@@ -263,22 +321,36 @@ impl Trainer<'_> {
         let accum = self.accum.max(1);
         let mut sums = EpochSums { losses: Vec::new(), images: 0, lr: self.schedule.lr(*update) };
         let mut window_images = 0;
+        let mut window_losses = Vec::new();
+        let group = crate::dist::current();
         self.opt.zero_grad();
         let Batches { len, iter } = step.batches(epoch);
         for (i, batch) in iter.enumerate() {
-            let loss = step.loss(&batch)?;
-            if accum == 1 {
+            let mut loss = step.loss(&batch)?;
+            if batch.shard.len == 0 {
+                // An empty shard (data-parallel): nothing to back-propagate here.
+            } else if accum == 1 {
                 loss.backward()
             } else {
                 (&loss / accum as f64).backward()
             }
-            let n = batch.images.size()[0];
-            sums.losses.push(loss.detach());
+            // Images of the global batch (this process's shard is part of it).
+            let n = batch.shard.total;
+            window_losses.push(loss.detach());
             sums.images += n;
             window_images += n;
             if (i + 1) as i64 % accum != 0 && i + 1 != len {
                 continue;
             }
+            match group {
+                Some(g) => {
+                    let global = self.sum_window(g, &window_losses)?;
+                    loss = global.last().expect("a window has a batch").shallow_clone();
+                    sums.losses.extend(global);
+                }
+                None => sums.losses.append(&mut window_losses),
+            }
+            window_losses.clear();
             for cb in callbacks.iter_mut() {
                 cb.on_before_optimizer_step(&self.opt)?;
             }
