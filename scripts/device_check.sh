@@ -20,10 +20,10 @@ STEPS=${STEPS:-20}
 for run in peer1 tpp peer2; do
   case $run in
     tpp) timeout 240 device/tpp bench --device cuda --model vit_base_patch16_224 --batch 128 --steps "$STEPS" ;;
-    *) timeout 150 $PY device/torch_peer.py vit_base_patch16_224 128 bf16 "$STEPS" ;;
+    *) timeout 150 $PY device/torch_peer.py --model vit_base_patch16_224 --batch 128 --dtype bf16 --steps "$STEPS" ;;
   esac 2>&1 | tee "$OUT/bench_$run.txt"
 done
-timeout 150 device/tpp --device cuda demo --quick --out /tmp/demo_cuda 2>&1 | tail -40 | tee "$OUT/demo_quick.txt"
+timeout 150 device/tpp --device cuda demo --from-scratch --quick --out /tmp/demo_cuda 2>&1 | tail -40 | tee "$OUT/demo_quick.txt"
 cp /tmp/demo_cuda/compare/report.md "$OUT/demo_report.md" 2>/dev/null || true
 # 4. Data-parallel fine-tuning on NCCL under torchrun: world size 1, and every GPU of the machine.
 TORCHRUN=/opt/torch/.venv/bin/torchrun

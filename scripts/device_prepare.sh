@@ -13,5 +13,5 @@ TPP_LIBTORCH_RPATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib cargo
 nm -C target/release/tpp | grep -q 'c10d::ProcessGroupNCCL::ProcessGroupNCCL' || { echo "built without NCCL" >&2; exit 1; }
 mkdir -p device
 install -m 755 target/release/tpp device/tpp
-install -m 644 ../shared/bench/torch_peer.py device/torch_peer.py
+install -m 644 scripts/torch_peer.py device/torch_peer.py
 ls -la device

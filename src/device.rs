@@ -9,15 +9,19 @@ unsafe extern "C" {
     fn tpp_cuda_reset_peak(device: i32) -> i32;
 }
 
-/// Parses `cpu`, `cuda` or `cuda:N`; CUDA must actually be available.
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N`; CUDA must actually be available. `auto` is CUDA when a
+/// device is present (the process's LOCAL_RANK under torchrun), else the CPU.
 pub fn parse_device(s: &str) -> Result<Device> {
     let dev = match s {
-        "cpu" => Device::Cpu,
+        "auto" if tch::Cuda::is_available() => Device::Cuda(crate::dist::local_cuda_index()),
+        "auto" | "cpu" => Device::Cpu,
         // Under torchrun each process takes the GPU of its LOCAL_RANK.
         "cuda" => Device::Cuda(crate::dist::local_cuda_index()),
         _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
             Some(n) => Device::Cuda(n),
-            None => return Err(crate::error::bad_input!("--device '{s}': unknown (expected cpu, cuda or cuda:N)")),
+            None => {
+                return Err(crate::error::bad_input!("--device '{s}': unknown (expected auto, cpu, cuda or cuda:N)"));
+            }
         },
     };
     if let Device::Cuda(n) = dev {
@@ -31,6 +35,19 @@ pub fn parse_device(s: &str) -> Result<Device> {
         }
     }
     Ok(dev)
+}
+
+/// One line for the log: the device a command runs on and, for `auto`, why.
+pub fn describe(asked: &str, dev: Device) -> String {
+    let what = match dev {
+        Device::Cuda(n) => format!("cuda:{n} ({} CUDA device(s) present)", tch::Cuda::device_count()),
+        _ => format!("cpu, {} threads", tch::get_num_threads()),
+    };
+    match (asked, dev) {
+        ("auto", Device::Cpu) => format!("device: {what} (--device auto: no CUDA device found)"),
+        ("auto", _) => format!("device: {what} (--device auto)"),
+        _ => format!("device: {what}"),
+    }
 }
 
 /// Runs `f` under bf16 autocast on CUDA, plainly on CPU (CPU bf16 matmuls are slower than f32 ones).

@@ -31,6 +31,7 @@ mod error;
 pub mod eval;
 pub mod experiment;
 pub mod heads;
+pub mod hub;
 pub mod model;
 pub mod peft;
 pub mod pretext;

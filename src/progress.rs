@@ -9,8 +9,14 @@ pub trait Reporter: Send + Sync {
     fn start(&self, label: &str, total: u64);
     /// `position` units are done.
     fn set_position(&self, position: u64);
-    /// How it goes (e.g. the latest loss).
+    /// How it goes (e.g. the latest epoch's loss): a milestone worth showing at once.
     fn set_message(&self, message: &str);
+    /// `position` units are done, and `status` says how it goes now (e.g. the latest loss). `status` is
+    /// called only when the reporter shows it (reading a loss synchronises a GPU); by default never.
+    fn tick(&self, position: u64, status: &dyn Fn() -> String) {
+        let _ = status;
+        self.set_position(position);
+    }
     /// The task ended (finished or stopped).
     fn finish(&self);
 }
@@ -47,6 +53,13 @@ impl Task {
     pub fn set_position(&self, position: u64) {
         if let Some(r) = &self.reporter {
             r.set_position(position);
+        }
+    }
+
+    /// Reports `position` units done, with a status computed only if the reporter shows it.
+    pub fn tick(&self, position: u64, status: &dyn Fn() -> String) {
+        if let Some(r) = &self.reporter {
+            r.tick(position, status);
         }
     }
 

@@ -20,6 +20,7 @@ pub struct Args {
     /// TOML config (see README); flags below override it
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Backbone checkpoint (.safetensors), or a Hugging Face hub id: hf-hub:ORG/NAME[@REV] or ORG/NAME[@REV]
     #[arg(long)]
     pub backbone: Option<PathBuf>,
     #[arg(long)]
@@ -70,6 +71,7 @@ impl Args {
     pub fn apply(&self, cfg: &mut CompareConfig) {
         if let Some(b) = &self.backbone {
             cfg.backbone.path = b.clone();
+            cfg.backbone.hub = None;
         }
         if let Some(d) = &self.data {
             cfg.data.data = d.clone();
@@ -119,6 +121,8 @@ impl Args {
             }
         };
         self.apply(&mut cfg);
+        // A hub id is resolved once, here (the cells, and --devices' processes, read the cached file).
+        cfg.backbone.resolve_hub(|k| std::env::var(k).ok())?;
         Ok(cfg)
     }
 }

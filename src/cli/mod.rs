@@ -21,8 +21,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "tpp", version)]
 pub struct Cli {
-    /// cpu, cuda or cuda:N
-    #[arg(long, global = true, default_value = "cpu")]
+    /// auto (CUDA when a GPU is present, else CPU), cpu, cuda or cuda:N
+    #[arg(long, global = true, default_value = "auto")]
     pub device: String,
     /// CPU threads for libtorch (0: one per core)
     #[arg(long, global = true, default_value_t = 0, value_parser = crate::check::int_flag(0, 256))]
@@ -66,9 +66,9 @@ pub enum Command {
     Predict(predict::Args),
     /// Merge a run's PEFT updates into the backbone and write a plain timm checkpoint
     Export(export::Args),
-    /// Training-step speed and peak memory (LoRA, TPP-MAE, full fine-tuning), like ../shared/bench/torch_peer.py
+    /// Training-step speed and peak memory (LoRA, TPP-MAE, full fine-tuning); scripts/torch_peer.py is the PyTorch peer
     Bench(bench::Args),
-    /// The embedded default: pre-train a small ViT, then LoRA vs LoRA+TPP on BreastMNIST (offline, CPU)
+    /// The demo: LoRA vs LoRA+TPP on BreastMNIST with a real pre-trained ViT-S/14 (--from-scratch: a small ViT)
     Demo(demo::Args),
     /// The TPP experiment: PEFT vs PEFT+TPP (plus linear probe and full fine-tuning) over seeds, with a report
     Compare(compare::Args),
@@ -77,7 +77,8 @@ pub enum Command {
 /// Options shared by every command that loads a backbone.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BackboneArgs {
-    /// Backbone checkpoint (.safetensors: timm, MAE, HF ViTMAE or HF Dinov2 layout)
+    /// Backbone checkpoint (.safetensors: timm, MAE, HF ViTMAE or HF Dinov2 layout), or a Hugging Face hub
+    /// id: hf-hub:ORG/NAME[@REV] or ORG/NAME[@REV] (its model.safetensors, through Python's hub cache)
     #[arg(long)]
     pub backbone: std::path::PathBuf,
     /// Attention heads, when neither shapes (head dim 64 assumed) nor a config.json beside the file tell
@@ -89,6 +90,9 @@ pub struct BackboneArgs {
     /// Pooling: cls or mean (default: as the checkpoint implies)
     #[arg(long)]
     pub pool: Option<crate::backbone::Pool>,
+    /// The hub id `backbone` named, once resolved (`backbone` is then the cached file).
+    #[arg(skip)]
+    pub hub: Option<crate::hub::HubSource>,
 }
 
 impl BackboneArgs {
@@ -99,12 +103,39 @@ impl BackboneArgs {
             heads: self.heads,
             img_size: self.img_size,
             pool: self.pool,
+            hub: self.hub.clone(),
         }
+    }
+
+    /// Resolves a hub id in `--backbone` to its cached file (downloading it unless offline).
+    fn resolve_hub(&mut self) -> Result<()> {
+        let mut s = self.source();
+        s.resolve_hub(|k| std::env::var(k).ok())?;
+        (self.backbone, self.hub) = (s.path, s.hub);
+        Ok(())
+    }
+}
+
+/// Resolves a hub id naming the command's backbone (or `inspect`'s checkpoint) once, before it runs.
+fn resolve_hub_ids(cmd: &mut Command) -> Result<()> {
+    match cmd {
+        Command::Embed(a) => a.backbone.resolve_hub(),
+        Command::PretrainTargets(a) => a.backbone.resolve_hub(),
+        Command::Finetune(a) => a.backbone.resolve_hub(),
+        Command::Inspect(a) => {
+            if let Some(file) = a.checkpoint.to_str().and_then(crate::experiment::demo::named_model) {
+                a.checkpoint = file?;
+            } else if let Some(id) = a.checkpoint.to_str().and_then(crate::hub::parse) {
+                a.checkpoint = crate::hub::resolve_env(&id?)?.weights;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
 /// Runs a parsed command line.
-pub fn run(cli: Cli) -> Result<()> {
+pub fn run(mut cli: Cli) -> Result<()> {
     crate::device::set_threads(cli.threads as usize);
     crate::data::cache::set_dir(if cli.no_cache {
         None
@@ -112,6 +143,11 @@ pub fn run(cli: Cli) -> Result<()> {
         cli.cache_dir.or_else(crate::data::cache::default_dir)
     });
     let device = crate::device::parse_device(&cli.device)?;
+    resolve_hub_ids(&mut cli.cmd)?;
+    let computes = !matches!(&cli.cmd, Command::Inspect(_) | Command::Data(_) | Command::Export(_));
+    if computes {
+        tracing::info!("{}", crate::device::describe(&cli.device, device));
+    }
     // Under torchrun: the training commands run data-parallel; the others would only repeat one another.
     match &cli.cmd {
         Command::PretrainTargets(_) | Command::PretrainBackbone(_) | Command::Finetune(_) => {

@@ -540,7 +540,7 @@ fn check_kept_tpp(want: &TppRecord, dir: &Path) -> Result<()> {
     let mut old: TppRecord = serde_json::from_value(v["record"].clone())
         .map_err(|e| anyhow!("{}: no valid TPP record ({e})", file.display()))?;
     // Records of earlier versions: paths as given, no fingerprint.
-    old.backbone.path = records::absolute(&old.backbone.path);
+    old.backbone.path = old.backbone.absolute_path();
     old.data.data = records::absolute(&old.data.data);
     old.data.labels = old.data.labels.as_deref().map(records::absolute);
     old.backbone_fingerprint = old.backbone_fingerprint.or_else(|| want.backbone_fingerprint.clone());

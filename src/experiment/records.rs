@@ -122,7 +122,8 @@ fn check_fingerprint(path: &Path, recorded: Option<&String>, what: &str) -> Resu
 /// `pool`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackboneSource {
-    /// The checkpoint file (.safetensors: timm, MAE, HF ViTMAE or HF Dinov2 layout).
+    /// The checkpoint file (.safetensors: timm, MAE, HF ViTMAE or HF Dinov2 layout); for a hub id, the
+    /// cached snapshot's file once [`BackboneSource::resolve_hub`] has run.
     #[serde(rename = "backbone")]
     pub path: PathBuf,
     /// Attention heads, when neither shapes nor a config.json beside the file tell.
@@ -134,12 +135,45 @@ pub struct BackboneSource {
     /// Pooling (default: as the checkpoint implies).
     #[serde(default)]
     pub pool: Option<Pool>,
+    /// A backbone named by Hugging Face hub id: the repo, the revision asked for and the commit it
+    /// resolved to (`path` is then the cached snapshot's `model.safetensors`; see [`crate::hub`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<crate::hub::HubSource>,
 }
 
 impl BackboneSource {
     /// A checkpoint file read with its own geometry.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        BackboneSource { path: path.into(), heads: None, img_size: None, pool: None }
+        BackboneSource { path: path.into(), heads: None, img_size: None, pool: None, hub: None }
+    }
+
+    /// When `path` is a Hugging Face hub id (`hf-hub:ORG/NAME[@REV]`, or `ORG/NAME[@REV]` naming no local
+    /// path), resolves it through the hub cache (downloading what it lacks unless offline; `var` looks up
+    /// the environment): `path` becomes the snapshot's `model.safetensors` and `hub` records the commit.
+    /// `tpp:NAME` becomes the model of that name in tpp's models folder (the demo's backbone). Anything
+    /// else is left as it is.
+    pub fn resolve_hub(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<()> {
+        if self.hub.is_some() {
+            return Ok(());
+        }
+        if let Some(file) = self.path.to_str().and_then(super::demo::named_model) {
+            self.path = file?;
+            return Ok(());
+        }
+        let Some(id) = self.path.to_str().and_then(crate::hub::parse) else { return Ok(()) };
+        let r = crate::hub::resolve(&id?, var)?;
+        self.hub = Some(r.source());
+        self.path = r.weights;
+        Ok(())
+    }
+
+    /// The checkpoint's absolute path, as records keep it: canonical, except that a hub snapshot's file
+    /// keeps its path (a symlink into `blobs/`), so that the `config.json` beside it is still found.
+    pub fn absolute_path(&self) -> PathBuf {
+        match &self.hub {
+            Some(_) => std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone()),
+            None => absolute(&self.path),
+        }
     }
 
     /// Rejects options no load could use.
@@ -287,7 +321,7 @@ impl RunRecord {
 
     /// The record with every path absolute (against the current folder).
     pub(crate) fn absolute_paths(mut self) -> Self {
-        self.backbone.path = absolute(&self.backbone.path);
+        self.backbone.path = self.backbone.absolute_path();
         self.data.data = absolute(&self.data.data);
         self.data.labels = self.data.labels.as_deref().map(absolute);
         self.init_targets = self.init_targets.as_deref().map(absolute);
@@ -405,7 +439,7 @@ impl TppRecord {
     /// The record with absolute paths and the backbone's fingerprint: what `config.json` keeps.
     pub fn resolved(&self) -> Result<Self> {
         let mut r = self.clone();
-        r.backbone.path = absolute(&r.backbone.path);
+        r.backbone.path = r.backbone.absolute_path();
         r.data.data = absolute(&r.data.data);
         r.data.labels = r.data.labels.as_deref().map(absolute);
         r.backbone_fingerprint = Some(fingerprint(&r.backbone.path)?);

@@ -178,24 +178,42 @@ pub struct ProgressReport {
     metric: Option<String>,
     task: Option<crate::progress::Task>,
     done: i64,
+    /// Images since the run (re)started, and when it did: the rate a status shows.
+    images: i64,
+    started: Instant,
 }
 
 impl ProgressReport {
     /// Progress labelled `label`, showing validation `metric` when given.
     pub fn new(label: &str, metric: Option<&str>) -> Self {
-        ProgressReport { label: label.to_string(), metric: metric.map(str::to_string), task: None, done: 0 }
+        ProgressReport {
+            label: label.to_string(),
+            metric: metric.map(str::to_string),
+            task: None,
+            done: 0,
+            images: 0,
+            started: Instant::now(),
+        }
     }
 }
 
 impl Callback for ProgressReport {
     fn on_train_start(&mut self, done_steps: i64, total_steps: i64) -> Result<()> {
         self.done = done_steps;
+        self.started = Instant::now();
+        self.images = 0;
         self.task = Some(crate::progress::start(&self.label, (total_steps - done_steps).max(0) as u64));
         Ok(())
     }
     fn on_step_end(&mut self, s: &StepEnd) -> Result<()> {
+        self.images += s.images;
         if let Some(t) = &self.task {
-            t.set_position((s.step + 1 - self.done).max(0) as u64);
+            let (images, secs) = (self.images, self.started.elapsed().as_secs_f64().max(1e-9));
+            let status = || {
+                let loss = s.loss.double_value(&[]);
+                format!("epoch {} loss {loss:.4} {:.0} img/s", s.epoch + 1, images as f64 / secs)
+            };
+            t.tick((s.step + 1 - self.done).max(0) as u64, &status);
         }
         Ok(())
     }
