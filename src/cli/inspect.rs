@@ -3,7 +3,8 @@ use anyhow::Result;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Checkpoint file (.safetensors)
+    /// Checkpoint: a .safetensors file, hf-hub:ORG/NAME[@REV] (or ORG/NAME) from the Hugging Face hub, or
+    /// tpp:NAME from tpp's models folder
     pub checkpoint: std::path::PathBuf,
     /// Attention heads, if the default guess (head dim 64) is wrong and no config.json is beside the file
     #[arg(long)]

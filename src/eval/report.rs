@@ -161,7 +161,10 @@ pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<Stri
     let _ = writeln!(
         md,
         "Backbone `{}`; pretext {pretext_name}; seeds {:?}; test metric `{metric}` (model selection on validation `{select}`; the test split is scored once per run, at the best validation epoch).\n",
-        cfg.backbone.path.display(),
+        match &cfg.backbone.hub {
+            Some(h) => format!("hf-hub:{}@{}", h.repo, h.commit),
+            None => cfg.backbone.path.display().to_string(),
+        },
         cfg.seeds
     );
     let _ = writeln!(md, "## PEFT vs PEFT + TPP (test {metric}, mean ± sample std over seeds)\n\n{head}");
