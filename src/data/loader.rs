@@ -90,9 +90,6 @@ pub fn epoch_shards(
     let (images, labels) = (split.images.shallow_clone(), split.labels.shallow_clone());
     let (tx, rx) = std::sync::mpsc::sync_channel::<(Tensor, Tensor, Tensor, Shard)>(2);
     std::thread::spawn(move || {
-        // One libtorch thread here: a second OpenMP team beside the training step's would oversubscribe
-        // the cores (and spin-wait), which made 2-thread runs up to 4x slower than 1-thread ones.
-        tch::set_num_threads(1);
         for (c, shard) in chunks {
             let idx = Tensor::from_slice(&c);
             // Not pinned: tch's pin_memory takes a device, deprecated in libtorch 2.11 (a warning per call),
