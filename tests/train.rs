@@ -70,7 +70,7 @@ fn tpp_stage_trains_only_targets_and_lowers_mae_loss() {
         preview_every: 0,
     };
     let out = tmp_dir("tpp-stage");
-    let summary = train_mae(&bb.vit, &dec, params, &split, &pcfg, Device::Cpu, &out, &mut || Ok(())).unwrap();
+    let summary = train_mae(&bb.vit, &dec, params, &split, &pcfg, Device::Cpu, &out, "TPP", &mut || Ok(())).unwrap();
     assert_eq!(summary.steps, 250);
     // The loss over the first and last 20 steps (loss.csv has one row per step).
     let csv = std::fs::read_to_string(out.join("loss.csv")).unwrap();

@@ -206,7 +206,7 @@ fn tpp_mae(rec: &TppRecord, inputs: StageInputs, out: &Path, device: Device) -> 
         crate::peft::io::save(&model.targets, &targets_dir)?;
         crate::peft::io::write_safetensors_atomic(&head_path, &decoder_tensors(&dec_vs, &dec))
     };
-    let summary = train_mae(&model.bb.vit, &dec, params, &ds.train, &cfg, device, out, &mut save)?;
+    let summary = train_mae(&model.bb.vit, &dec, params, &ds.train, &cfg, device, out, "TPP", &mut save)?;
     let run = StageRun { rec, cfg: &cfg, format: ck.format, ds, device, counts: (trainable, total) };
     run.finish(out, &summary, ("decoder_used", if use_ck { "checkpoint" } else { "fresh" }))?;
     Ok(summary)
@@ -361,7 +361,7 @@ fn backbone_stage(
         named.extend(decoder_tensors(&dec_vs, &dec));
         crate::peft::io::write_safetensors_atomic(&path, &named)
     };
-    let summary = train_mae(&bb.vit, &dec, params, &ds.train, cfg, device, out, &mut save)?;
+    let summary = train_mae(&bb.vit, &dec, params, &ds.train, cfg, device, out, "MAE pre-training", &mut save)?;
     let record = json!({
         "command": "pretrain-backbone", "arch": arch,
         // Read back by the checkpoint loader (HF config.json keys): heads cannot be inferred from shapes.

@@ -213,7 +213,8 @@ impl TrainStep for MaeStep<'_> {
 }
 
 /// Trains `params` with the MAE loss of `vit` + `dec` on the images of `split` (labels unused).
-/// `save` is called after every epoch (atomic writes of whatever the caller keeps).
+/// `label` names it in progress reports; `save` is called after every epoch (atomic writes of whatever the
+/// caller keeps).
 #[allow(clippy::too_many_arguments)]
 pub fn train_mae(
     vit: &crate::backbone::Vit,
@@ -223,6 +224,7 @@ pub fn train_mae(
     cfg: &PretrainConfig,
     device: Device,
     out: &Path,
+    label: &str,
     save: &mut dyn FnMut() -> Result<()>,
 ) -> Result<PretrainSummary> {
     let (mut trainer, loader) = plan(split, cfg, params, 0.95, device, out)?;
@@ -237,7 +239,7 @@ pub fn train_mae(
             Ok(())
         }
     };
-    run_stage(&mut trainer, &mut step, loader.batch_size, "TPP", out, &mut each_epoch)
+    run_stage(&mut trainer, &mut step, loader.batch_size, label, out, &mut each_epoch)
 }
 
 /// A PNG of up to 8 training images: original, masked input, reconstruction (rows).
