@@ -25,7 +25,7 @@ extern "C" {
 // timeout. Returns null with the reason in `err` on failure.
 void* tpp_dist_store(const char* host, int port, int is_server, int world, int64_t timeout_ms, const char* prefix,
                      char* err, size_t len) {
-  try {
+  return tpp_dist_guard<void*>(err, len, nullptr, [&]() -> void* {
     c10d::TCPStoreOptions opts;
     opts.port = static_cast<std::uint16_t>(port);
     opts.isServer = is_server != 0;
@@ -38,19 +38,14 @@ void* tpp_dist_store(const char* host, int port, int is_server, int world, int64
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
     auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
     return new c10::intrusive_ptr<c10d::Store>(store);
-  } catch (const std::exception& e) {
-    tpp_dist_set_error(err, len, e.what());
-  } catch (...) {
-    tpp_dist_set_error(err, len, "unknown C++ exception");
-  }
-  return nullptr;
+  });
 }
 
 void tpp_dist_store_free(void* store) { delete static_cast<c10::intrusive_ptr<c10d::Store>*>(store); }
 
 // A gloo process group over `store` (CPU tensors).
 void* tpp_dist_gloo(void* store, int rank, int world, int64_t timeout_ms, char* err, size_t len) {
-  try {
+  return tpp_dist_guard<void*>(err, len, nullptr, [&]() -> void* {
     auto& s = *static_cast<c10::intrusive_ptr<c10d::Store>*>(store);
     auto timeout = std::chrono::milliseconds(timeout_ms);
     // create_default picks the network device as torch.distributed does (GLOO_SOCKET_IFNAME, else the
@@ -58,48 +53,33 @@ void* tpp_dist_gloo(void* store, int rank, int world, int64_t timeout_ms, char* 
     auto opts = c10d::ProcessGroupGloo::Options::create_default(timeout);
     c10::intrusive_ptr<c10d::Backend> pg = c10::make_intrusive<c10d::ProcessGroupGloo>(s, rank, world, opts);
     return new TppGroup{pg, timeout};
-  } catch (const std::exception& e) {
-    tpp_dist_set_error(err, len, e.what());
-  } catch (...) {
-    tpp_dist_set_error(err, len, "unknown C++ exception");
-  }
-  return nullptr;
+  });
 }
 
 void tpp_dist_free(void* group) { delete static_cast<TppGroup*>(group); }
 
 // Sums `tensor` (an at::Tensor*, in place) over all processes and waits for the result.
 int tpp_dist_allreduce_sum(void* group, void* tensor, char* err, size_t len) {
-  try {
+  return tpp_dist_guard<int>(err, len, -1, [&] {
     auto* g = static_cast<TppGroup*>(group);
     std::vector<at::Tensor> ts{*static_cast<at::Tensor*>(tensor)};
     c10d::AllreduceOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
     g->backend->allreduce(ts, opts)->wait(g->timeout);
     return 0;
-  } catch (const std::exception& e) {
-    tpp_dist_set_error(err, len, e.what());
-  } catch (...) {
-    tpp_dist_set_error(err, len, "unknown C++ exception");
-  }
-  return -1;
+  });
 }
 
 // Replaces `tensor` (in place) with rank `root`'s.
 int tpp_dist_broadcast(void* group, void* tensor, int root, char* err, size_t len) {
-  try {
+  return tpp_dist_guard<int>(err, len, -1, [&] {
     auto* g = static_cast<TppGroup*>(group);
     std::vector<at::Tensor> ts{*static_cast<at::Tensor*>(tensor)};
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
     g->backend->broadcast(ts, opts)->wait(g->timeout);
     return 0;
-  } catch (const std::exception& e) {
-    tpp_dist_set_error(err, len, e.what());
-  } catch (...) {
-    tpp_dist_set_error(err, len, "unknown C++ exception");
-  }
-  return -1;
+  });
 }
 
 }  // extern "C"

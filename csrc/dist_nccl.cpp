@@ -14,7 +14,7 @@ int tpp_dist_nccl_built(void) { return 1; }
 
 // An NCCL process group over `store` on CUDA device `device` (made current for this process).
 void* tpp_dist_nccl(void* store, int rank, int world, int device, int64_t timeout_ms, char* err, size_t len) {
-  try {
+  return tpp_dist_guard<void*>(err, len, nullptr, [&]() -> void* {
     auto& s = *static_cast<c10::intrusive_ptr<c10d::Store>*>(store);
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
@@ -22,12 +22,7 @@ void* tpp_dist_nccl(void* store, int rank, int world, int device, int64_t timeou
     opts->timeout = timeout;
     c10::intrusive_ptr<c10d::Backend> pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(s, rank, world, opts);
     return new TppGroup{pg, timeout};
-  } catch (const std::exception& e) {
-    tpp_dist_set_error(err, len, e.what());
-  } catch (...) {
-    tpp_dist_set_error(err, len, "unknown C++ exception");
-  }
-  return nullptr;
+  });
 }
 
 }  // extern "C"

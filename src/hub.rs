@@ -407,13 +407,7 @@ fn write_ref(repo_dir: &Path, revision: &str, commit: &str) -> Result<()> {
     }
     let dir = file.parent().expect("refs/<revision> has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tpp-{}.tmp",
-        file.file_name().and_then(|n| n.to_str()).unwrap_or("ref"),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, commit).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, &file).with_context(|| format!("{}: cannot write", file.display()))
+    crate::peft::io::write_text_atomic(&file, commit)
 }
 
 /// Creates (replacing any) the snapshot pointer `snapshots/<commit>/<file>` -> `../../blobs/<etag>`.

@@ -1,6 +1,6 @@
 //! Evaluation of a model on a split: predictions, metrics with bootstrap intervals, the confusion matrix,
 //! and `metrics.json`. The test split meets a model here once, after model selection.
-use crate::data::loader::{LoaderConfig, epoch_shards};
+use crate::data::loader::{Batch, LoaderConfig, epoch_shards};
 use crate::data::{Split, Task};
 use crate::eval::metrics;
 use crate::model::PeftModel;
@@ -10,20 +10,35 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Kind};
 
+/// Runs `f` on this process's part of every evaluation batch of `split` (all of it outside a
+/// data-parallel run; no augmentation, in order) and returns the split positions of the rows it saw.
+fn each_shard(
+    split: &Split,
+    loader: LoaderConfig,
+    seg: bool,
+    mut f: impl FnMut(&Batch) -> Result<()>,
+) -> Result<Vec<i64>> {
+    let mut index = Vec::new();
+    let cfg = LoaderConfig { drop_last: false, ..loader };
+    for b in epoch_shards(split, cfg, None, 0, seg, crate::dist::part()) {
+        if b.shard.len == 0 {
+            continue;
+        }
+        index.extend(Vec::<i64>::try_from(&b.index)?);
+        f(&b)?;
+    }
+    Ok(index)
+}
+
 /// Segmentation: per-image, per-class pixel counts of a whole split (eval mode, no gradient). In a
 /// data-parallel run each process scores its shard of every batch and the counts are gathered.
 pub fn seg_counts(model: &PeftModel, split: &Split, loader: LoaderConfig) -> Result<Vec<metrics::SegCounts>> {
     let _g = tch::no_grad_guard();
     let mut out = Vec::new();
-    let mut index = Vec::new();
-    let cfg = LoaderConfig { drop_last: false, ..loader };
-    for b in epoch_shards(split, cfg, None, 0, true, crate::dist::part()) {
-        if b.shard.len == 0 {
-            continue;
-        }
-        index.extend(Vec::<i64>::try_from(&b.index)?);
+    let index = each_shard(split, loader, true, |b| {
         out.extend(crate::heads::segmentation::counts(&model.logits(&b.images, false), &b.labels));
-    }
+        Ok(())
+    })?;
     let Some(g) = crate::dist::current() else { return Ok(out) };
     let rows: Vec<Vec<f64>> = out.iter().map(|c| c.iter().flatten().copied().collect()).collect();
     let all = g.gather_rows(split.len() as usize, &index, &rows)?;
@@ -53,13 +68,7 @@ pub fn predict_split(model: &PeftModel, split: &Split, task: Task, loader: Loade
     let _g = tch::no_grad_guard();
     let mut probs = Vec::new();
     let mut truth = Vec::new();
-    let mut index = Vec::new();
-    let cfg = LoaderConfig { drop_last: false, ..loader };
-    for b in epoch_shards(split, cfg, None, 0, false, crate::dist::part()) {
-        if b.shard.len == 0 {
-            continue;
-        }
-        index.extend(Vec::<i64>::try_from(&b.index)?);
+    let index = each_shard(split, loader, false, |b| {
         let l = model.logits(&b.images, false);
         let p = if task == Task::Multilabel { l.sigmoid() } else { l.softmax(-1, Kind::Float) };
         let p = p.to_kind(Kind::Double).to_device(Device::Cpu);
@@ -70,7 +79,8 @@ pub fn predict_split(model: &PeftModel, split: &Split, task: Task, loader: Loade
         let w = if t.dim() == 1 { 1 } else { t.size()[1] };
         let flat = Vec::<f64>::try_from(t.flatten(0, -1))?;
         truth.extend(flat.chunks(w as usize).map(<[f64]>::to_vec));
-    }
+        Ok(())
+    })?;
     let Some(g) = crate::dist::current() else { return Ok((probs, truth)) };
     let n = split.len() as usize;
     Ok((g.gather_rows(n, &index, &probs)?, g.gather_rows(n, &index, &truth)?))
