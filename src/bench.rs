@@ -48,7 +48,14 @@ pub fn data(path: &std::path::Path, o: &crate::data::DataOptions, batch: i64, de
     let rss_after_open = rss_anon_mb();
     let mut rss_peak = rss_after_open;
     let seg = ds.task == crate::data::Task::Segmentation;
-    let loader = LoaderConfig { batch_size: batch, image_size: size, norm: Norm::IMAGENET, device, drop_last: false };
+    let loader = LoaderConfig {
+        batch_size: batch,
+        image_size: size,
+        norm: Norm::IMAGENET,
+        device,
+        drop_last: false,
+        tiles: None,
+    };
     let aug = Augment { hflip: true, crop_min_area: 0.5, rotate_deg: 10.0, jitter: 0.1, ..Augment::NONE };
     // The host's part of a GPU epoch: shuffled uint8 batches gathered from memory or the mapped cache
     // (normalisation and augmentation then run on the device).

@@ -33,6 +33,9 @@ pub(crate) const UNIT_OPEN_LOW: Range = Range { lo: 0.0, hi: 1.0, lo_open: true,
 /// [0, 180]: a rotation in degrees (beyond 180 the draw repeats itself).
 pub(crate) const DEGREES: Range = Range { lo: 0.0, hi: 180.0, lo_open: false, hi_open: false };
 
+/// [0, 0.95]: an overlap of sliding windows (at 1 the windows would not advance).
+pub(crate) const OVERLAP: Range = Range { lo: 0.0, hi: 0.95, lo_open: false, hi_open: false };
+
 /// (0, 1).
 pub(crate) const OPEN_UNIT: Range = Range { lo: 0.0, hi: 1.0, lo_open: true, hi_open: true };
 

@@ -57,16 +57,22 @@ impl PeftModel {
         self.targets.add_head(&mut self.bb.vit, num_classes);
     }
 
-    /// Adds a fresh segmentation head (`seg_head.*`, target parameters) with `num_classes` outputs.
-    pub fn add_seg_head(&mut self, num_classes: i64) {
-        self.seg_head =
-            Some(crate::heads::segmentation::SegHead::new(&self.targets.vs.root(), &self.bb.vit, num_classes, 128));
+    /// Adds a fresh segmentation head of `kind` (`seg_head.*`, target parameters) with `num_classes`
+    /// outputs.
+    pub fn add_seg_head(&mut self, kind: crate::heads::segmentation::HeadKind, num_classes: i64) {
+        let root = self.targets.vs.root();
+        self.seg_head = Some(crate::heads::segmentation::SegHead::new(&root, &self.bb.vit, kind, num_classes, 128));
     }
 
-    /// Adds the head a task needs: a segmentation head, or a classification head of `num_classes`.
-    pub fn add_task_head(&mut self, task: crate::data::Task, num_classes: i64) {
+    /// Adds the head a task needs: a segmentation head of `seg`, or a classification head of `num_classes`.
+    pub fn add_task_head(
+        &mut self,
+        task: crate::data::Task,
+        num_classes: i64,
+        seg: crate::heads::segmentation::HeadKind,
+    ) {
         if task == crate::data::Task::Segmentation {
-            self.add_seg_head(num_classes);
+            self.add_seg_head(seg, num_classes);
         } else {
             self.add_head(num_classes);
         }
@@ -78,6 +84,15 @@ impl PeftModel {
             Some(h) => h.forward(&self.bb.vit, x, train),
             None => self.bb.vit.forward_t(x, train),
         }
+    }
+
+    /// Segmentation: class probabilities [K, H, W] of one normalised image [C, H, W] of any size, by
+    /// sliding windows of `tiles.size` px, `batch` windows per forward pass (eval mode; call under
+    /// `no_grad`).
+    pub fn segment(&self, image: &Tensor, tiles: crate::data::loader::Tiles, batch: i64) -> anyhow::Result<Tensor> {
+        crate::heads::segmentation::sliding_window(image, tiles.size, tiles.overlap, batch, &mut |w| {
+            Ok(self.logits(w, false))
+        })
     }
 
     /// Task logits in fp32 (under bf16 autocast on CUDA).

@@ -163,7 +163,19 @@ fn data_parallel_finetuning_matches_one_process() {
 
 #[test]
 fn data_parallel_segmentation_matches_one_process() {
-    let dir = tmp_dir("dist-seg");
+    seg_matches("dist-seg", (32, 32), &[]);
+}
+
+#[test]
+fn data_parallel_native_resolution_segmentation_matches_one_process() {
+    // Random crops, sliding-window validation and test on shards, the unetr head, clDice's global sums.
+    let native = ["--seg-native", "--seg-head", "unetr", "--seg-loss", "cldice", "--seg-crops-per-image", "2"];
+    seg_matches("dist-seg-native", (48, 40), &native);
+}
+
+/// Two processes against one on synthetic discs of `w` x `h` with `extra` fine-tuning flags.
+fn seg_matches(name: &str, (w, h): (u32, u32), extra: &[&str]) {
+    let dir = tmp_dir(name);
     // Bright discs on a textured background; the mask is the disc.
     std::fs::create_dir_all(dir.join("data/images")).unwrap();
     std::fs::create_dir_all(dir.join("data/masks")).unwrap();
@@ -171,14 +183,15 @@ fn data_parallel_segmentation_matches_one_process() {
         let (cx, cy, r) = (8.0 + (i % 5) as f32 * 4.0, 8.0 + (i / 6) as f32 * 4.0, 5.0 + (i % 3) as f32);
         let inside = |x: u32, y: u32| ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt() < r;
         let img = |x, y| image::Luma([if inside(x, y) { 220 } else { ((x * 7 + y * 13 + i) % 60) as u8 }]);
-        image::GrayImage::from_fn(32, 32, img).save(dir.join(format!("data/images/{i}.png"))).unwrap();
+        image::GrayImage::from_fn(w, h, img).save(dir.join(format!("data/images/{i}.png"))).unwrap();
         let mask = |x, y| image::Luma([if inside(x, y) { 255u8 } else { 0 }]);
-        image::GrayImage::from_fn(32, 32, mask).save(dir.join(format!("data/masks/{i}.png"))).unwrap();
+        image::GrayImage::from_fn(w, h, mask).save(dir.join(format!("data/masks/{i}.png"))).unwrap();
     }
     let args = |out: &Path| {
         let mut v = model_args("finetune");
         v.extend(strings(&["--data", dir.join("data").to_str().unwrap(), "--peft", "lora", "--epochs", "2"]));
         v.extend(strings(&["--batch-size", "5", "--lr", "3e-3", "--out", out.to_str().unwrap()]));
+        v.extend(strings(extra));
         v
     };
     let (a, b, scratch) = (dir.join("one"), dir.join("two"), dir.join("scratch"));
@@ -192,7 +205,7 @@ fn data_parallel_segmentation_matches_one_process() {
     assert_close(&adapter(&b), &adapter(&a), 1e-4);
     assert_close(&adapter(&scratch.join("rank1/two")), &adapter(&b), 0.0);
     let (ma, mb) = (test_metrics(&a), test_metrics(&b));
-    for k in ["dice", "iou"] {
+    for k in ["dice", "iou", "sensitivity"] {
         let (x, y) = (ma[k].as_f64().unwrap(), mb[k].as_f64().unwrap());
         assert!((x - y).abs() < 1e-9, "{k}: {x} vs {y}");
     }

@@ -133,3 +133,30 @@ fn dino_ema_and_loss() {
     assert!((bad.double_value(&[]) - 16f64.ln()).abs() < 1e-5, "uniform student: ln K");
     assert!(rel_err(&c, &t.mean_dim([0i64].as_slice(), true, Kind::Float)) < 1e-6);
 }
+
+#[test]
+fn dino_losses_sinkhorn_knopp_and_koleo_match_pytorch_reference_values() {
+    // Values from scripts/make_dino_fixtures.py (the DINO / DINOv2 formulas in PyTorch).
+    use tpp::pretext::dino::{self, DinoConfig};
+    let f = read_safetensors(&fixture("dino_reference.safetensors")).unwrap();
+    let student: Vec<Tensor> = (0..4).map(|i| f[&format!("student{i}")].shallow_clone()).collect();
+    let teacher: Vec<Tensor> = (0..2).map(|i| f[&format!("teacher{i}")].shallow_clone()).collect();
+    let cfg = DinoConfig { student_temp: 0.1, ..DinoConfig::default() };
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        let e = rel_err(&a.reshape([-1]), &b.reshape([-1]));
+        assert!(e < 1e-5, "{what}: relative error {e}");
+    };
+    let (centred, _) = dino::loss(&student, &teacher, &f["center"], &cfg, 0.04);
+    close(&centred, &f["dino_loss"], "DINO loss with the centre");
+    let sk = dino::sinkhorn_knopp(&Tensor::cat(&teacher, 0), 0.04, 3, None, 12).unwrap();
+    close(&sk, &f["sk_targets"], "Sinkhorn-Knopp targets");
+    // Each row is a distribution, and the prototypes are used more evenly than by the plain softmax.
+    let rows = sk.sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+    assert!((rows - 1.0).abs().max().double_value(&[]) < 1e-5);
+    let usage = |p: &Tensor| p.sum_dim_intlist([0i64].as_slice(), false, Kind::Float).max().double_value(&[]);
+    let plain = (Tensor::cat(&teacher, 0) / 0.04).softmax(-1, Kind::Float);
+    assert!(usage(&sk) < usage(&plain), "SK {} vs softmax {}", usage(&sk), usage(&plain));
+    close(&dino::cross_entropy(&student, &sk.chunk(2, 0), 0.1), &f["sk_loss"], "cross-entropy with SK targets");
+    close(&dino::koleo(&f["features"]), &f["koleo"], "KoLeo");
+    close(&dino::entropy(&sk), &f["sk_entropy"], "target entropy");
+}

@@ -68,6 +68,8 @@ fn tpp_stage_trains_only_targets_and_lowers_mae_loss() {
         augment: Augment::NONE,
         mae,
         preview_every: 0,
+        native_crops: 0,
+        native_size: 0,
     };
     let out = tmp_dir("tpp-stage");
     let summary = train_mae(&bb.vit, &dec, params, &split, &pcfg, Device::Cpu, &out, "TPP", &mut || Ok(())).unwrap();
@@ -424,6 +426,8 @@ fn dino_tpp_stage_student_learns_to_match_the_ema_teacher() {
         augment: Augment::NONE,
         mae: MaeConfig::default(),
         preview_every: 0,
+        native_crops: 0,
+        native_size: 0,
     };
     let out = tmp_dir("dino-stage");
     let t_before: Vec<(String, Tensor)> =

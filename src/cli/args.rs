@@ -1,6 +1,7 @@
 //! Option groups shared by several subcommands.
 use crate::data::transforms::{Augment, Normalization};
 use crate::experiment::DataSource;
+use crate::heads::segmentation::{HeadKind, SegConfig, SegLoss};
 use crate::peft::adaptformer::AdaptFormerConfig;
 use crate::peft::lora::LoraConfig;
 use crate::peft::vpt::VptConfig;
@@ -248,6 +249,23 @@ pub struct DinoArgs {
     /// EMA momentum at the start (cosine to 1)
     #[arg(value_parser = crate::check::float_flag(crate::check::UNIT), long, default_value_t = DinoConfig::default().momentum)]
     pub dino_momentum: f64,
+    /// Teacher targets: sinkhorn-knopp (DINOv2; equal use of every prototype, resists collapse) or centre
+    /// (DINO's running centre)
+    #[arg(long, value_enum, default_value = "sinkhorn-knopp")]
+    pub dino_centering: DinoCentering,
+    /// Epochs at the start with the prototypes (the head's last layer) frozen
+    #[arg(value_parser = crate::check::int_flag(0, i64::MAX), long, default_value_t = DinoConfig::default().freeze_last_layer)]
+    pub dino_freeze_last_layer: i64,
+    /// Weight of DINOv2's KoLeo term spreading the student's features (0: off; DINOv2 uses 0.1)
+    #[arg(value_parser = crate::check::float_flag(crate::check::NON_NEGATIVE), long, default_value_t = DinoConfig::default().koleo)]
+    pub dino_koleo: f64,
+}
+
+/// `--dino-centering`'s values.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum DinoCentering {
+    SinkhornKnopp,
+    Centre,
 }
 
 impl DinoArgs {
@@ -261,6 +279,12 @@ impl DinoArgs {
             warmup_teacher_temp: self.dino_warmup_teacher_temp,
             warmup_teacher_epochs: self.dino_warmup_teacher_epochs,
             momentum: self.dino_momentum,
+            centering: match self.dino_centering {
+                DinoCentering::SinkhornKnopp => crate::pretext::dino::Centering::SinkhornKnopp,
+                DinoCentering::Centre => crate::pretext::dino::Centering::Centre,
+            },
+            freeze_last_layer: self.dino_freeze_last_layer,
+            koleo: self.dino_koleo,
             ..DinoConfig::default()
         }
     }
@@ -289,8 +313,51 @@ impl OptimArgs {
             augment: aug.augment()?,
             mae: mae.config(),
             preview_every: mae.preview_every,
+            native_crops: 0,
+            native_size: 0,
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+/// Segmentation: head, native-resolution crops and sliding windows, loss.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SegArgs {
+    /// Segmentation head: pup (ViT tokens only; blob-like targets) or unetr (fused with a full-resolution
+    /// convolutional stem; thin structures such as vessels)
+    #[arg(long, default_value = "pup")]
+    pub seg_head: HeadKind,
+    /// Segmentation at the images' own resolution: train on random crops of the model's input size
+    /// (--img-size), evaluate and predict with overlapping sliding windows over whole images
+    #[arg(long)]
+    pub seg_native: bool,
+    /// With --seg-native: store images at N x N instead of their own size (needed when sizes differ)
+    #[arg(long, value_parser = crate::check::int_flag(0, crate::backbone::MAX_IMG_SIZE), default_value_t = 0)]
+    pub seg_data_size: i64,
+    /// With --seg-native: training crops per image and epoch
+    #[arg(long, value_parser = crate::check::int_flag(1, 10_000), default_value_t = 1)]
+    pub seg_crops_per_image: i64,
+    /// With --seg-native: overlap of neighbouring sliding windows, a fraction of the window
+    #[arg(long, value_parser = crate::check::float_flag(crate::check::OVERLAP), default_value_t = 0.5)]
+    pub seg_overlap: f64,
+    /// Segmentation loss: ce-dice, focal-dice, or cldice (adds a soft-skeleton Dice for thin structures)
+    #[arg(long, default_value = "ce-dice")]
+    pub seg_loss: SegLoss,
+}
+
+impl SegArgs {
+    /// The segmentation settings these flags describe.
+    pub fn config(&self) -> anyhow::Result<SegConfig> {
+        let c = SegConfig {
+            head: self.seg_head,
+            native: self.seg_native,
+            data_size: self.seg_data_size,
+            crops_per_image: self.seg_crops_per_image,
+            overlap: self.seg_overlap,
+            loss: self.seg_loss,
+        };
+        c.validate()?;
+        Ok(c)
     }
 }

@@ -1,6 +1,6 @@
 //! `tpp finetune`: PEFT fine-tuning, optionally starting the target parameters from a TPP run.
 use super::BackboneArgs;
-use super::args::{AugArgs, DataArgs, OptimArgs, PeftArgs};
+use super::args::{AugArgs, DataArgs, OptimArgs, PeftArgs, SegArgs};
 use crate::eval::metrics::Metric;
 use crate::experiment::RunRecord;
 use crate::train::finetune::FinetuneConfig;
@@ -38,6 +38,8 @@ pub struct Args {
     pub layer_decay: f64,
     #[command(flatten)]
     pub aug: AugArgs,
+    #[command(flatten)]
+    pub seg: SegArgs,
     /// Validation metric for best-epoch selection (default: auc; kappa for ordinal tasks, dice for
     /// segmentation)
     #[arg(long)]
@@ -75,6 +77,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         norm: a.data.norm.norm(),
         augment: a.aug.augment()?,
         select: a.select.unwrap_or(Metric::default_for(task)),
+        seg: a.seg.config()?,
     };
     let record = RunRecord {
         backbone: a.backbone.source(),

@@ -5,6 +5,7 @@ use crate::backbone::{Pool, VitConfig};
 use crate::experiment::TppRecord;
 use crate::experiment::tpp::{pretrain_backbone, pretrain_targets};
 use crate::pretext::Pretext;
+use crate::train::pretrain::PretrainConfig;
 use anyhow::Result;
 use std::path::PathBuf;
 use tch::Device;
@@ -29,6 +30,13 @@ pub struct TargetsArgs {
     pub decoder: DecoderArgs,
     #[command(flatten)]
     pub dino: DinoArgs,
+    /// Image/mask folders at their own resolution: this many random crops of the model's input size
+    /// (--img-size) per image and epoch, as `finetune --seg-native` trains (0: whole images resized)
+    #[arg(long, value_parser = crate::check::int_flag(0, 10_000), default_value_t = 0)]
+    pub native_crops: i64,
+    /// With --native-crops: store images at N x N instead of their own size
+    #[arg(long, value_parser = crate::check::int_flag(0, crate::backbone::MAX_IMG_SIZE), default_value_t = 0)]
+    pub native_size: i64,
     /// Output folder: targets/, pretext_head.safetensors, config.json, loss.csv, previews
     #[arg(long, value_parser = crate::check::out_path)]
     pub out: PathBuf,
@@ -83,7 +91,11 @@ pub fn run_targets(a: TargetsArgs, device: Device) -> Result<()> {
         peft: a.peft.spec()?,
         data: a.data.source(),
         pretext: a.pretext,
-        config: a.optim.pretrain(&a.data, &a.aug, &a.mae, 1.5e-3)?,
+        config: PretrainConfig {
+            native_crops: a.native_crops,
+            native_size: a.native_size,
+            ..a.optim.pretrain(&a.data, &a.aug, &a.mae, 1.5e-3)?
+        },
         decoder: a.decoder.decoder,
         freeze_decoder: a.decoder.freeze_decoder,
         dino: a.dino.config(),

@@ -28,7 +28,7 @@ pub fn decode(path: &Path, size: u32, grey: bool, nearest: bool) -> Result<Vec<u
     decode_as(path, size, pixels)
 }
 
-/// One decoded image in `pixels`' layout at `size` x `size`.
+/// One decoded image in `pixels`' layout at `size` x `size` (0: at its own size).
 pub fn decode_as(path: &Path, size: u32, pixels: Pixels) -> Result<Vec<u8>> {
     let nearest = pixels == Pixels::Mask;
     let grey = pixels == Pixels::Grey;
@@ -38,7 +38,7 @@ pub fn decode_as(path: &Path, size: u32, pixels: Pixels) -> Result<Vec<u8>> {
         image::open(path).map_err(|e| anyhow!("{}: cannot decode image ({e})", path.display()))?
     };
     let filter = if nearest { FilterType::Nearest } else { FilterType::Triangle };
-    let img = img.resize_exact(size, size, filter);
+    let img = if size == 0 { img } else { img.resize_exact(size, size, filter) };
     if grey {
         return Ok(img.to_luma8().into_raw());
     }
@@ -46,7 +46,7 @@ pub fn decode_as(path: &Path, size: u32, pixels: Pixels) -> Result<Vec<u8>> {
         return Ok(img.to_rgb8().into_raw().chunks_exact(3).map(|p| p[0].max(p[1]).max(p[2])).collect());
     }
     let rgb = img.to_rgb8().into_raw();
-    let hw = (size * size) as usize;
+    let hw = (img.width() * img.height()) as usize;
     let mut out = vec![0u8; 3 * hw];
     for (i, px) in rgb.chunks_exact(3).enumerate() {
         out[i] = px[0];
@@ -125,15 +125,20 @@ pub fn decode_each(
 /// Stacks decoded images of `source` (named in errors) into uint8 [N, C, size, size]. Each image is freed
 /// as soon as it is copied, so the peak is about one data set, not two.
 pub fn stack(source: &str, images: Vec<Vec<u8>>, channels: i64, size: i64) -> Result<Tensor> {
+    stack_hw(source, images, channels, (size, size))
+}
+
+/// As [`stack`], for images of `h` x `w`.
+pub fn stack_hw(source: &str, images: Vec<Vec<u8>>, channels: i64, (h, w): (i64, i64)) -> Result<Tensor> {
     if images.is_empty() {
         bail!("{source}: no readable images");
     }
-    let out = Tensor::empty([images.len() as i64, channels, size, size], (tch::Kind::Uint8, tch::Device::Cpu));
+    let out = Tensor::empty([images.len() as i64, channels, h, w], (tch::Kind::Uint8, tch::Device::Cpu));
     for (i, v) in images.into_iter().enumerate() {
-        if v.len() as i64 != channels * size * size {
-            bail!("{source}: image {i} decoded to {} bytes, not {channels} x {size} x {size}", v.len());
+        if v.len() as i64 != channels * h * w {
+            bail!("{source}: image {i} decoded to {} bytes, not {channels} x {h} x {w}", v.len());
         }
-        out.get(i as i64).copy_(&Tensor::from_slice(&v).reshape([channels, size, size]));
+        out.get(i as i64).copy_(&Tensor::from_slice(&v).reshape([channels, h, w]));
     }
     Ok(out)
 }

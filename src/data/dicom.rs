@@ -106,11 +106,14 @@ pub fn window_u8(v: &[f32], window: Option<(f64, f64)>) -> Vec<u8> {
     v.iter().map(|&x| (((x as f64 - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0).round() as u8).collect()
 }
 
-/// A DICOM file as a grey image of `size` x `size` bytes (bilinear resize).
+/// A DICOM file as a grey image of `size` x `size` bytes (bilinear resize; 0: its own size).
 pub fn decode(path: &Path, size: u32, window: Option<(f64, f64)>) -> Result<image::GrayImage> {
     let (v, rows, cols, file_window) = read_frame(path)?;
     let px = window_u8(&v, window.or(file_window));
     let img =
         image::GrayImage::from_raw(cols, rows, px).ok_or_else(|| anyhow!("{}: bad image size", path.display()))?;
+    if size == 0 {
+        return Ok(img);
+    }
     Ok(image::imageops::resize(&img, size, size, image::imageops::FilterType::Triangle))
 }

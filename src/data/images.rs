@@ -45,7 +45,7 @@ pub fn list_images(path: &Path) -> Result<Vec<PathBuf>> {
     })())
 }
 
-/// Loads one image as [C, size, size] (C = 3, or 1 when `grey`), resized bilinearly and normalised as
+/// Loads one image as [C, size, size] (C = 3, or 1 when `grey`; size 0: its own size), resized bilinearly and normalised as
 /// training batches are ([`Norm::apply`]).
 pub fn load_image(path: &Path, size: u32, grey: bool, norm: &Norm) -> Result<Tensor> {
     // Every failure here is a problem with the input named.
@@ -55,10 +55,11 @@ pub fn load_image(path: &Path, size: u32, grey: bool, norm: &Norm) -> Result<Ten
         } else {
             image::open(path).map_err(|e| anyhow!("{}: cannot decode image ({e})", path.display()))?
         };
-        let img = img.resize_exact(size, size, FilterType::Triangle);
+        let img = if size == 0 { img } else { img.resize_exact(size, size, FilterType::Triangle) };
+        let (h, w) = (img.height() as i64, img.width() as i64);
         let (c, data): (usize, Vec<u8>) =
             if grey { (1, img.to_luma8().into_raw()) } else { (3, img.to_rgb8().into_raw()) };
-        let hw = (size * size) as usize;
+        let hw = (h * w) as usize;
         let mut planar = vec![0u8; c * hw];
         // Interleaved HWC bytes to planar CHW, normalised as training batches are.
         for (i, px) in data.chunks_exact(c).enumerate() {
@@ -66,7 +67,7 @@ pub fn load_image(path: &Path, size: u32, grey: bool, norm: &Norm) -> Result<Ten
                 planar[ch * hw + i] = px[ch];
             }
         }
-        let x = Tensor::from_slice(&planar).reshape([1, c as i64, size as i64, size as i64]);
+        let x = Tensor::from_slice(&planar).reshape([1, c as i64, h, w]);
         Ok(norm.apply(&x).squeeze_dim(0))
     })())
 }

@@ -5,8 +5,8 @@
 use super::dataset::Split;
 use super::transforms::{Augment, Norm, resize, resize_masks};
 use crate::dist::{Part, Shard};
-use rand::SeedableRng;
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
 
@@ -23,6 +23,20 @@ pub struct LoaderConfig {
     pub device: Device,
     /// Drop the last, smaller batch.
     pub drop_last: bool,
+    /// Native-resolution segmentation: training batches are random crops of the stored images, evaluation
+    /// batches the stored images themselves (for sliding windows); None: every image resized.
+    pub tiles: Option<Tiles>,
+}
+
+/// Crops and windows of native-resolution segmentation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tiles {
+    /// Crop and window size (the model's input).
+    pub size: i64,
+    /// Overlap of neighbouring sliding windows (a fraction of `size`).
+    pub overlap: f64,
+    /// Training crops per image and epoch.
+    pub per_image: i64,
 }
 
 impl LoaderConfig {
@@ -30,6 +44,11 @@ impl LoaderConfig {
     pub fn num_batches(&self, n: i64) -> usize {
         let bs = self.batch_size.max(1);
         (if self.drop_last && n >= bs { n / bs } else { (n + bs - 1) / bs }) as usize
+    }
+
+    /// Samples of a training epoch over `n` images (several crops of each with `tiles`).
+    pub fn train_samples(&self, n: i64) -> i64 {
+        n * self.tiles.map_or(1, |t| t.per_image)
     }
 }
 
@@ -73,29 +92,44 @@ pub fn epoch_shards(
     part: Part,
 ) -> impl Iterator<Item = Batch> + use<> {
     let n = split.len();
-    let mut order: Vec<i64> = (0..n).collect();
+    // Native-resolution training: `per_image` crops of every image per epoch, at seeded offsets.
+    let crop = cfg.tiles.filter(|_| augment.is_some());
+    let total = crop.map_or(n, |t| n * t.per_image);
+    let mut order: Vec<i64> = (0..total).map(|i| i % n.max(1)).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     if augment.is_some() {
         order.shuffle(&mut rng);
     }
+    let (sh, sw) = (split.images.size()[2], split.images.size()[3]);
+    let offsets: Vec<(i64, i64)> = match crop {
+        Some(t) => order
+            .iter()
+            .map(|_| (rng.random_range(0..=(sh - t.size).max(0)), rng.random_range(0..=(sw - t.size).max(0))))
+            .collect(),
+        None => Vec::new(),
+    };
     let bs = cfg.batch_size.max(1);
-    let nb = cfg.num_batches(n) as i64;
-    let chunks: Vec<(Vec<i64>, Shard)> = (0..nb)
+    let nb = cfg.num_batches(total) as i64;
+    type Chunk = (Vec<i64>, Vec<(i64, i64)>, Shard);
+    let chunks: Vec<Chunk> = (0..nb)
         .map(|i| {
-            let c = &order[(i * bs) as usize..((i + 1) * bs).min(n) as usize];
-            let shard = part.shard(c.len() as i64);
-            (c[shard.start as usize..(shard.start + shard.len) as usize].to_vec(), shard)
+            let (a, b) = ((i * bs) as usize, ((i + 1) * bs).min(total) as usize);
+            let shard = part.shard((b - a) as i64);
+            let (s, e) = (a + shard.start as usize, a + (shard.start + shard.len) as usize);
+            (order[s..e].to_vec(), offsets.get(s..e).map(<[_]>::to_vec).unwrap_or_default(), shard)
         })
         .collect();
     let (images, labels) = (split.images.shallow_clone(), split.labels.shallow_clone());
     let (tx, rx) = std::sync::mpsc::sync_channel::<(Tensor, Tensor, Tensor, Shard)>(2);
     std::thread::spawn(move || {
-        for (c, shard) in chunks {
+        for (c, offs, shard) in chunks {
             let idx = Tensor::from_slice(&c);
             // Not pinned: tch's pin_memory takes a device, deprecated in libtorch 2.11 (a warning per call),
             // and a uint8 batch is small next to the step it feeds.
-            let im = images.index_select(0, &idx);
-            let lb = labels.index_select(0, &idx);
+            let (im, lb) = match crop {
+                Some(t) if !c.is_empty() => crops(&images, &labels, &c, &offs, t.size),
+                _ => (images.index_select(0, &idx), labels.index_select(0, &idx)),
+            };
             // The receiver is gone when the caller stopped early: stop too.
             if tx.send((idx, im, lb, shard)).is_err() {
                 break;
@@ -106,16 +140,20 @@ pub fn epoch_shards(
         let imgs = imgs.to_device(cfg.device);
         let mut labels = labels.to_device(cfg.device);
         let mut x = cfg.norm.apply(&imgs);
+        let size = crop.map_or(cfg.image_size, |t| t.size);
         if shard.len > 0 {
-            x = resize(&x, cfg.image_size);
-            if segmentation {
-                labels = resize_masks(&labels, cfg.image_size);
+            // Crops are the model's size already; native evaluation keeps whole images for sliding windows.
+            if cfg.tiles.is_none() {
+                x = resize(&x, cfg.image_size);
+                if segmentation {
+                    labels = resize_masks(&labels, cfg.image_size);
+                }
             }
         } else {
             let c = x.size()[1];
-            x = x.new_zeros([0, c, cfg.image_size, cfg.image_size], (x.kind(), x.device()));
+            x = x.new_zeros([0, c, size, size], (x.kind(), x.device()));
             if segmentation {
-                labels = labels.new_zeros([0, cfg.image_size, cfg.image_size], (labels.kind(), labels.device()));
+                labels = labels.new_zeros([0, size, size], (labels.kind(), labels.device()));
             }
         }
         if let Some(a) = augment {
@@ -127,4 +165,22 @@ pub fn epoch_shards(
         }
         Batch { images: x, labels, index: idx, shard }
     })
+}
+
+/// `size` x `size` crops of images [N, C, H, W] and masks [N, H, W] at (row, column) offsets, zero-padded
+/// (image and background) where an image is smaller than the crop.
+fn crops(images: &Tensor, masks: &Tensor, idx: &[i64], offs: &[(i64, i64)], size: i64) -> (Tensor, Tensor) {
+    let (h, w) = (images.size()[2], images.size()[3]);
+    let (ch, cw) = (size.min(h), size.min(w));
+    let pad = |t: Tensor| if (ch, cw) != (size, size) { t.constant_pad_nd([0, size - cw, 0, size - ch]) } else { t };
+    let (ims, ms): (Vec<Tensor>, Vec<Tensor>) = idx
+        .iter()
+        .zip(offs)
+        .map(|(&i, &(y, x))| {
+            let im = images.get(i).narrow(1, y, ch).narrow(2, x, cw);
+            let m = masks.get(i).narrow(0, y, ch).narrow(1, x, cw);
+            (pad(im), pad(m))
+        })
+        .unzip();
+    (Tensor::stack(&ims, 0), Tensor::stack(&ms, 0))
 }

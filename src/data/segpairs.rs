@@ -2,9 +2,10 @@
 //! A mask pixel's value is its largest channel (grey, or a red-only RGB mask). Masks are binarised unless
 //! `mask_classes` > 2, in which case pixel values are class ids: 0/255 masks at 127, and masks whose values
 //! are only 0 and 1 at 1. Images and masks must have the same size. Seeded 70/10/20 split; the training
-//! masks must hold some foreground.
+//! masks must hold some foreground. Decoded at a square size, or (size 0, native-resolution runs) at the
+//! files' own size, which must then be one for all pairs.
 use super::dataset::{Dataset, Split, Task};
-use super::decode::{decode_all, stack};
+use super::decode::{decode_all, stack_hw};
 use super::folder::{FileOptions, split_indices};
 use super::images::is_image;
 use anyhow::{Context, Result, bail};
@@ -80,7 +81,27 @@ pub fn open(root: &Path, opts: FileOptions, mask_classes: i64) -> Result<(Datase
         .filter(|(i, _)| !mismatched.iter().any(|(j, _)| j == i))
         .map(|(_, p)| p)
         .collect();
-    let (pairs, images, raw) = decode_pairs(root, pairs, opts)?;
+    // At their own size (image_size 0) all pairs must share one: they are stacked into one array.
+    let own = if opts.image_size == 0 {
+        let dims: Vec<(u32, u32)> = pairs.iter().filter_map(|(a, _)| image::image_dimensions(a).ok()).collect();
+        if let Some(i) = dims.iter().position(|d| *d != dims[0]) {
+            bail!(
+                "{}: {}x{} but {} is {}x{}; native-resolution segmentation stores images at their own size, which \
+                 must be one size for all (pass --seg-data-size N, data_size = N in a compare config, to store them \
+                 at N x N)",
+                pairs[i].0.display(),
+                dims[i].0,
+                dims[i].1,
+                pairs[0].0.display(),
+                dims[0].0,
+                dims[0].1
+            );
+        }
+        dims.first().map(|&(w, h)| (h as i64, w as i64))
+    } else {
+        None
+    };
+    let (pairs, images, raw) = decode_pairs(root, pairs, opts, own)?;
     let files: Vec<PathBuf> = pairs.iter().map(|p| p.0.clone()).collect();
     let (labels, k) = if mask_classes > 2 {
         let max = raw.max().int64_value(&[]);
@@ -123,8 +144,14 @@ type Pair = (PathBuf, PathBuf);
 /// Decodes the pairs at the model's size: images uint8 [N, C, S, S] and masks int64 [N, S, S]. With
 /// `skip_bad` a pair whose image or mask cannot be decoded is dropped (and listed); the pairs kept are
 /// returned with them.
-fn decode_pairs(root: &Path, pairs: Vec<Pair>, opts: FileOptions) -> Result<(Vec<Pair>, Tensor, Tensor)> {
+fn decode_pairs(
+    root: &Path,
+    pairs: Vec<Pair>,
+    opts: FileOptions,
+    own: Option<(i64, i64)>,
+) -> Result<(Vec<Pair>, Tensor, Tensor)> {
     let size = opts.image_size;
+    let hw = own.unwrap_or((size, size));
     let files: Vec<PathBuf> = pairs.iter().map(|p| p.0.clone()).collect();
     let mfiles: Vec<PathBuf> = pairs.iter().map(|p| p.1.clone()).collect();
     let (decoded, bad) = decode_all(&files, size as u32, opts.grey, false, opts.skip_bad)?;
@@ -143,7 +170,7 @@ fn decode_pairs(root: &Path, pairs: Vec<Pair>, opts: FileOptions) -> Result<(Vec
     let (decoded, mdecoded) = (keep(decoded, &bad), keep(mdecoded, &mbad));
     let pairs: Vec<_> = pairs.into_iter().zip(&drop).filter(|(_, d)| !**d).map(|(p, _)| p).collect();
     let name = root.display().to_string();
-    let images = stack(&name, decoded, if opts.grey { 1 } else { 3 }, size)?;
-    let masks = stack(&name, mdecoded, 1, size)?.squeeze_dim(1).to_kind(Kind::Int64);
+    let images = stack_hw(&name, decoded, if opts.grey { 1 } else { 3 }, hw)?;
+    let masks = stack_hw(&name, mdecoded, 1, hw)?.squeeze_dim(1).to_kind(Kind::Int64);
     Ok((pairs, images, masks))
 }

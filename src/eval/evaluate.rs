@@ -35,10 +35,24 @@ fn each_shard(
 pub fn seg_counts(model: &PeftModel, split: &Split, loader: LoaderConfig) -> Result<Vec<metrics::SegCounts>> {
     let _g = tch::no_grad_guard();
     let mut out = Vec::new();
-    let index = each_shard(split, loader, true, |b| {
-        out.extend(crate::heads::segmentation::counts(&model.logits(&b.images, false), &b.labels));
-        Ok(())
-    })?;
+    let index = match loader.tiles {
+        // Whole stored images, one per process at a time, each through sliding windows (`batch_size` of
+        // them per forward pass).
+        Some(t) => {
+            let per = LoaderConfig { batch_size: crate::dist::part().world, ..loader };
+            each_shard(split, per, true, |b| {
+                for i in 0..b.images.size()[0] {
+                    let probs = model.segment(&b.images.get(i), t, loader.batch_size)?;
+                    out.extend(crate::heads::segmentation::counts(&probs.unsqueeze(0), &b.labels.narrow(0, i, 1)));
+                }
+                Ok(())
+            })?
+        }
+        None => each_shard(split, loader, true, |b| {
+            out.extend(crate::heads::segmentation::counts(&model.logits(&b.images, false), &b.labels));
+            Ok(())
+        })?,
+    };
     let Some(g) = crate::dist::current() else { return Ok(out) };
     let rows: Vec<Vec<f64>> = out.iter().map(|c| c.iter().flatten().copied().collect()).collect();
     let all = g.gather_rows(split.len() as usize, &index, &rows)?;

@@ -296,9 +296,9 @@ fn single_label(task: Task, truth: &[Vec<f64>], probs: &[Vec<f64>]) -> BTreeMap<
 /// Per-image segmentation counts for one class: (intersection, prediction area, truth area).
 pub type SegCounts = Vec<[f64; 3]>;
 
-/// Dice and IoU per class (foreground classes 1.. when `k` > 1) and their means, from per-image counts
-/// [image][class] -> (intersection, pred, truth). Dice is averaged over images (an image with neither
-/// truth nor prediction counts as 1).
+/// Dice and IoU per class (foreground classes 1.. when `k` > 1) and their means, and the mean
+/// sensitivity (foreground recall), from per-image counts [image][class] -> (intersection, pred, truth).
+/// Averaged over images (an image with neither truth nor prediction counts as 1).
 pub fn segmentation(counts: &[SegCounts]) -> BTreeMap<String, f64> {
     let mut m = BTreeMap::new();
     if counts.is_empty() {
@@ -306,26 +306,31 @@ pub fn segmentation(counts: &[SegCounts]) -> BTreeMap<String, f64> {
     }
     let k = counts[0].len();
     let first = if k > 1 { 1 } else { 0 };
-    let (mut dice_sum, mut iou_sum) = (0.0, 0.0);
+    let (mut dice_sum, mut iou_sum, mut sens_sum) = (0.0, 0.0, 0.0);
     for c in first..k {
-        let (mut d, mut j) = (0.0, 0.0);
+        let (mut d, mut j, mut se) = (0.0, 0.0, 0.0);
         for img in counts {
             let [i, p, t] = img[c];
             let u = p + t - i;
             d += if p + t == 0.0 { 1.0 } else { 2.0 * i / (p + t) };
             j += if u == 0.0 { 1.0 } else { i / u };
+            // Sensitivity (recall) of the class at the argmax operating point (0.5 for two classes).
+            se += if t == 0.0 { 1.0 } else { i / t };
         }
-        let (d, j) = (d / counts.len() as f64, j / counts.len() as f64);
+        let nimg = counts.len() as f64;
+        let (d, j, se) = (d / nimg, j / nimg, se / nimg);
         if k > 2 {
             m.insert(format!("dice_class{c}"), d);
             m.insert(format!("iou_class{c}"), j);
         }
         dice_sum += d;
         iou_sum += j;
+        sens_sum += se;
     }
     let nc = (k - first) as f64;
     m.insert("dice".into(), dice_sum / nc);
     m.insert("iou".into(), iou_sum / nc);
+    m.insert("sensitivity".into(), sens_sum / nc);
     m
 }
 

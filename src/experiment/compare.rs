@@ -537,8 +537,8 @@ fn check_kept_tpp(want: &TppRecord, dir: &Path) -> Result<()> {
     let file = dir.join("config.json");
     let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON ({e})", file.display()))?;
-    let mut old: TppRecord = serde_json::from_value(v["record"].clone())
-        .map_err(|e| anyhow!("{}: no valid TPP record ({e})", file.display()))?;
+    let mut old =
+        TppRecord::from_json(&v["record"]).map_err(|e| anyhow!("{}: no valid TPP record ({e})", file.display()))?;
     // Records of earlier versions: paths as given, no fingerprint.
     old.backbone.path = old.backbone.absolute_path();
     old.data.data = records::absolute(&old.data.data);

@@ -64,7 +64,7 @@ pub fn prepare(rec: &RunRecord, device: Device) -> Result<Prepared> {
         }
         peft::io::load_values(&model.targets, &dir, false)?;
     }
-    model.add_task_head(ds.task, ds.num_classes);
+    model.add_task_head(ds.task, ds.num_classes, rec.config.seg.head);
     Ok(Prepared { model, ds, checkpoint, files })
 }
 
@@ -72,6 +72,13 @@ pub fn prepare(rec: &RunRecord, device: Device) -> Result<Prepared> {
 fn check_usable(rec: &RunRecord, ds: &Dataset) -> Result<()> {
     if rec.config.mixup > 0.0 && ds.task == crate::data::Task::Segmentation {
         return Err(crate::error::bad_input!("--mixup: mixes labels of whole images; segmentation has none to mix"));
+    }
+    if ds.task != crate::data::Task::Segmentation && rec.config.seg != Default::default() {
+        return Err(crate::error::bad_input!(
+            "{}: --seg-* options ([finetune.seg]) apply to segmentation data (images/ + masks/), not {:?} labels",
+            rec.data.data.display(),
+            ds.task
+        ));
     }
     // Selection by AUC needs both outcomes in the validation split (some label with both, for
     // multi-label data).
@@ -194,6 +201,7 @@ fn finish(model: &PeftModel, ds: &Dataset, rec: &RunRecord, state: &TrainState, 
         norm: cfg.norm,
         device: model.device,
         drop_last: false,
+        tiles: cfg.seg.tiles(cfg.image_size),
     };
     let ev = evaluate(model, &ds.test, ds.task, ds.num_classes, loader, "test")?;
     model.save(&out.join("adapter"))?;

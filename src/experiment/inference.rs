@@ -3,7 +3,7 @@
 //! segmentation runs), a merged timm checkpoint ([`export_merged`]), and pooled backbone features
 //! ([`embed`]).
 use super::records::{BackboneSource, DataSource, RunRecord};
-use crate::data::loader::LoaderConfig;
+use crate::data::loader::{LoaderConfig, Tiles};
 use crate::data::transforms::resize;
 use crate::data::{Task, images, npy};
 use crate::eval::evaluate::{Evaluation, evaluate};
@@ -45,6 +45,7 @@ pub fn evaluate_run(run: &Path, data: Option<&OtherData>, device: Device) -> Res
         norm: rec.config.norm,
         device,
         drop_last: false,
+        tiles: rec.config.seg.tiles(model.bb.vit.config().img_size),
     };
     Ok((evaluate(&model, &ds.test, ds.task, ds.num_classes, loader, "test")?, used))
 }
@@ -91,6 +92,11 @@ fn read_inputs(input: &Path, rec: &RunRecord, model: &PeftModel) -> Result<(Vec<
 pub fn predict(run: &Path, input: &Path, out: &Path, device: Device) -> Result<usize> {
     let rec = RunRecord::read(run)?;
     let model = rec.load_trained(run, device)?;
+    if rec.task == Task::Segmentation
+        && let Some(t) = rec.config.seg.tiles(model.bb.vit.config().img_size)
+    {
+        return predict_native(&model, &rec, input, out, t);
+    }
     let (names, x) = read_inputs(input, &rec, &model)?;
     if rec.task != Task::Segmentation && out.exists() {
         return Err(crate::error::bad_input!(
@@ -103,7 +109,8 @@ pub fn predict(run: &Path, input: &Path, out: &Path, device: Device) -> Result<u
     // The inputs stay on the host; only one batch at a time goes to the device (any number of files).
     let batch = |i: i64, b: i64| resize(&x.narrow(0, i, b).to_device(device), size);
     if rec.task == Task::Segmentation {
-        return write_masks(&model, &batch, &names, out);
+        let mut scores = |i: i64, b: i64| Ok(model.logits(&batch(i, b), false));
+        return write_masks(&mut scores, 16, &names, out);
     }
     let n = x.size()[0];
     let chunks: Vec<Tensor> = (0..n).step_by(64).map(|i| model.logits(&batch(i, 64.min(n - i)), false)).collect();
@@ -206,9 +213,15 @@ fn class_map(logits: &Tensor, h: i64, w: i64) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// One PNG mask per input in the new folder `out` (0/255 for binary, class ids otherwise), at each image's
-/// own size when the input is a file. The masks are written into `<out>.partial`, renamed when all are.
-fn write_masks(model: &PeftModel, batch: &dyn Fn(i64, i64) -> Tensor, names: &[String], out: &Path) -> Result<usize> {
+/// Writes one PNG mask per input into the new folder `out` (built as `<out>.partial`, renamed when
+/// complete): `scores(i, b)` gives class scores [b, K, h, w] of inputs i..i+b, resized to each input
+/// file's own size (`chunk` inputs at a time).
+fn write_masks(
+    scores: &mut dyn FnMut(i64, i64) -> Result<Tensor>,
+    chunk: i64,
+    names: &[String],
+    out: &Path,
+) -> Result<usize> {
     if out.exists() {
         return Err(crate::error::bad_input!(
             "{}: exists; choose another --out (nothing is overwritten)",
@@ -221,9 +234,9 @@ fn write_masks(model: &PeftModel, batch: &dyn Fn(i64, i64) -> Tensor, names: &[S
     std::fs::create_dir_all(&work).with_context(|| format!("{}: cannot create folder", work.display()))?;
     let paths: Vec<PathBuf> = mask_stems(names).iter().map(|s| work.join(format!("{s}.png"))).collect();
     let n = names.len() as i64;
-    for i in (0..n).step_by(16) {
-        let b = 16.min(n - i);
-        let logits = model.logits(&batch(i, b), false);
+    for i in (0..n).step_by(chunk.max(1) as usize) {
+        let b = chunk.max(1).min(n - i);
+        let logits = scores(i, b)?;
         check_finite(&logits, "mask logits")?;
         let classes = logits.size()[1];
         for j in 0..b {
@@ -245,6 +258,44 @@ fn write_masks(model: &PeftModel, batch: &dyn Fn(i64, i64) -> Tensor, names: &[S
     }
     std::fs::rename(&work, out).with_context(|| format!("{}: cannot move the masks into place", out.display()))?;
     Ok(names.len())
+}
+
+/// Native-resolution segmentation runs: masks of `input` (image files, or a float32 `.npy` of normalised
+/// images) by sliding windows over each whole image at the run's stored resolution (its own size, or
+/// `data_size`), one image at a time, written at each file's own size.
+fn predict_native(model: &PeftModel, rec: &RunRecord, input: &Path, out: &Path, t: Tiles) -> Result<usize> {
+    let cfg = model.bb.vit.config();
+    let (names, npy): (Vec<String>, Option<Tensor>) = if input.extension().is_some_and(|e| e == "npy") {
+        let x = npy::read_f32(input)?;
+        if x.dim() != 4 || x.size()[1] != cfg.in_chans {
+            return Err(crate::error::bad_input!(
+                "{}: shape {:?}; expected [N, {}, H, W] float32 images",
+                input.display(),
+                x.size(),
+                cfg.in_chans
+            ));
+        }
+        ((0..x.size()[0]).map(|i| format!("{}[{i}]", input.display())).collect(), Some(x))
+    } else {
+        let files = images::list_images(input)?;
+        (files.iter().map(|f| f.display().to_string()).collect(), None)
+    };
+    let size = rec.config.seg.data_size as u32;
+    let grey = cfg.in_chans == 1;
+    let _g = tch::no_grad_guard();
+    let mut scores = |i: i64, _b: i64| -> Result<Tensor> {
+        let x = match &npy {
+            Some(x) => x.get(i),
+            None => {
+                let f = Path::new(&names[i as usize]);
+                let x = images::load_image(f, size, grey, &rec.config.norm)?;
+                model.bb.check_input(&[1, x.size()[0], t.size, t.size]).map_err(|e| anyhow!("{}: {e}", f.display()))?;
+                x
+            }
+        };
+        Ok(model.segment(&x.to_device(model.device), t, 16)?.unsqueeze(0))
+    };
+    write_masks(&mut scores, 1, &names, out)
 }
 
 /// Folds the PEFT updates of the finished run in `run` into the backbone (in fp32 on the CPU, whatever

@@ -269,6 +269,22 @@ impl DataSource {
         crate::data::describe(&self.data, &self.options_at(16, true, None))
     }
 
+    /// Opens image/mask folders at native resolution (their own size, or `size` x `size`) with `model`'s
+    /// channels, for crops and sliding windows.
+    pub fn open_native(&self, model: &crate::backbone::VitConfig, size: i64) -> Result<(Dataset, Option<SplitRecord>)> {
+        let fmt = match &self.format {
+            Some(f) => f.clone(),
+            None => crate::data::infer_format(&self.data)?.to_string(),
+        };
+        if fmt != "segpairs" {
+            return Err(crate::error::bad_input!(
+                "{}: native-resolution crops (--seg-native, native_crops) read image/mask folders (images/ + masks/), not {fmt}",
+                self.data.display()
+            ));
+        }
+        crate::data::open_with(&self.data, &self.options_at(size, model.in_chans == 1, crate::data::cache::dir()))
+    }
+
     /// Opens the data for `model` (at its input size and channels).
     pub fn open(&self, model: &crate::backbone::VitConfig) -> Result<(Dataset, Option<SplitRecord>)> {
         crate::data::open_with(&self.data, &self.options(model))
@@ -370,7 +386,7 @@ impl RunRecord {
     /// The model with fresh targets and head (weights to be loaded by the caller).
     pub fn build_model(&self, device: Device) -> Result<PeftModel> {
         let (mut m, _) = self.backbone.model(&self.peft, device, self.config.seed)?;
-        m.add_task_head(self.task, self.num_classes);
+        m.add_task_head(self.task, self.num_classes, self.config.seg.head);
         Ok(m)
     }
 
@@ -388,7 +404,11 @@ impl RunRecord {
             }
             None => {}
         }
-        src.open(model.bb.vit.config())
+        let seg = &self.config.seg;
+        if self.task != Task::Segmentation || !seg.native {
+            return src.open(model.bb.vit.config());
+        }
+        src.open_native(model.bb.vit.config(), seg.data_size)
     }
 
     /// The model with the run's final (best-on-validation) weights from `<run>/adapter`, on the backbone
@@ -456,9 +476,21 @@ impl TppRecord {
         let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON ({e})", file.display()))?;
-        let rec = serde_json::from_value(v["record"].clone())
-            .map_err(|e| anyhow!("{}: no valid TPP record ({e})", file.display()))?;
+        let rec =
+            Self::from_json(&v["record"]).map_err(|e| anyhow!("{}: no valid TPP record ({e})", file.display()))?;
         Ok(Some(rec))
+    }
+
+    /// A record from its JSON. Options added since a record was written take the values the stage was
+    /// made with (DINO's running centre, ...), not today's defaults.
+    pub fn from_json(v: &serde_json::Value) -> serde_json::Result<Self> {
+        let mut v = v.clone();
+        if let Some(d) = v.get_mut("dino").and_then(|d| d.as_object_mut()) {
+            for (k, val) in DinoConfig::legacy_fields() {
+                d.entry(k).or_insert(val);
+            }
+        }
+        serde_json::from_value(v)
     }
 
     /// Rejects a stage no training could do, naming the option (before anything is written).

@@ -109,8 +109,13 @@ impl StageInputs {
         let (model, ck) = rec.backbone.model(&rec.peft, device, rec.config.seed)?;
         let vit = model.bb.vit.config();
         let (img, p) = (vit.img_size, vit.patch_size);
-        // File-based data is decoded at the model's size and channels (labels are not used here).
-        let (ds, _) = rec.data.open(vit)?;
+        // File-based data is decoded at the model's size and channels (labels are not used here), or at
+        // native resolution for crops.
+        let (ds, _) = if rec.config.native_crops > 0 {
+            rec.data.open_native(vit, rec.config.native_size)?
+        } else {
+            rec.data.open(vit)?
+        };
         model.bb.check_input(&[1, ds.channels(), img, img]).map_err(|e| in_data(rec, e))?;
         if rec.pretext == Pretext::Mae {
             mae_grid(img, p)?;

@@ -234,12 +234,18 @@ impl Callback for ProgressReport {
     }
 }
 
-/// A per-step loss log, `loss.csv` (`step, epoch, loss, lr, images_per_s`). Losses stay on the device
+/// A row of `loss.csv` not yet written: step, epoch, lr, loss and the step's diagnostics (on the device).
+type PendingRow = (i64, i64, f64, Tensor, Vec<(&'static str, Tensor)>);
+
+/// A per-step loss log, `loss.csv` (`step, epoch, loss, lr, images_per_s` and the stage's diagnostics, such
+/// as DINO's entropies). Losses stay on the device
 /// and are read every 20 updates, so a GPU is not synchronised at every step; a non-finite loss stops
 /// the run.
 pub struct LossLog {
     csv: std::io::BufWriter<std::fs::File>,
-    pending: Vec<(i64, i64, f64, Tensor)>,
+    /// The header is written with the first rows, when the step's diagnostics columns are known.
+    header: bool,
+    pending: Vec<PendingRow>,
     window: Instant,
     window_images: i64,
     /// Where the stage keeps what its last finished epoch saved (named when a loss is not finite).
@@ -254,12 +260,12 @@ impl LossLog {
     /// Creates `<out>/loss.csv`.
     pub fn new(out: &Path) -> Result<Self> {
         let csv_path = out.join("loss.csv");
-        let mut csv = std::io::BufWriter::new(
+        let csv = std::io::BufWriter::new(
             std::fs::File::create(&csv_path).with_context(|| format!("{}: cannot create", csv_path.display()))?,
         );
-        writeln!(csv, "step,epoch,loss,lr,images_per_s")?;
         Ok(LossLog {
             csv,
+            header: false,
             pending: Vec::new(),
             window: Instant::now(),
             window_images: 0,
@@ -278,10 +284,23 @@ impl LossLog {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let all: Vec<Tensor> = self.pending.iter().map(|p| p.3.to_kind(Kind::Double)).collect();
-        let losses = Vec::<f64>::try_from(Tensor::stack(&all, 0).to_device(Device::Cpu))?;
+        if !self.header {
+            let extra: String = self.pending[0].4.iter().map(|(k, _)| format!(",{k}")).collect();
+            writeln!(self.csv, "step,epoch,loss,lr,images_per_s{extra}")?;
+            self.header = true;
+        }
+        // One read of every pending scalar: the loss and the diagnostics of each row.
+        let all: Vec<Tensor> = self
+            .pending
+            .iter()
+            .flat_map(|p| std::iter::once(&p.3).chain(p.4.iter().map(|d| &d.1)))
+            .map(|t| t.to_kind(Kind::Double).to_device(Device::Cpu).reshape([1]))
+            .collect();
+        let values = Vec::<f64>::try_from(Tensor::cat(&all, 0))?;
+        let width = 1 + self.pending[0].4.len();
         let ips = self.window_images as f64 / self.window.elapsed().as_secs_f64().max(1e-9);
-        for ((s, e, lr, _), l) in self.pending.drain(..).zip(losses) {
+        for ((s, e, lr, _, _), row) in self.pending.drain(..).zip(values.chunks(width)) {
+            let l = row[0];
             if check && !l.is_finite() {
                 let kept = if e == 0 {
                     "no epoch finished, so nothing was kept".to_string()
@@ -298,7 +317,8 @@ impl LossLog {
                 self.first_loss = l;
             }
             self.last_loss = l;
-            writeln!(self.csv, "{s},{e},{l:.6},{lr:.6e},{ips:.1}")?;
+            let extra: String = row[1..].iter().map(|v| format!(",{v:.6}")).collect();
+            writeln!(self.csv, "{s},{e},{l:.6},{lr:.6e},{ips:.1}{extra}")?;
         }
         self.window = Instant::now();
         self.window_images = 0;
@@ -313,7 +333,8 @@ impl Callback for LossLog {
         self.write(false)
     }
     fn on_step_end(&mut self, s: &StepEnd) -> Result<()> {
-        self.pending.push((s.step, s.epoch, s.lr, s.loss.detach()));
+        let diag = s.diagnostics.iter().map(|(k, t)| (*k, t.detach())).collect();
+        self.pending.push((s.step, s.epoch, s.lr, s.loss.detach(), diag));
         self.window_images += s.images;
         if self.pending.len() >= 20 || s.step + 1 == s.total_steps {
             self.flush()?;

@@ -11,6 +11,7 @@ use crate::data::loader::{Batch, LoaderConfig, epoch_shards};
 use crate::data::transforms::{Augment, Norm};
 use crate::data::{Dataset, Task};
 use crate::eval::metrics::Metric;
+use crate::heads::segmentation::SegConfig;
 use crate::model::PeftModel;
 use anyhow::{Result, anyhow};
 use rand::{Rng, SeedableRng};
@@ -59,6 +60,8 @@ pub struct FinetuneConfig {
     pub augment: Augment,
     /// Validation metric for model selection.
     pub select: Metric,
+    /// Segmentation: head, native-resolution crops and windows, loss.
+    pub seg: SegConfig,
 }
 
 impl Default for FinetuneConfig {
@@ -81,6 +84,7 @@ impl Default for FinetuneConfig {
             norm: Norm::IMAGENET,
             augment: Augment::default(),
             select: Metric::Auc,
+            seg: SegConfig::default(),
         }
     }
 }
@@ -104,6 +108,7 @@ impl FinetuneConfig {
         float("mixup", self.mixup, NON_NEGATIVE)?;
         float("layer_decay", self.layer_decay, UNIT_OPEN_LOW)?;
         self.norm.validate()?;
+        self.seg.validate()?;
         self.augment.validate()
     }
 }
@@ -155,16 +160,19 @@ impl FinetuneStep<'_> {
     /// Data-parallel: this process's part of the global batch's loss (mixup is refused before training).
     fn shard_loss(&self, b: &Batch, g: &crate::dist::Group) -> Result<Tensor> {
         let (task, k) = (self.ds.task, self.ds.num_classes);
+        let (kind, dev) = (self.cfg.seg.loss, self.model.device);
         if b.shard.len == 0 {
             return match task {
-                Task::Segmentation => crate::heads::segmentation::shard_loss(None, k, b.shard, g),
-                _ => Ok(Tensor::zeros([], (Kind::Float, self.model.device))),
+                Task::Segmentation => crate::heads::segmentation::shard_loss(None, k, kind, b.shard, g, dev),
+                _ => Ok(Tensor::zeros([], (Kind::Float, dev))),
             };
         }
         let l = self.model.logits(&b.images, true);
         Ok(match task {
-            Task::Segmentation => crate::heads::segmentation::shard_loss(Some((&l, &b.labels)), k, b.shard, g)?,
-            _ => loss_fn(task, &l, &b.labels, k, self.cfg.label_smoothing, None) * b.shard.share(),
+            Task::Segmentation => {
+                crate::heads::segmentation::shard_loss(Some((&l, &b.labels)), k, kind, b.shard, g, dev)?
+            }
+            _ => loss_fn(task, &l, &b.labels, k, self.cfg, None) * b.shard.share(),
         })
     }
 }
@@ -177,7 +185,7 @@ impl TrainStep for FinetuneStep<'_> {
         let seg = self.ds.task == Task::Segmentation;
         // Batches stream from the loader (prefetched on the host): collecting a whole epoch of augmented
         // float batches on the device would need the data set's size in device memory.
-        let len = self.loader.num_batches(self.ds.train.len());
+        let len = self.loader.num_batches(self.loader.train_samples(self.ds.train.len()));
         let iter = epoch_shards(&self.ds.train, self.loader, Some(self.cfg.augment), seed, seg, crate::dist::part());
         Batches { len, iter: Box::new(iter) }
     }
@@ -203,7 +211,7 @@ impl TrainStep for FinetuneStep<'_> {
         };
         let l = self.model.logits(&x, true);
         let mix = mix.as_ref().map(|(p, lam)| (p, *lam));
-        Ok(loss_fn(self.ds.task, &l, &b.labels, self.ds.num_classes, self.cfg.label_smoothing, mix))
+        Ok(loss_fn(self.ds.task, &l, &b.labels, self.ds.num_classes, self.cfg, mix))
     }
 
     fn validate(&mut self) -> Result<BTreeMap<String, f64>> {
@@ -217,12 +225,13 @@ fn loss_fn(
     logits: &Tensor,
     labels: &Tensor,
     num_classes: i64,
-    smoothing: f64,
+    cfg: &FinetuneConfig,
     mix: Option<(&Tensor, f64)>,
 ) -> Tensor {
     if task == Task::Segmentation {
-        return crate::heads::segmentation::loss(logits, labels);
+        return crate::heads::segmentation::loss(logits, labels, cfg.seg.loss);
     }
+    let smoothing = cfg.label_smoothing;
     if task == Task::Multilabel {
         let y = labels.to_kind(Kind::Float);
         let y = match mix {
@@ -286,7 +295,9 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
         // Mixup pairs images across the whole batch, which no process holds.
         return Err(crate::error::bad_input!("--mixup is not supported in data-parallel runs (under torchrun)"));
     }
-    let n = ds.train.len();
+    let tiles = (ds.task == Task::Segmentation).then(|| cfg.seg.tiles(cfg.image_size)).flatten();
+    // Samples per epoch: several crops of every image in native-resolution segmentation.
+    let n = ds.train.len() * tiles.map_or(1, |t| t.per_image);
     let mut trainer = trainer(model, cfg, n, out);
     let mut state = TrainState::default();
     if resume && trainer.resume(&mut state)? {
@@ -305,6 +316,7 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
         norm: cfg.norm,
         device: model.device,
         drop_last: false,
+        tiles,
     };
     let mut step = FinetuneStep::new(model, ds, cfg, loader);
     let mut best = BestOnValidation { metric: cfg.select.name(), dir: out.join("best"), model };

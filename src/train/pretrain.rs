@@ -8,11 +8,12 @@ use super::trainer::{Batches, TrainState, TrainStep, Trainer};
 use crate::data::Split;
 use crate::data::loader::{Batch, LoaderConfig, epoch_shards};
 use crate::data::transforms::{Augment, Norm};
-use crate::pretext::dino::{self, DinoConfig, DinoHead};
+use crate::pretext::dino::{self, Centering, DinoConfig, DinoHead};
 use crate::pretext::mae::{self, MaeConfig, MaeDecoder};
 use anyhow::{Result, bail};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -48,6 +49,12 @@ pub struct PretrainConfig {
     pub mae: MaeConfig,
     /// Write a reconstruction preview every this many epochs (0: only at the end).
     pub preview_every: i64,
+    /// Image/mask folders at their own resolution: this many random crops of the model's input size per
+    /// image and epoch (0: every image resized to the model's input). The TPP stage of a native-resolution
+    /// segmentation run.
+    pub native_crops: i64,
+    /// With `native_crops`: the stored resolution, N x N (0: the files' own size).
+    pub native_size: i64,
 }
 
 impl Default for PretrainConfig {
@@ -66,6 +73,8 @@ impl Default for PretrainConfig {
             augment: Augment::default(),
             mae: MaeConfig { decoder_dim: 128, decoder_depth: 2, decoder_heads: 4, ..MaeConfig::default() },
             preview_every: 0,
+            native_crops: 0,
+            native_size: 0,
         }
     }
 }
@@ -78,6 +87,11 @@ impl PretrainConfig {
         int("batch_size", self.batch_size, 1, crate::check::MAX_BATCH)?;
         int("image_size", self.image_size, 0, crate::backbone::MAX_IMG_SIZE)?;
         int("preview_every", self.preview_every, 0, i64::MAX)?;
+        int("native_crops", self.native_crops, 0, 10_000)?;
+        int("native_size", self.native_size, 0, crate::backbone::MAX_IMG_SIZE)?;
+        if self.native_crops == 0 && self.native_size != 0 {
+            return Err(crate::error::bad_input!("native_size applies only with native_crops > 0"));
+        }
         float("lr", self.lr, POSITIVE)?;
         float("min_lr", self.min_lr, NON_NEGATIVE)?;
         crate::check::at_most("min_lr (--min-lr)", self.min_lr, "lr (--lr)", self.lr)?;
@@ -117,10 +131,16 @@ fn plan(
     out: &Path,
 ) -> Result<(Trainer<'static>, LoaderConfig)> {
     cfg.validate()?;
-    let n = split.len();
-    if n == 0 {
+    if split.is_empty() {
         bail!("no training images");
     }
+    let tiles = (cfg.native_crops > 0).then_some(crate::data::loader::Tiles {
+        size: cfg.image_size,
+        overlap: 0.5,
+        per_image: cfg.native_crops,
+    });
+    // Samples per epoch: `native_crops` crops of every image at native resolution.
+    let n = split.len() * tiles.map_or(1, |t| t.per_image);
     let bs = cfg.batch_size.min(n);
     let world = crate::dist::part().world;
     if bs < world {
@@ -132,7 +152,8 @@ fn plan(
     let steps_per_epoch = (n / bs).max(1);
     let schedule = WarmupCosine::new(cfg.lr, cfg.min_lr, cfg.warmup, steps_per_epoch * cfg.epochs);
     let opt = AdamW::new(params, AdamWConfig { beta1: 0.9, beta2, eps: 1e-8, weight_decay: cfg.weight_decay });
-    let loader = LoaderConfig { batch_size: bs, image_size: cfg.image_size, norm: cfg.norm, device, drop_last: true };
+    let loader =
+        LoaderConfig { batch_size: bs, image_size: cfg.image_size, norm: cfg.norm, device, drop_last: true, tiles };
     let (clip, epochs, saved_in) = (cfg.clip, cfg.epochs, Some(out.to_path_buf()));
     let trainer = Trainer { opt, schedule, clip, accum: 1, epochs, steps_per_epoch, checkpoint: None, saved_in };
     Ok((trainer, loader))
@@ -195,7 +216,7 @@ impl TrainStep for MaeStep<'_> {
         let seed = self.cfg.seed.wrapping_add(epoch as u64 * 7919);
         let part = crate::dist::part();
         let iter = epoch_shards(self.split, self.loader, Some(self.cfg.augment), seed, false, part);
-        Batches { len: self.loader.num_batches(self.split.len()), iter: Box::new(iter) }
+        Batches { len: self.loader.num_batches(self.loader.train_samples(self.split.len())), iter: Box::new(iter) }
     }
 
     fn loss(&mut self, batch: &Batch) -> Result<Tensor> {
@@ -301,6 +322,12 @@ pub struct DinoStep<'a> {
     pub center: Tensor,
     rng: ChaCha8Rng,
     t_temp: f64,
+    epoch: i64,
+    /// The last batch's teacher entropy, student entropy and KL term (`loss.csv` columns).
+    diag: Vec<(&'static str, Tensor)>,
+    /// The epoch's summed teacher entropy and its batches, for the collapse warning.
+    entropy_sum: Option<Tensor>,
+    entropy_n: i64,
 }
 
 impl<'a> DinoStep<'a> {
@@ -339,6 +366,10 @@ impl<'a> DinoStep<'a> {
             center: Tensor::zeros([1, dino.out_dim], (Kind::Float, loader.device)),
             rng: ChaCha8Rng::seed_from_u64(0),
             t_temp: dino.teacher_temp,
+            epoch: 0,
+            diag: Vec::new(),
+            entropy_sum: None,
+            entropy_n: 0,
         }
     }
 }
@@ -346,13 +377,14 @@ impl<'a> DinoStep<'a> {
 impl TrainStep for DinoStep<'_> {
     fn batches(&mut self, epoch: i64) -> Batches {
         self.t_temp = dino::teacher_temp(self.dino, epoch);
+        self.epoch = epoch;
         let seed = self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64) ^ 0x6469_6e6f;
         self.rng = ChaCha8Rng::seed_from_u64(seed);
         // Shuffled batches without the loader's own warp: the crops are the augmentation.
         let seed = self.cfg.seed.wrapping_add(epoch as u64 * 7919);
         let part = crate::dist::part();
         let iter = epoch_shards(self.split, self.loader, Some(Augment::NONE), seed, false, part);
-        Batches { len: self.loader.num_batches(self.split.len()), iter: Box::new(iter) }
+        Batches { len: self.loader.num_batches(self.loader.train_samples(self.split.len())), iter: Box::new(iter) }
     }
 
     fn shared_state(&self) -> Vec<Tensor> {
@@ -380,26 +412,81 @@ impl TrainStep for DinoStep<'_> {
                 dino::project(parts.teacher, parts.t_head, &Tensor::cat(&globals, 0), false)
             })
         })
-        .chunk(2, 0);
-        let loss = crate::device::autocast(device, || {
-            let mut s = dino::project(parts.student, parts.s_head, &Tensor::cat(&globals, 0), true).chunk(2, 0);
+        .to_kind(Kind::Float);
+        let freeze = self.epoch < self.dino.freeze_last_layer;
+        let (student, features) = crate::device::autocast(device, || {
+            let (g_out, feats) =
+                dino::project_features(parts.student, parts.s_head, &Tensor::cat(&globals, 0), true, freeze);
+            let mut s = g_out.chunk(2, 0);
             if !locals.is_empty() {
-                let l = dino::project(parts.student, parts.s_head, &Tensor::cat(&locals, 0), true);
+                let l = dino::project_features(parts.student, parts.s_head, &Tensor::cat(&locals, 0), true, freeze).0;
                 s.extend(l.chunk(locals.len() as i64, 0));
             }
-            dino::loss(&s, &teacher_out, &self.center, self.dino, self.t_temp)
+            (s, feats)
         });
-        let (loss, batch_center) = loss;
+        let group = crate::dist::current().filter(|_| !shard.is_whole());
+        let targets: Vec<Tensor> = match self.dino.centering {
+            Centering::Centre => {
+                teacher_out.chunk(2, 0).iter().map(|t| dino::centred_targets(t, &self.center, self.t_temp)).collect()
+            }
+            Centering::SinkhornKnopp => {
+                let b = 2 * shard.total;
+                dino::sinkhorn_knopp(&teacher_out, self.t_temp, self.dino.sk_iters, group, b)?.chunk(2, 0)
+            }
+        };
+        let ce = dino::cross_entropy(&student, &targets, self.dino.student_temp);
+        let mut loss = ce.shallow_clone();
+        if self.dino.koleo > 0.0 {
+            let k: Tensor = features.chunk(2, 0).iter().map(dino::koleo).sum();
+            loss += k * self.dino.koleo;
+        }
         let loss = if shard.is_whole() { loss } else { loss * shard.share() };
         let _g = tch::no_grad_guard();
+        // Collapse shows in the targets' entropy (toward ln K: uniform) and in the KL term (toward 0).
+        let h_t = targets.iter().map(dino::entropy).sum::<Tensor>() / targets.len() as f64;
+        let h_s = student[..2].iter().map(|s| dino::entropy(&(s / self.dino.student_temp).softmax(-1, Kind::Float)));
+        let h_s = h_s.sum::<Tensor>() / 2.0;
+        let kl = &ce.detach() - &h_t;
+        self.entropy_sum = Some(match self.entropy_sum.take() {
+            Some(t) => t + &h_t,
+            None => h_t.shallow_clone(),
+        });
+        self.entropy_n += 1;
+        self.diag = vec![("teacher_entropy", h_t), ("student_entropy", h_s), ("kl", kl)];
         // The centre follows the mean teacher output of the global batch.
-        let batch_center = match crate::dist::current() {
-            Some(grp) if !shard.is_whole() => grp.sum(&(batch_center * shard.share()))?,
-            _ => batch_center,
+        let batch_center = teacher_out.mean_dim([0i64].as_slice(), true, Kind::Float);
+        let batch_center = match group {
+            Some(grp) => grp.sum(&(batch_center * shard.share()))?,
+            None => batch_center,
         };
         let m = self.dino.center_momentum;
         self.center = &self.center * m + batch_center * (1.0 - m);
         Ok(loss)
+    }
+
+    fn diagnostics(&self) -> Vec<(&'static str, Tensor)> {
+        self.diag.iter().map(|(k, t)| (*k, t.shallow_clone())).collect()
+    }
+
+    fn validate(&mut self) -> Result<BTreeMap<String, f64>> {
+        // Warn once per epoch when the targets come near uniform: the pretext teaches nothing then.
+        if let Some(sum) = self.entropy_sum.take() {
+            let h = sum.double_value(&[]) / self.entropy_n.max(1) as f64;
+            let ln_k = (self.dino.out_dim as f64).ln();
+            if h > 0.9 * ln_k {
+                let hint = match self.dino.centering {
+                    Centering::Centre => "centering = \"sinkhorn-knopp\", a lower teacher_temp or fewer prototypes",
+                    Centering::SinkhornKnopp => "a lower teacher_temp, fewer prototypes or more images per batch",
+                };
+                tracing::warn!(
+                    "DINO epoch {}: the teacher's target entropy {h:.2} is near ln K = {ln_k:.2} (uniform targets, the \
+                     pretext teaches nothing); try {hint}",
+                    self.epoch + 1
+                );
+            }
+        }
+        self.entropy_n = 0;
+        Ok(BTreeMap::new())
     }
 
     fn after_update(&mut self, step: i64, total_steps: i64) -> Result<()> {

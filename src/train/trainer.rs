@@ -40,6 +40,11 @@ pub trait TrainStep {
     fn shared_state(&self) -> Vec<Tensor> {
         Vec::new()
     }
+    /// Named scalars about the last batch (DINO's entropies), logged beside the loss; reading them
+    /// synchronises, so they are read only when the log is written. In a data-parallel run, this process's.
+    fn diagnostics(&self) -> Vec<(&'static str, Tensor)> {
+        Vec::new()
+    }
     /// Validation metrics at the end of an epoch (none by default).
     fn validate(&mut self) -> Result<BTreeMap<String, f64>> {
         Ok(BTreeMap::new())
@@ -120,6 +125,8 @@ pub struct StepEnd<'a> {
     pub loss: &'a Tensor,
     /// Images in the update.
     pub images: i64,
+    /// The step's [`TrainStep::diagnostics`].
+    pub diagnostics: &'a [(&'static str, Tensor)],
 }
 
 /// Pieces the loop calls at fixed points (Lightning's callbacks): they read the run, and may change its
@@ -361,8 +368,16 @@ impl Trainer<'_> {
             self.opt.step(sums.lr);
             self.opt.zero_grad();
             step.after_update(*update, total)?;
-            let end =
-                StepEnd { step: *update, total_steps: total, epoch, lr: sums.lr, loss: &loss, images: window_images };
+            let diagnostics = step.diagnostics();
+            let end = StepEnd {
+                step: *update,
+                total_steps: total,
+                epoch,
+                lr: sums.lr,
+                loss: &loss,
+                images: window_images,
+                diagnostics: &diagnostics,
+            };
             for cb in callbacks.iter_mut() {
                 cb.on_step_end(&end)?;
             }
