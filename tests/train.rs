@@ -584,3 +584,34 @@ fn compare_on_segmentation_reports_dice() {
     let per = r["variants"]["lora"]["per_seed"][0]["metrics"]["dice"].as_f64().unwrap();
     assert!((m - per).abs() < 1e-12 && m > 0.0);
 }
+
+#[test]
+fn linear_probe_on_cached_features_is_the_unaugmented_probe() {
+    // Same seed, same shuffles, no augmentation: training the head on features computed once must give
+    // the head that training through the frozen backbone gives.
+    let dir = tmp_dir("cached-probe");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = finetune_args(&out, "4");
+        let i = args.iter().position(|a| a == "lora").unwrap();
+        args[i] = "linear".into();
+        args.extend(["--crop-min-area", "1", "--no-hflip"].iter().chain(extra).map(|s| s.to_string()));
+        let o = tpp_bin(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let (a, b) = (run("through", &[]), run("cached", &["--cached-features"]));
+    let load =
+        |d: &Path| tpp::backbone::checkpoint::read_safetensors(&d.join("adapter/adapter_model.safetensors")).unwrap();
+    let (ta, tb) = (load(&a), load(&b));
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
+    for (k, v) in &ta {
+        let d = (v - &tb[k]).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "{k} differs by {d}");
+    }
+    let m = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("metrics.json")).unwrap()).unwrap()
+    };
+    let (x, y) = (m(&a)["auc"].as_f64().unwrap(), m(&b)["auc"].as_f64().unwrap());
+    assert!((x - y).abs() < 1e-6, "test AUC {x} vs {y}");
+}

@@ -559,6 +559,14 @@ impl Vit {
         self.pool(&self.forward_features(x))
     }
 
+    /// The classifier on pooled features (the features themselves without a head).
+    pub fn head_forward(&self, f: &Tensor, train: bool) -> Tensor {
+        match &self.head {
+            Some(h) => h.forward(f, train),
+            None => f.shallow_clone(),
+        }
+    }
+
     /// Logits when the model has a head, pooled features otherwise.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.forward_t(x, false)

@@ -44,6 +44,10 @@ pub struct Args {
     /// segmentation)
     #[arg(long)]
     pub select: Option<Metric>,
+    /// Linear probe (--peft linear): train the head on features computed once per image, without
+    /// augmentation (the way benchmark papers probe; seconds instead of minutes)
+    #[arg(long)]
+    pub cached_features: bool,
     /// Run folder (run.json, adapter/, best/, checkpoint/, metrics.json, metrics.csv)
     #[arg(long, value_parser = crate::check::out_path)]
     pub out: PathBuf,
@@ -78,6 +82,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         augment: a.aug.augment()?,
         select: a.select.unwrap_or(Metric::default_for(task)),
         seg: a.seg.config()?,
+        cached_features: a.cached_features,
     };
     let record = RunRecord {
         backbone: a.backbone.source(),

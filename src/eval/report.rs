@@ -180,6 +180,17 @@ pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<Stri
         "\nIntervals: percentile bootstrap over test images (1000 resamples), each resample scoring every seed's predictions; Δ intervals are paired (same resamples). Fine-tuning: {} epochs, batch {}, lr {} (full: {}); TPP: {} epochs, batch {}, lr {}, {pretext}. Every setting: `compare.toml`.",
         f.config.epochs, f.config.batch_size, f.config.lr, f.full_lr, t.epochs, t.batch_size, t.lr,
     );
+    if cfg.references.contains(&crate::experiment::compare::Reference::Linear) {
+        let how = match cfg.linear_probe {
+            crate::experiment::compare::LinearProbe::Features => {
+                "on pooled features computed once per image (eval mode, no augmentation), as benchmark papers probe"
+            }
+            crate::experiment::compare::LinearProbe::Augmented => {
+                "through the frozen backbone every epoch, with the fine-tuning augmentation"
+            }
+        };
+        let _ = writeln!(md, "\nLinear probe (`linear`): the head trained {how}.");
+    }
     crate::peft::io::write_text_atomic(&out.join("results.json"), &serde_json::to_string_pretty(&results)?)?;
     crate::peft::io::write_text_atomic(&out.join("report.md"), &md)?;
     write_plots(cfg, r, &summary, out)?;

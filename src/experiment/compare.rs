@@ -61,6 +61,17 @@ pub enum Reference {
     Full,
 }
 
+/// How the linear-probe reference trains its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinearProbe {
+    /// On pooled features computed once per image, without augmentation (benchmark papers' probe).
+    #[default]
+    Features,
+    /// Through the frozen backbone every epoch, with the fine-tuning augmentation.
+    Augmented,
+}
+
 impl Reference {
     /// The method the reference runs.
     pub fn method(self) -> Method {
@@ -114,6 +125,9 @@ pub struct CompareConfig {
     /// Options of the DINO pretext (used when `pretext = "dino"`).
     #[serde(default)]
     pub dino: DinoConfig,
+    /// How the linear-probe reference trains.
+    #[serde(default)]
+    pub linear_probe: LinearProbe,
 }
 
 fn default_norm() -> Normalization {
@@ -149,6 +163,7 @@ impl CompareConfig {
             tpp: TppSection::default(),
             finetune: FinetuneSection::default(),
             dino: DinoConfig::default(),
+            linear_probe: LinearProbe::default(),
         }
     }
 
@@ -267,6 +282,9 @@ impl CompareConfig {
 
     fn run_record(&self, spec: PeftSpec, seed: u64, init: Option<PathBuf>, task: (Task, i64, Metric)) -> RunRecord {
         let full = spec.trains_backbone();
+        let probe = spec.methods == [Method::LINEAR] && self.linear_probe == LinearProbe::Features;
+        let mut config = self.finetune_config(seed, full, task.2);
+        config.cached_features = probe && task.0 != Task::Segmentation;
         RunRecord {
             backbone: self.backbone.clone(),
             peft: spec,
@@ -275,7 +293,7 @@ impl CompareConfig {
             train_fraction: self.finetune.train_fraction,
             task: task.0,
             num_classes: task.1,
-            config: self.finetune_config(seed, full, task.2),
+            config,
             fingerprints: Default::default(),
         }
     }

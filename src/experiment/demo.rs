@@ -4,7 +4,7 @@
 //! seeds. `--from-scratch` first MAE-pre-trains a small ViT on PneumoniaMNIST (source domain), then LoRA vs
 //! LoRA + TPP (with a linear probe and full fine-tuning) on BreastMNIST (target domain). Both read the two
 //! MedMNIST files embedded in the binary. Re-running continues where it stopped.
-use super::compare::{CompareConfig, CompareResults, MethodSet, Reference};
+use super::compare::{CompareConfig, CompareResults, LinearProbe, MethodSet, Reference};
 use super::records::BackboneSource;
 use super::sections::{FinetuneSection, TppSection};
 use crate::backbone::{Pool, VitConfig};
@@ -105,6 +105,8 @@ pub fn pretrained_config(backbone: BackboneSource, data: &Path, quick: bool) -> 
         pretext: Pretext::Mae,
         seeds: vec![0, 1, 2],
         references: vec![Reference::Linear],
+        // The probe RESULTS.md reports for the demo (through the backbone, augmented).
+        linear_probe: LinearProbe::Augmented,
         tpp: TppSection {
             config: PretrainConfig { epochs: tpp_epochs, batch_size: 64, lr: 1.5e-3, ..PretrainConfig::default() },
             decoder: DecoderSource::Fresh,
@@ -201,6 +203,7 @@ pub fn run_from_scratch(
         pretext: Pretext::Mae,
         seeds: vec![0, 1, 2],
         references: vec![Reference::Linear, Reference::Full],
+        linear_probe: LinearProbe::Augmented,
         tpp: TppSection {
             config: PretrainConfig { epochs: tpp_epochs, ..PretrainConfig::default() },
             decoder: DecoderSource::Fresh,

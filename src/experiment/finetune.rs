@@ -73,6 +73,17 @@ fn check_usable(rec: &RunRecord, ds: &Dataset) -> Result<()> {
     if rec.config.mixup > 0.0 && ds.task == crate::data::Task::Segmentation {
         return Err(crate::error::bad_input!("--mixup: mixes labels of whole images; segmentation has none to mix"));
     }
+    if rec.config.cached_features {
+        let spec = &rec.peft;
+        if spec.adds_parameters() || spec.trains_backbone() {
+            let e = "--cached-features: trains the head on fixed features, so only a linear probe (--peft linear)";
+            return Err(crate::error::bad_input!("{e}, not '{}'", spec.label()));
+        }
+        if ds.task == crate::data::Task::Segmentation || rec.config.mixup > 0.0 {
+            let e = "--cached-features: a linear probe of classification labels without mixup";
+            return Err(crate::error::bad_input!("{}: {e}", rec.data.data.display()));
+        }
+    }
     if ds.task != crate::data::Task::Segmentation && rec.config.seg != Default::default() {
         return Err(crate::error::bad_input!(
             "{}: --seg-* options ([finetune.seg]) apply to segmentation data (images/ + masks/), not {:?} labels",

@@ -238,9 +238,8 @@ impl Callback for ProgressReport {
 type PendingRow = (i64, i64, f64, Tensor, Vec<(&'static str, Tensor)>);
 
 /// A per-step loss log, `loss.csv` (`step, epoch, loss, lr, images_per_s` and the stage's diagnostics, such
-/// as DINO's entropies). Losses stay on the device
-/// and are read every 20 updates, so a GPU is not synchronised at every step; a non-finite loss stops
-/// the run.
+/// as DINO's entropies). Losses stay on the device and are read every 20 updates, so a GPU is not
+/// synchronised at every step; a non-finite loss stops the run.
 pub struct LossLog {
     csv: std::io::BufWriter<std::fs::File>,
     /// The header is written with the first rows, when the step's diagnostics columns are known.

@@ -62,6 +62,9 @@ pub struct FinetuneConfig {
     pub select: Metric,
     /// Segmentation: head, native-resolution crops and windows, loss.
     pub seg: SegConfig,
+    /// Linear probe only: train the head on pooled features computed once per image (eval mode, no
+    /// augmentation), as benchmark papers probe; seconds instead of an augmented pass per epoch.
+    pub cached_features: bool,
 }
 
 impl Default for FinetuneConfig {
@@ -85,6 +88,7 @@ impl Default for FinetuneConfig {
             augment: Augment::default(),
             select: Metric::Auc,
             seg: SegConfig::default(),
+            cached_features: false,
         }
     }
 }
@@ -318,13 +322,106 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
         drop_last: false,
         tiles,
     };
-    let mut step = FinetuneStep::new(model, ds, cfg, loader);
     let mut best = BestOnValidation { metric: cfg.select.name(), dir: out.join("best"), model };
     let mut stop = EarlyStopping { patience: cfg.patience };
     let mut history = History { dir: out.to_path_buf() };
     let mut progress = ProgressReport::new("fine-tune", Some(&cfg.select.name()));
-    trainer.fit(&mut step, &mut state, &mut [&mut best, &mut stop, &mut history, &mut progress])?;
+    let callbacks: &mut [&mut dyn super::trainer::Callback] = &mut [&mut best, &mut stop, &mut history, &mut progress];
+    if cfg.cached_features {
+        let eval = LoaderConfig { batch_size: 128, ..loader };
+        let mut step = FeatureStep {
+            model,
+            task: ds.task,
+            num_classes: ds.num_classes,
+            cfg,
+            batch_size: bs,
+            train: split_features(model, &ds.train, eval)?,
+            val: split_features(model, &ds.val, eval)?,
+        };
+        trainer.fit(&mut step, &mut state, callbacks)?;
+    } else {
+        let mut step = FinetuneStep::new(model, ds, cfg, loader);
+        trainer.fit(&mut step, &mut state, callbacks)?;
+    }
     Ok(state)
+}
+
+/// Pooled backbone features [N, D] (fp32, eval mode, no augmentation) and labels of a whole split, on
+/// the device. Every process of a data-parallel run computes all of them (once, before training).
+fn split_features(model: &PeftModel, split: &crate::data::Split, loader: LoaderConfig) -> Result<(Tensor, Tensor)> {
+    let _g = tch::no_grad_guard();
+    let (mut feats, mut labels) = (Vec::new(), Vec::new());
+    for b in crate::data::loader::epoch_batches(split, loader, None, 0, false) {
+        let vit = &model.bb.vit;
+        feats.push(crate::device::autocast(model.device, || vit.embed(&b.images)).to_kind(Kind::Float));
+        labels.push(b.labels);
+    }
+    if feats.is_empty() {
+        return Err(anyhow!("no images to compute features of"));
+    }
+    Ok((Tensor::cat(&feats, 0), Tensor::cat(&labels, 0)))
+}
+
+/// A linear probe's update on cached features: the head alone, on a seeded shuffle of the training
+/// split's feature rows (`FinetuneConfig::cached_features`).
+struct FeatureStep<'a> {
+    model: &'a PeftModel,
+    task: Task,
+    num_classes: i64,
+    cfg: &'a FinetuneConfig,
+    batch_size: i64,
+    /// Training features and labels.
+    train: (Tensor, Tensor),
+    /// Validation features and labels.
+    val: (Tensor, Tensor),
+}
+
+impl TrainStep for FeatureStep<'_> {
+    fn batches(&mut self, epoch: i64) -> Batches {
+        use rand::seq::SliceRandom;
+        let n = self.train.0.size()[0];
+        let seed = self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64);
+        let mut order: Vec<i64> = (0..n).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        let part = crate::dist::part();
+        let bs = self.batch_size.max(1) as usize;
+        let dev = self.model.device;
+        let (f, l) = (self.train.0.shallow_clone(), self.train.1.shallow_clone());
+        let batches: Vec<Batch> = order
+            .chunks(bs)
+            .map(|c| {
+                let shard = part.shard(c.len() as i64);
+                let rows = &c[shard.start as usize..(shard.start + shard.len) as usize];
+                let idx = Tensor::from_slice(rows).to_device(dev);
+                Batch { images: f.index_select(0, &idx), labels: l.index_select(0, &idx), index: idx, shard }
+            })
+            .collect();
+        Batches { len: batches.len(), iter: Box::new(batches.into_iter()) }
+    }
+
+    fn loss(&mut self, b: &Batch) -> Result<Tensor> {
+        if b.shard.len == 0 {
+            return Ok(Tensor::zeros([], (Kind::Float, self.model.device)));
+        }
+        let vit = &self.model.bb.vit;
+        let l = crate::device::autocast(self.model.device, || vit.head_forward(&b.images, true)).to_kind(Kind::Float);
+        let loss = loss_fn(self.task, &l, &b.labels, self.num_classes, self.cfg, None);
+        Ok(if b.shard.is_whole() { loss } else { loss * b.shard.share() })
+    }
+
+    fn validate(&mut self) -> Result<BTreeMap<String, f64>> {
+        let _g = tch::no_grad_guard();
+        let vit = &self.model.bb.vit;
+        let l =
+            crate::device::autocast(self.model.device, || vit.head_forward(&self.val.0, false)).to_kind(Kind::Float);
+        let p = if self.task == Task::Multilabel { l.sigmoid() } else { l.softmax(-1, Kind::Float) };
+        let rows = |t: &Tensor| -> Result<Vec<Vec<f64>>> {
+            let t = t.to_kind(Kind::Double).to_device(tch::Device::Cpu);
+            let w = if t.dim() == 1 { 1 } else { t.size()[1] };
+            Ok(Vec::<f64>::try_from(t.flatten(0, -1))?.chunks(w as usize).map(<[f64]>::to_vec).collect())
+        };
+        Ok(crate::eval::metrics::classification(self.task, &rows(&self.val.1)?, &rows(&p)?))
+    }
 }
 
 /// A Beta(a, a) draw (via two Gamma draws by Marsaglia-Tsang), for mixup.
