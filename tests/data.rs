@@ -116,6 +116,19 @@ fn kvasir_seg_from_shared_loads() {
 }
 
 #[test]
+fn chase_db1_from_shared_loads_at_its_own_resolution() {
+    let Some(root) = common::shared("data/chase-db1") else { return };
+    // Size 0: the files' own size (native-resolution segmentation).
+    let (ds, _) = open_with(&root, &opts(0)).unwrap();
+    assert_eq!(ds.train.len() + ds.val.len() + ds.test.len(), 28);
+    assert_eq!(ds.train.images.size()[1..], [3, 960, 999]);
+    assert_eq!(ds.train.labels.size()[1..], [960, 999]);
+    // Vessels are a thin minority of the pixels.
+    let frac = ds.train.labels.to_kind(tch::Kind::Float).mean(tch::Kind::Float).double_value(&[]);
+    assert!(frac > 0.03 && frac < 0.15, "vessel pixel fraction {frac}");
+}
+
+#[test]
 fn dataset_normalisation_uses_training_statistics() {
     use tpp::data::transforms::Norm;
     let x = tch::Tensor::from_slice(&[0u8, 255, 0, 255]).reshape([4, 1, 1, 1]);
