@@ -358,6 +358,19 @@ fn compare_keeps_finished_cells() {
     assert_eq!(err.matches("done before, kept").count(), 4, "{err}");
     assert_eq!(std::fs::metadata(out.join("runs/lora/seed0/metrics.json")).unwrap().modified().unwrap(), t);
     assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), report);
+    // The linear probe ran on features computed once, and the report says so.
+    assert!(report.contains("features computed once per image"), "{report}");
+    // A stage recorded before DINO's newer options existed is still this MAE stage: kept, not stale.
+    let stage = out.join("tpp/lora/seed0/config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stage).unwrap()).unwrap();
+    let dino = v["record"]["dino"].as_object_mut().unwrap();
+    for k in ["centering", "sk_iters", "freeze_last_layer", "koleo"] {
+        assert!(dino.remove(k).is_some(), "{k}");
+    }
+    std::fs::write(&stage, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    let o = run();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.matches("done before, kept").count() == 4, "{err}");
     // An edited config is not answered with the old results: the first stale record is named, with what changed.
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("[finetune]\nepochs = 1", "[finetune]\nepochs = 2")).unwrap();

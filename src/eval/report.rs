@@ -180,6 +180,19 @@ pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<Stri
         "\nIntervals: percentile bootstrap over test images (1000 resamples), each resample scoring every seed's predictions; Δ intervals are paired (same resamples). Fine-tuning: {} epochs, batch {}, lr {} (full: {}); TPP: {} epochs, batch {}, lr {}, {pretext}. Every setting: `compare.toml`.",
         f.config.epochs, f.config.batch_size, f.config.lr, f.full_lr, t.epochs, t.batch_size, t.lr,
     );
+    if r.task == Task::Segmentation {
+        let g = &f.config.seg;
+        let how = if g.native {
+            let size = if g.data_size > 0 { format!("{0} x {0}", g.data_size) } else { "their own size".into() };
+            format!(
+                "images at {size}, {} random crops per image and epoch, sliding windows (overlap {}) over whole images",
+                g.crops_per_image, g.overlap
+            )
+        } else {
+            "images resized to the model's input".to_string()
+        };
+        let _ = writeln!(md, "\nSegmentation: head `{}`, loss `{}`, {how}.", g.head, g.loss);
+    }
     if cfg.references.contains(&crate::experiment::compare::Reference::Linear) {
         let how = match cfg.linear_probe {
             crate::experiment::compare::LinearProbe::Features => {

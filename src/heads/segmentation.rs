@@ -426,7 +426,7 @@ pub fn sliding_window(
     batch: i64,
     f: &mut dyn FnMut(&Tensor) -> anyhow::Result<Tensor>,
 ) -> anyhow::Result<Tensor> {
-    let (c, h, w) = image.size3().map_err(|e| anyhow::anyhow!("sliding window: image is not [C, H, W] ({e})"))?;
+    let (_, h, w) = image.size3().map_err(|e| anyhow::anyhow!("sliding window: image is not [C, H, W] ({e})"))?;
     let (ph, pw) = (h.max(win), w.max(win));
     let x = if (ph, pw) != (h, w) { image.constant_pad_nd([0, pw - w, 0, ph - h]) } else { image.shallow_clone() };
     let stride = ((win as f64 * (1.0 - overlap)).round() as i64).max(1);
@@ -456,7 +456,6 @@ pub fn sliding_window(
             let _ = wsum.narrow(0, y, win).narrow(1, xx, win).g_add_(&weight);
         }
     }
-    let _ = c;
     let acc = acc.ok_or_else(|| anyhow::anyhow!("sliding window: no windows"))?;
     Ok((acc / wsum).narrow(1, 0, h).narrow(2, 0, w))
 }
