@@ -177,16 +177,11 @@ fn data_parallel_native_resolution_segmentation_matches_one_process() {
 fn seg_matches(name: &str, (w, h): (u32, u32), extra: &[&str]) {
     let dir = tmp_dir(name);
     // Bright discs on a textured background; the mask is the disc.
-    std::fs::create_dir_all(dir.join("data/images")).unwrap();
-    std::fs::create_dir_all(dir.join("data/masks")).unwrap();
-    for i in 0..24u32 {
+    let inside = |x: u32, y: u32, i: u32| {
         let (cx, cy, r) = (8.0 + (i % 5) as f32 * 4.0, 8.0 + (i / 6) as f32 * 4.0, 5.0 + (i % 3) as f32);
-        let inside = |x: u32, y: u32| ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt() < r;
-        let img = |x, y| image::Luma([if inside(x, y) { 220 } else { ((x * 7 + y * 13 + i) % 60) as u8 }]);
-        image::GrayImage::from_fn(w, h, img).save(dir.join(format!("data/images/{i}.png"))).unwrap();
-        let mask = |x, y| image::Luma([if inside(x, y) { 255u8 } else { 0 }]);
-        image::GrayImage::from_fn(w, h, mask).save(dir.join(format!("data/masks/{i}.png"))).unwrap();
-    }
+        ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt() < r
+    };
+    common::write_pairs(&dir.join("data"), 24, (w, h), inside, 220, |x, y, i| ((x * 7 + y * 13 + i) % 60) as u8);
     let args = |out: &Path| {
         let mut v = model_args("finetune");
         v.extend(strings(&["--data", dir.join("data").to_str().unwrap(), "--peft", "lora", "--epochs", "2"]));

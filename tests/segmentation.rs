@@ -3,15 +3,10 @@
 //! where one window covers the image, exact blending, bounded memory on a 4000 x 4000 image); losses.
 mod common;
 
-use common::{fixture, tmp_dir};
+use common::{fixture, tmp_dir, tpp_bin};
 use std::path::Path;
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
 use tpp::heads::segmentation::{SegLoss, loss, sliding_window, soft_skeleton};
-
-fn tpp_bin(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tpp")).args(args).output().unwrap()
-}
 
 /// A tiny timm ViT (patch 8, 32 px, 1 channel, width 48, depth 2).
 fn backbone() -> String {
@@ -21,19 +16,9 @@ fn backbone() -> String {
 /// `n` grey `w` x `h` images of noise crossed by one horizontal and one vertical 1-px bright line at
 /// seeded positions; the masks are the lines.
 fn write_line_pairs(root: &Path, n: u32, w: u32, h: u32) {
-    std::fs::create_dir_all(root.join("images")).unwrap();
-    std::fs::create_dir_all(root.join("masks")).unwrap();
-    for i in 0..n {
-        let (ly, lx) = (3 + (i * 7) % (h - 6), 3 + (i * 11 + 5) % (w - 6));
-        let on = |x: u32, y: u32| y == ly || x == lx;
-        let noise = |x: u32, y: u32| ((x * 37 + y * 101 + i * 53) % 70) as u8;
-        image::GrayImage::from_fn(w, h, |x, y| image::Luma([if on(x, y) { 230 } else { noise(x, y) }]))
-            .save(root.join("images").join(format!("{i}.png")))
-            .unwrap();
-        image::GrayImage::from_fn(w, h, |x, y| image::Luma([if on(x, y) { 255 } else { 0 }]))
-            .save(root.join("masks").join(format!("{i}.png")))
-            .unwrap();
-    }
+    let on = |x: u32, y: u32, i: u32| y == 3 + (i * 7) % (h - 6) || x == 3 + (i * 11 + 5) % (w - 6);
+    let noise = |x: u32, y: u32, i: u32| ((x * 37 + y * 101 + i * 53) % 70) as u8;
+    common::write_pairs(root, n, (w, h), on, 230, noise);
 }
 
 fn finetune(root: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
@@ -109,16 +94,7 @@ fn native_resolution_trains_on_crops_and_predicts_whole_images_by_sliding_window
     assert_eq!(csv.lines().count(), 4, "{csv}");
     // Predicted masks have each image's own size.
     let pred = dir.join("pred");
-    let o = tpp_bin(&[
-        "predict",
-        "--run",
-        out.to_str().unwrap(),
-        "--input",
-        root.join("images").to_str().unwrap(),
-        "--out",
-        pred.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::predict(&out, &root.join("images"), &pred);
     assert_eq!(image::image_dimensions(pred.join("3.png")).unwrap(), (72, 56));
     // evaluate re-scores the same test split to the same numbers.
     let o = tpp_bin(&["evaluate", "--run", out.to_str().unwrap()]);

@@ -3,7 +3,7 @@
 //! losses stop cleanly; metrics match scikit-learn; `compare` skips finished cells.
 mod common;
 
-use common::{fixture, tmp_dir};
+use common::{fixture, tmp_dir, tpp_bin};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor, nn};
@@ -15,10 +15,6 @@ use tpp::train::pretrain::{PretrainConfig, train_mae};
 
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name)
-}
-
-fn tpp_bin(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tpp")).args(args).output().unwrap()
 }
 
 #[test]
@@ -335,16 +331,7 @@ fn compare_keeps_finished_cells() {
     tpp::data::npy::write_f32(&tail, &x.narrow(0, 64, 6)).unwrap();
     let run_dir = out.join("runs/lora/seed0");
     let predict = |input: &Path, csv: &Path| {
-        let o = tpp_bin(&[
-            "predict",
-            "--run",
-            run_dir.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--out",
-            csv.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        common::predict(&run_dir, input, csv);
         let text = std::fs::read_to_string(csv).unwrap();
         text.lines().skip(1).map(|l| l.split_once(',').unwrap().1.to_string()).collect::<Vec<_>>()
     };
@@ -499,18 +486,11 @@ fn write_disc_pairs(
     disc: impl Fn(u32) -> (f32, f32, f32),
     background: impl Fn(u32, u32, u32) -> u8,
 ) {
-    std::fs::create_dir_all(root.join("images")).unwrap();
-    std::fs::create_dir_all(root.join("masks")).unwrap();
-    for i in 0..n {
+    let inside = |x: u32, y: u32, i: u32| {
         let (cx, cy, r) = disc(i);
-        let inside = |x: u32, y: u32| ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt() < r;
-        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([if inside(x, y) { 220 } else { background(x, y, i) }]))
-            .save(root.join("images").join(format!("{i}.png")))
-            .unwrap();
-        image::GrayImage::from_fn(32, 32, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]))
-            .save(root.join("masks").join(format!("{i}.png")))
-            .unwrap();
-    }
+        ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt() < r
+    };
+    common::write_pairs(root, n, (32, 32), inside, 220, background);
 }
 
 #[test]
@@ -558,16 +538,7 @@ fn segmentation_finetuning_learns_and_reports_dice() {
     assert!(out.join("splits.csv").exists());
     // predict writes one mask per input image.
     let pred = root.join("pred");
-    let o = tpp_bin(&[
-        "predict",
-        "--run",
-        out.to_str().unwrap(),
-        "--input",
-        root.join("images").to_str().unwrap(),
-        "--out",
-        pred.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::predict(&out, &root.join("images"), &pred);
     assert_eq!(std::fs::read_dir(&pred).unwrap().count(), 60);
 }
 

@@ -48,7 +48,25 @@ impl LoaderConfig {
 
     /// Samples of a training epoch over `n` images (several crops of each with `tiles`).
     pub fn train_samples(&self, n: i64) -> i64 {
-        n * self.tiles.map_or(1, |t| t.per_image)
+        Self::samples(self.tiles, n)
+    }
+
+    /// Samples of a training epoch over `n` images with `tiles`.
+    pub fn samples(tiles: Option<Tiles>, n: i64) -> i64 {
+        n * tiles.map_or(1, |t| t.per_image)
+    }
+
+    /// This process's rows of every batch of an epoch over `total` samples in order: (start, end) in that
+    /// order, and which part of the global batch they are.
+    pub fn shards(&self, total: i64, part: Part) -> Vec<(usize, usize, Shard)> {
+        let bs = self.batch_size.max(1);
+        (0..self.num_batches(total) as i64)
+            .map(|i| {
+                let (a, b) = ((i * bs) as usize, ((i + 1) * bs).min(total) as usize);
+                let shard = part.shard((b - a) as i64);
+                (a + shard.start as usize, a + (shard.start + shard.len) as usize, shard)
+            })
+            .collect()
     }
 }
 
@@ -94,7 +112,7 @@ pub fn epoch_shards(
     let n = split.len();
     // Native-resolution training: `per_image` crops of every image per epoch, at seeded offsets.
     let crop = cfg.tiles.filter(|_| augment.is_some());
-    let total = crop.map_or(n, |t| n * t.per_image);
+    let total = LoaderConfig::samples(crop, n);
     let mut order: Vec<i64> = (0..total).map(|i| i % n.max(1)).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     if augment.is_some() {
@@ -108,16 +126,11 @@ pub fn epoch_shards(
             .collect(),
         None => Vec::new(),
     };
-    let bs = cfg.batch_size.max(1);
-    let nb = cfg.num_batches(total) as i64;
     type Chunk = (Vec<i64>, Vec<(i64, i64)>, Shard);
-    let chunks: Vec<Chunk> = (0..nb)
-        .map(|i| {
-            let (a, b) = ((i * bs) as usize, ((i + 1) * bs).min(total) as usize);
-            let shard = part.shard((b - a) as i64);
-            let (s, e) = (a + shard.start as usize, a + (shard.start + shard.len) as usize);
-            (order[s..e].to_vec(), offsets.get(s..e).map(<[_]>::to_vec).unwrap_or_default(), shard)
-        })
+    let chunks: Vec<Chunk> = cfg
+        .shards(total, part)
+        .into_iter()
+        .map(|(s, e, shard)| (order[s..e].to_vec(), offsets.get(s..e).map(<[_]>::to_vec).unwrap_or_default(), shard))
         .collect();
     let (images, labels) = (split.images.shallow_clone(), split.labels.shallow_clone());
     let (tx, rx) = std::sync::mpsc::sync_channel::<(Tensor, Tensor, Tensor, Shard)>(2);

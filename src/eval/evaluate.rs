@@ -8,7 +8,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 /// Runs `f` on this process's part of every evaluation batch of `split` (all of it outside a
 /// data-parallel run; no augmentation, in order) and returns the split positions of the rows it saw.
@@ -76,6 +76,13 @@ pub fn split_metrics(
 /// One row of numbers per image.
 pub type Rows = Vec<Vec<f64>>;
 
+/// The rows of a [N] or [N, W] tensor, as f64 on the host.
+pub fn rows(t: &Tensor) -> Result<Rows> {
+    let t = t.to_kind(Kind::Double).to_device(Device::Cpu);
+    let w = if t.dim() == 1 { 1 } else { t.size()[1] };
+    Ok(Vec::<f64>::try_from(t.flatten(0, -1))?.chunks(w as usize).map(<[f64]>::to_vec).collect())
+}
+
 /// Class (or label) probabilities and truths of a whole split, in order. No gradient, eval mode. In a
 /// data-parallel run each process predicts its shard of every batch and the rows are gathered.
 pub fn predict_split(model: &PeftModel, split: &Split, task: Task, loader: LoaderConfig) -> Result<(Rows, Rows)> {
@@ -85,14 +92,8 @@ pub fn predict_split(model: &PeftModel, split: &Split, task: Task, loader: Loade
     let index = each_shard(split, loader, false, |b| {
         let l = model.logits(&b.images, false);
         let p = if task == Task::Multilabel { l.sigmoid() } else { l.softmax(-1, Kind::Float) };
-        let p = p.to_kind(Kind::Double).to_device(Device::Cpu);
-        let k = p.size()[1];
-        let flat = Vec::<f64>::try_from(p.flatten(0, -1))?;
-        probs.extend(flat.chunks(k as usize).map(<[f64]>::to_vec));
-        let t = b.labels.to_kind(Kind::Double).to_device(Device::Cpu);
-        let w = if t.dim() == 1 { 1 } else { t.size()[1] };
-        let flat = Vec::<f64>::try_from(t.flatten(0, -1))?;
-        truth.extend(flat.chunks(w as usize).map(<[f64]>::to_vec));
+        probs.extend(rows(&p)?);
+        truth.extend(rows(&b.labels)?);
         Ok(())
     })?;
     let Some(g) = crate::dist::current() else { return Ok((probs, truth)) };

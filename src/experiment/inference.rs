@@ -77,13 +77,18 @@ fn read_inputs(input: &Path, rec: &RunRecord, model: &PeftModel) -> Result<(Vec<
         let imgs = files.iter().map(|f| images::load_image(f, size as u32, grey, norm)).collect::<Result<Vec<_>>>()?;
         (files.iter().map(|f| f.display().to_string()).collect(), Tensor::stack(&imgs, 0))
     };
-    // Inputs are resized to the model's size: only their channel count must fit.
+    check_inputs(model, input, &x, size)?;
+    Ok((names, x))
+}
+
+/// An error naming `input` unless images `x` [N, C, H, W] fit the model once resized (or windowed) to
+/// `size`: only their rank and channel count must fit.
+fn check_inputs(model: &PeftModel, input: &Path, x: &Tensor, size: i64) -> Result<()> {
     let mut shape = x.size();
     if shape.len() == 4 {
         (shape[2], shape[3]) = (size, size);
     }
-    model.bb.check_input(&shape).map_err(|e| anyhow!("{}: {e}", input.display()))?;
-    Ok((names, x))
+    model.bb.check_input(&shape).map_err(|e| anyhow!("{}: {e}", input.display()))
 }
 
 /// Predictions of the finished run in `run` for `input` (an image, a folder of images, or a float32
@@ -267,14 +272,7 @@ fn predict_native(model: &PeftModel, rec: &RunRecord, input: &Path, out: &Path, 
     let cfg = model.bb.vit.config();
     let (names, npy): (Vec<String>, Option<Tensor>) = if input.extension().is_some_and(|e| e == "npy") {
         let x = npy::read_f32(input)?;
-        if x.dim() != 4 || x.size()[1] != cfg.in_chans {
-            return Err(crate::error::bad_input!(
-                "{}: shape {:?}; expected [N, {}, H, W] float32 images",
-                input.display(),
-                x.size(),
-                cfg.in_chans
-            ));
-        }
+        check_inputs(model, input, &x, t.size)?;
         ((0..x.size()[0]).map(|i| format!("{}[{i}]", input.display())).collect(), Some(x))
     } else {
         let files = images::list_images(input)?;
@@ -289,7 +287,7 @@ fn predict_native(model: &PeftModel, rec: &RunRecord, input: &Path, out: &Path, 
             None => {
                 let f = Path::new(&names[i as usize]);
                 let x = images::load_image(f, size, grey, &rec.config.norm)?;
-                model.bb.check_input(&[1, x.size()[0], t.size, t.size]).map_err(|e| anyhow!("{}: {e}", f.display()))?;
+                check_inputs(model, f, &x.unsqueeze(0), t.size)?;
                 x
             }
         };

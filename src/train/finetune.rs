@@ -301,7 +301,7 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
     }
     let tiles = (ds.task == Task::Segmentation).then(|| cfg.seg.tiles(cfg.image_size)).flatten();
     // Samples per epoch: several crops of every image in native-resolution segmentation.
-    let n = ds.train.len() * tiles.map_or(1, |t| t.per_image);
+    let n = LoaderConfig::samples(tiles, ds.train.len());
     let mut trainer = trainer(model, cfg, n, out);
     let mut state = TrainState::default();
     if resume && trainer.resume(&mut state)? {
@@ -334,7 +334,7 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
             task: ds.task,
             num_classes: ds.num_classes,
             cfg,
-            batch_size: bs,
+            loader,
             train: split_features(model, &ds.train, eval)?,
             val: split_features(model, &ds.val, eval)?,
         };
@@ -369,7 +369,8 @@ struct FeatureStep<'a> {
     task: Task,
     num_classes: i64,
     cfg: &'a FinetuneConfig,
-    batch_size: i64,
+    /// Batch size and order of the epochs (the training loader's).
+    loader: LoaderConfig,
     /// Training features and labels.
     train: (Tensor, Tensor),
     /// Validation features and labels.
@@ -383,16 +384,14 @@ impl TrainStep for FeatureStep<'_> {
         let seed = self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64);
         let mut order: Vec<i64> = (0..n).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-        let part = crate::dist::part();
-        let bs = self.batch_size.max(1) as usize;
         let dev = self.model.device;
-        let (f, l) = (self.train.0.shallow_clone(), self.train.1.shallow_clone());
-        let batches: Vec<Batch> = order
-            .chunks(bs)
-            .map(|c| {
-                let shard = part.shard(c.len() as i64);
-                let rows = &c[shard.start as usize..(shard.start + shard.len) as usize];
-                let idx = Tensor::from_slice(rows).to_device(dev);
+        let (f, l) = (&self.train.0, &self.train.1);
+        let batches: Vec<Batch> = self
+            .loader
+            .shards(n, crate::dist::part())
+            .into_iter()
+            .map(|(s, e, shard)| {
+                let idx = Tensor::from_slice(&order[s..e]).to_device(dev);
                 Batch { images: f.index_select(0, &idx), labels: l.index_select(0, &idx), index: idx, shard }
             })
             .collect();
@@ -415,11 +414,7 @@ impl TrainStep for FeatureStep<'_> {
         let l =
             crate::device::autocast(self.model.device, || vit.head_forward(&self.val.0, false)).to_kind(Kind::Float);
         let p = if self.task == Task::Multilabel { l.sigmoid() } else { l.softmax(-1, Kind::Float) };
-        let rows = |t: &Tensor| -> Result<Vec<Vec<f64>>> {
-            let t = t.to_kind(Kind::Double).to_device(tch::Device::Cpu);
-            let w = if t.dim() == 1 { 1 } else { t.size()[1] };
-            Ok(Vec::<f64>::try_from(t.flatten(0, -1))?.chunks(w as usize).map(<[f64]>::to_vec).collect())
-        };
+        let rows = crate::eval::evaluate::rows;
         Ok(crate::eval::metrics::classification(self.task, &rows(&self.val.1)?, &rows(&p)?))
     }
 }

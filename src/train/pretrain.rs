@@ -140,7 +140,7 @@ fn plan(
         per_image: cfg.native_crops,
     });
     // Samples per epoch: `native_crops` crops of every image at native resolution.
-    let n = split.len() * tiles.map_or(1, |t| t.per_image);
+    let n = LoaderConfig::samples(tiles, split.len());
     let bs = cfg.batch_size.min(n);
     let world = crate::dist::part().world;
     if bs < world {
