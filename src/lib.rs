@@ -35,6 +35,7 @@ pub mod hub;
 pub mod model;
 pub mod peft;
 pub mod pretext;
+pub mod profile;
 pub mod progress;
 pub mod train;
 

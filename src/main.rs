@@ -1,6 +1,7 @@
 use clap::Parser;
 
 fn main() {
+    tpp::device::tune_host_allocator();
     // A bug must still end in one readable line, not a backtrace dump.
     std::panic::set_hook(Box::new(|info| {
         // A third-party decoder failing on bad input inside the library's guard: reported as an error.

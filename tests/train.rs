@@ -66,6 +66,7 @@ fn tpp_stage_trains_only_targets_and_lowers_mae_loss() {
         preview_every: 0,
         native_crops: 0,
         native_size: 0,
+        cpu_bf16: false,
     };
     let out = tmp_dir("tpp-stage");
     let summary = train_mae(&bb.vit, &dec, params, &split, &pcfg, Device::Cpu, &out, "TPP", &mut || Ok(())).unwrap();
@@ -428,6 +429,7 @@ fn dino_tpp_stage_student_learns_to_match_the_ema_teacher() {
         preview_every: 0,
         native_crops: 0,
         native_size: 0,
+        cpu_bf16: false,
     };
     let out = tmp_dir("dino-stage");
     let t_before: Vec<(String, Tensor)> =

@@ -185,8 +185,21 @@ impl Attention {
         let h = self.num_heads;
         // [B, N, 3, H, hd] -> [3, B, H, N, hd]
         let qkv = self.qkv.forward(x, train).reshape([b, n, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let o = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        // unbind, as timm: its backward stacks the three gradients once, where three selects would each
+        // scatter into a zeroed [3, B, H, N, hd] buffer and then be added up.
+        let [q, k, v]: [Tensor; 3] = qkv.unbind(0).try_into().expect("qkv splits into q, k, v");
+        let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, None, false)
+        };
+        let o = if q.device() == tch::Device::Cpu && q.kind() == Kind::BFloat16 {
+            // CPU bf16 autocast: the attention in fp32, since libtorch's CPU flash-attention backward is
+            // about 7x slower in bf16 than in fp32 (measured on the pilot MAE step), more than the bf16
+            // GEMMs around it save.
+            let f = |t: &Tensor| t.to_kind(Kind::Float);
+            crate::device::without_autocast(tch::Device::Cpu, || sdpa(&f(&q), &f(&k), &f(&v)))
+        } else {
+            sdpa(&q, &k, &v)
+        };
         self.proj.forward(&o.transpose(1, 2).reshape([b, n, d]), train)
     }
 }

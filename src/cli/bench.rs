@@ -16,6 +16,9 @@ pub struct Args {
     /// Comma-separated: lora_ft, tpp_mae, full_ft
     #[arg(long, value_delimiter = ',', default_value = "lora_ft,tpp_mae,full_ft")]
     pub work: Vec<String>,
+    /// bf16 autocast on the CPU (as `finetune --cpu-bf16`)
+    #[arg(long, conflicts_with = "data")]
+    pub cpu_bf16: bool,
     /// Data-loading benchmark instead: decode (all cores) and augment this data set (folder, CSV,
     /// images/ + masks/, or .npz), reporting images/s
     #[arg(long)]
@@ -43,7 +46,9 @@ pub fn run(a: Args, device: Device) -> Result<()> {
     }
     let b = crate::bench::StepBench { model: a.model, batch: a.batch, steps: a.steps as usize, works: a.work };
     b.config()?;
-    println!("{}", crate::bench::banner(device));
+    crate::device::set_cpu_bf16(a.cpu_bf16);
+    let precision = if device.is_cuda() || a.cpu_bf16 { "bf16 autocast" } else { "fp32" };
+    println!("{} ({precision})", crate::bench::banner(device));
     // Each line as soon as it is measured (a timeout or an out-of-memory keeps the earlier ones).
     crate::bench::steps(&b, device, &mut |r| println!("RESULT {r}"))
 }

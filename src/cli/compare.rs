@@ -130,7 +130,7 @@ impl Args {
 /// Runs a comparison into `out` and prints the report.
 pub fn run_and_report(cfg: &CompareConfig, out: &Path, device: Device) -> Result<()> {
     let results = crate::experiment::compare::run(cfg, out, device)?;
-    println!("{}", crate::eval::report::write(cfg, &results, out)?);
+    println!("{}", crate::profile::time("report", || crate::eval::report::write(cfg, &results, out))?);
     Ok(())
 }
 
@@ -142,7 +142,9 @@ pub fn run(a: Args, device: Device, threads: i64) -> Result<()> {
     if let Some(k) = a.cell {
         let results = crate::experiment::compare::run_unit(&cfg, &a.out, k, device)?;
         match results {
-            Some(r) if !a.no_report => println!("{}", crate::eval::report::write(&cfg, &r, &a.out)?),
+            Some(r) if !a.no_report => {
+                println!("{}", crate::profile::time("report", || crate::eval::report::write(&cfg, &r, &a.out))?)
+            }
             Some(_) => {}
             None => {
                 let units = crate::experiment::compare::units(&cfg, &a.out)?;
@@ -273,7 +275,7 @@ fn on_devices(cfg: &CompareConfig, out: &Path, devices: &[String], threads: i64)
         );
     }
     let results = crate::experiment::compare::collect(cfg, out)?;
-    println!("{}", crate::eval::report::write(cfg, &results, out)?);
+    println!("{}", crate::profile::time("report", || crate::eval::report::write(cfg, &results, out))?);
     Ok(())
 }
 

@@ -83,6 +83,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
         select: a.select.unwrap_or(Metric::default_for(task)),
         seg: a.seg.config()?,
         cached_features: a.cached_features,
+        cpu_bf16: o.cpu_bf16,
     };
     let record = RunRecord {
         backbone: a.backbone.source(),

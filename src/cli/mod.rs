@@ -39,6 +39,14 @@ pub struct Cli {
     /// Decode file-based data into memory at every run instead of through the cache
     #[arg(long, global = true, conflicts_with = "cache_dir")]
     pub no_cache: bool,
+    /// Print where the wall time went (data, augmentation, forward, backward, optimiser, validation,
+    /// checkpoints, reports) when the command ends
+    #[arg(long, global = true)]
+    pub profile: bool,
+    /// Record every libtorch operator of the command (CUDA kernels too on a GPU) into this Chrome trace
+    /// file (open it in Perfetto or chrome://tracing); a new file, never overwritten
+    #[arg(long, global = true, value_name = "FILE", value_parser = crate::check::out_path)]
+    pub profile_trace: Option<std::path::PathBuf>,
     /// The command
     #[command(subcommand)]
     pub cmd: Command,
@@ -161,7 +169,23 @@ pub fn run(mut cli: Cli) -> Result<()> {
         }
         _ => {}
     }
-    match cli.cmd {
+    let profile = cli.profile;
+    if profile {
+        crate::profile::enable(device);
+    }
+    if let Some(t) = &cli.profile_trace {
+        if t.exists() {
+            return Err(crate::error::bad_input!("--profile-trace {}: exists; give a new file", t.display()));
+        }
+        if std::env::var_os("KINETO_LOG_LEVEL").is_none() {
+            // Kineto's own progress lines, and its CUDA probe's error on a CPU-only machine, would read as
+            // failures of the command. SAFETY: set before the command starts any thread of its own.
+            unsafe { std::env::set_var("KINETO_LOG_LEVEL", "5") };
+        }
+        crate::profile::start_trace(device)?;
+    }
+    let trace = cli.profile_trace.clone();
+    let result = match cli.cmd {
         Command::Inspect(a) => inspect::run(a),
         Command::Data(c) => data::run(c),
         Command::Embed(a) => embed::run(a, device),
@@ -174,5 +198,13 @@ pub fn run(mut cli: Cli) -> Result<()> {
         Command::Compare(a) => compare::run(a, device, cli.threads),
         Command::Demo(a) => demo::run(a, device),
         Command::Bench(a) => bench::run(a, device),
+    };
+    if profile {
+        eprint!("{}", crate::profile::report());
     }
+    if let Some(t) = trace {
+        crate::profile::stop_trace(&t)?;
+        tracing::info!("libtorch trace written to {}", t.display());
+    }
+    result
 }

@@ -150,6 +150,7 @@ pub fn epoch_shards(
         }
     });
     rx.into_iter().map(move |(idx, imgs, labels, shard)| {
+        let _s = crate::profile::span("batch preparation");
         let imgs = imgs.to_device(cfg.device);
         let mut labels = labels.to_device(cfg.device);
         let mut x = cfg.norm.apply(&imgs);
@@ -170,6 +171,7 @@ pub fn epoch_shards(
             }
         }
         if let Some(a) = augment {
+            let _s = crate::profile::span("augment");
             let (xa, ma) = a.apply_shard(&x, segmentation.then_some(&labels), &mut rng, shard);
             x = xa;
             if let Some(m) = ma {

@@ -351,6 +351,7 @@ pub fn bootstrap(
     seed: u64,
     compute: impl Fn(&[usize]) -> BTreeMap<String, f64>,
 ) -> BTreeMap<String, Interval> {
+    let _s = crate::profile::span("bootstrap intervals");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for _ in 0..resamples {

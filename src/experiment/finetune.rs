@@ -157,13 +157,15 @@ pub fn run(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Result<
     let out = dir.path();
     rec.validate()?;
     let rec = &rec.resolved()?;
-    let Prepared { model, ds, checkpoint, files } = prepare(rec, device)?;
+    let Prepared { model, ds, checkpoint, files } =
+        crate::profile::time("load model and data", || prepare(rec, device))?;
     let mut rec = rec.clone();
     rec.config.image_size = model.bb.vit.config().img_size;
     rec.config.norm = rec.config.norm.resolve(&ds.train.images);
     rec.config.validate()?;
     claim_folder(&rec, out, resume)?;
     rec.write(out)?;
+    crate::device::set_cpu_bf16(rec.config.cpu_bf16);
     if let Some((f, parts)) = &files {
         crate::data::folder::write_splits(&out.join("splits.csv"), f, parts)?;
     }
@@ -183,8 +185,8 @@ pub fn run(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Result<
         if rec.init_targets.is_some() { "; targets from TPP" } else { "" }
     );
     crate::device::reset_peak_memory(device);
-    let state = finetune(&model, &ds, &rec.config, out, resume)?;
-    let evaluation = finish(&model, &ds, &rec, &state, out)?;
+    let state = crate::profile::time("fine-tuning", || finetune(&model, &ds, &rec.config, out, resume))?;
+    let evaluation = crate::profile::time("test and run files", || finish(&model, &ds, &rec, &state, out))?;
     Ok(Outcome { state, evaluation })
 }
 

@@ -77,6 +77,7 @@ pub fn pretrain_targets(rec: &TppRecord, out: &Path, device: Device) -> Result<P
     // Model and data are opened before the folder is made, so a bad input leaves nothing behind.
     let inputs = StageInputs::open(rec, device)?;
     let work = claim(out)?;
+    crate::device::set_cpu_bf16(rec.config.cpu_bf16);
     let summary = match rec.pretext {
         Pretext::Mae => tpp_mae(rec, inputs, &work, device)?,
         Pretext::Dino => {
@@ -320,6 +321,7 @@ pub fn pretrain_backbone(
     // made, so bad data leaves nothing behind.
     let (ds, _) = data.open(arch)?;
     let work = claim(out)?;
+    crate::device::set_cpu_bf16(cfg.cpu_bf16);
     let summary = backbone_stage(arch, data, &ds, cfg, &work, device)?;
     publish(&work, out)?;
     tracing::info!(

@@ -231,17 +231,20 @@ impl Trainer<'_> {
                 }
                 bail!("{}", self.divergence(train_loss, epoch, state));
             }
-            let val = step.validate()?;
+            let val = crate::profile::time("validation", || step.validate())?;
             let secs = t0.elapsed().as_secs_f64();
             let images_per_s = sums.images as f64 / secs;
             let record = EpochRecord { epoch: epoch + 1, train_loss, lr: sums.lr, seconds: secs, images_per_s, val };
             state.history.push(record.clone());
             state.epochs_done = epoch + 1;
-            for cb in callbacks.iter_mut() {
-                cb.on_epoch_end(&record, state)?;
+            {
+                let _s = crate::profile::span("epoch callbacks");
+                for cb in callbacks.iter_mut() {
+                    cb.on_epoch_end(&record, state)?;
+                }
             }
             if let Some(c) = &self.checkpoint {
-                c.save(&self.opt, state)?;
+                crate::profile::time("checkpoint", || c.save(&self.opt, state))?;
             }
         }
         for cb in callbacks.iter_mut() {
@@ -332,8 +335,11 @@ impl Trainer<'_> {
         let group = crate::dist::current();
         self.opt.zero_grad();
         let Batches { len, iter } = step.batches(epoch);
-        for (i, batch) in iter.enumerate() {
-            let mut loss = step.loss(&batch)?;
+        // The batch is prepared (loader wait, device copy, augmentation) inside `next`: timed as "data".
+        let mut iter = iter.enumerate();
+        while let Some((i, batch)) = crate::profile::time("data", || iter.next()) {
+            let mut loss = crate::profile::time("forward", || step.loss(&batch))?;
+            let _s = crate::profile::span("backward");
             if batch.shard.len == 0 {
                 // An empty shard (data-parallel): nothing to back-propagate here.
             } else if accum == 1 {
@@ -341,6 +347,7 @@ impl Trainer<'_> {
             } else {
                 (&loss / accum as f64).backward()
             }
+            drop(_s);
             // Images of the global batch (this process's shard is part of it).
             let n = batch.shard.total;
             window_losses.push(loss.detach());
@@ -349,9 +356,10 @@ impl Trainer<'_> {
             if (i + 1) as i64 % accum != 0 && i + 1 != len {
                 continue;
             }
+            let _s = crate::profile::span("optimizer");
             match group {
                 Some(g) => {
-                    let global = self.sum_window(g, &window_losses)?;
+                    let global = crate::profile::time("gradient sum", || self.sum_window(g, &window_losses))?;
                     loss = global.last().expect("a window has a batch").shallow_clone();
                     sums.losses.extend(global);
                 }
@@ -368,6 +376,8 @@ impl Trainer<'_> {
             self.opt.step(sums.lr);
             self.opt.zero_grad();
             step.after_update(*update, total)?;
+            drop(_s);
+            let _s = crate::profile::span("step callbacks");
             let diagnostics = step.diagnostics();
             let end = StepEnd {
                 step: *update,
