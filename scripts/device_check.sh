@@ -23,6 +23,13 @@ for run in peer1 tpp peer2; do
     *) timeout 150 $PY device/torch_peer.py --model vit_base_patch16_224 --batch 128 --dtype bf16 --steps "$STEPS" ;;
   esac 2>&1 | tee "$OUT/bench_$run.txt"
 done
+# Where a LoRA and a TPP-MAE step spend their time on the card: libtorch's trace (CPU operators and CUDA
+# kernels), summed per operator (the trace itself stays on the machine: tens of MB).
+for w in lora_ft tpp_mae; do
+  timeout 90 device/tpp --device cuda --profile-trace /tmp/trace_$w.json bench --model vit_base_patch16_224 \
+    --batch 128 --steps 3 --work $w > /dev/null 2>&1 && \
+    $PY scripts/trace_summary.py /tmp/trace_$w.json --top 40 > "$OUT/trace_$w.txt" 2>&1
+done
 timeout 150 device/tpp --device cuda demo --from-scratch --quick --out /tmp/demo_cuda 2>&1 | tail -40 | tee "$OUT/demo_quick.txt"
 cp /tmp/demo_cuda/compare/report.md "$OUT/demo_report.md" 2>/dev/null || true
 # 4. Data-parallel fine-tuning on NCCL under torchrun: world size 1, and every GPU of the machine.

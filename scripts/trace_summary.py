@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Operators of a Chrome trace (`tpp --profile-trace FILE`, or torch.profiler's export_chrome_trace) by
-self time: what each operator spent outside the operators it called, summed per name and thread kind.
+self time: what each operator spent outside the operators it called, summed per name; CUDA kernels and
+copies (rows named `gpu: ...`) by their own duration.
 
     python scripts/trace_summary.py TRACE.json [--top 30] [--compare OTHER.json]
 
@@ -17,8 +18,13 @@ def self_times(path):
         events = json.load(f)["traceEvents"]
     by_tid = defaultdict(list)
     for e in events:
-        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "Operator", None) and "dur" in e:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        if e.get("cat") in ("cpu_op", "Operator", None):
             by_tid[(e.get("pid"), e.get("tid"))].append(e)
+        elif e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            # Device work, on its own stream rows: named apart from the host operators that launched it.
+            by_tid[("gpu", e.get("pid"), e.get("tid"))].append(dict(e, name="gpu: " + e.get("name", "?")))
     out, calls = defaultdict(float), defaultdict(int)
     for evs in by_tid.values():
         evs.sort(key=lambda e: (e["ts"], -e["dur"]))
