@@ -32,7 +32,9 @@ pub struct DinoConfig {
     pub local_scale_max: f64,
     /// Student temperature.
     pub student_temp: f64,
-    /// Teacher temperature (after warm-up).
+    /// Teacher temperature (after warm-up). 0.01, sharper than DINO's 0.04: on a frozen backbone with a
+    /// fresh head the teacher's cosine logits barely spread, and at 0.04 its targets stayed near uniform
+    /// (entropy 0.97 ln K on BreastMNIST with the real ViT-S/14; 0.59 ln K at 0.01, RESULTS.md section 7).
     pub teacher_temp: f64,
     /// Teacher temperature at the start of the warm-up.
     pub warmup_teacher_temp: f64,
@@ -84,8 +86,8 @@ impl Default for DinoConfig {
             global_scale_min: 0.4,
             local_scale_max: 0.4,
             student_temp: 0.1,
-            teacher_temp: 0.04,
-            warmup_teacher_temp: 0.04,
+            teacher_temp: 0.01,
+            warmup_teacher_temp: 0.01,
             warmup_teacher_epochs: 0,
             momentum: 0.996,
             center_momentum: 0.9,
