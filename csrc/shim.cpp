@@ -125,15 +125,14 @@ int tpp_fused_adamw(void** params, void** grads, void** exp_avgs, void** exp_avg
                     double beta1, double beta2, double weight_decay, double eps, int64_t step, char* err,
                     size_t err_len) {
   try {
+    if (n == 0) return 0;
     std::vector<at::Tensor> p, g, m, v, steps;
-    p.reserve(n);
     for (size_t i = 0; i < n; ++i) {
       p.push_back(*static_cast<at::Tensor*>(params[i]));
       g.push_back(*static_cast<at::Tensor*>(grads[i]));
       m.push_back(*static_cast<at::Tensor*>(exp_avgs[i]));
       v.push_back(*static_cast<at::Tensor*>(exp_avg_sqs[i]));
     }
-    if (n == 0) return 0;
     // The kernels read the step count from a tensor per parameter (float32, on the parameters' device).
     auto s = at::full({}, static_cast<double>(step), at::TensorOptions().dtype(at::kFloat).device(p[0].device()));
     steps.assign(n, s);

@@ -190,7 +190,7 @@ pub fn steps(b: &StepBench, device: Device, report: &mut dyn FnMut(Value)) -> Re
         };
         let peak = crate::device::peak_memory(device).map(|p| (p as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0);
         report(json!({
-            "work": work, "model": b.model, "batch": b.batch, "dtype": if device.is_cuda() || crate::device::cpu_bf16() { "bf16" } else { "fp32" },
+            "work": work, "model": b.model, "batch": b.batch, "dtype": if crate::device::autocasts(device) { "bf16" } else { "fp32" },
             "step_ms": (med * 1e5).round() / 100.0, "img_per_s": (b.batch as f64 / med * 10.0).round() / 10.0,
             "peak_gib": peak, "trainable": trainable,
         }));

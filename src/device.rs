@@ -67,27 +67,29 @@ pub fn cpu_bf16() -> bool {
     CPU_BF16.with(std::cell::Cell::get)
 }
 
-/// Runs `f` under bf16 autocast on CUDA, and on the CPU when [`set_cpu_bf16`] turned it on; plainly
-/// otherwise.
+/// Whether work on `device` runs under bf16 autocast: always on CUDA, on the CPU when [`set_cpu_bf16`]
+/// turned it on.
+pub fn autocasts(device: Device) -> bool {
+    device.is_cuda() || cpu_bf16()
+}
+
+/// Runs `f` under bf16 autocast where [`autocasts`], plainly otherwise.
 pub fn autocast<T>(device: Device, f: impl FnOnce() -> T) -> T {
-    if device.is_cuda() {
-        autocast_region(DEVICE_TYPE_CUDA, true, f)
-    } else if cpu_bf16() {
-        autocast_region(DEVICE_TYPE_CPU, true, f)
-    } else {
-        f()
-    }
+    autocast_switch(device, true, f)
 }
 
 /// Runs `f` in fp32 inside an autocast region (precision-critical steps such as DINO's cosine logits,
 /// whose bf16 rounding would be amplified by the 0.04 teacher temperature).
 pub fn without_autocast<T>(device: Device, f: impl FnOnce() -> T) -> T {
-    if device.is_cuda() {
-        autocast_region(DEVICE_TYPE_CUDA, false, f)
-    } else if cpu_bf16() {
-        autocast_region(DEVICE_TYPE_CPU, false, f)
-    } else {
-        f()
+    autocast_switch(device, false, f)
+}
+
+/// Autocast `enabled` or not around `f` for `device`'s libtorch device type, where it autocasts at all.
+fn autocast_switch<T>(device: Device, enabled: bool, f: impl FnOnce() -> T) -> T {
+    match device {
+        _ if !autocasts(device) => f(),
+        Device::Cuda(_) => autocast_region(DEVICE_TYPE_CUDA, enabled, f),
+        _ => autocast_region(DEVICE_TYPE_CPU, enabled, f),
     }
 }
 

@@ -47,7 +47,7 @@ pub fn run(a: Args, device: Device) -> Result<()> {
     let b = crate::bench::StepBench { model: a.model, batch: a.batch, steps: a.steps as usize, works: a.work };
     b.config()?;
     crate::device::set_cpu_bf16(a.cpu_bf16);
-    let precision = if device.is_cuda() || a.cpu_bf16 { "bf16 autocast" } else { "fp32" };
+    let precision = if crate::device::autocasts(device) { "bf16 autocast" } else { "fp32" };
     println!("{} ({precision})", crate::bench::banner(device));
     // Each line as soon as it is measured (a timeout or an out-of-memory keeps the earlier ones).
     crate::bench::steps(&b, device, &mut |r| println!("RESULT {r}"))

@@ -203,8 +203,12 @@ pub fn run(mut cli: Cli) -> Result<()> {
         eprint!("{}", crate::profile::report());
     }
     if let Some(t) = trace {
-        crate::profile::stop_trace(&t)?;
+        // Saved for a failed command too; the command's own error is the one reported.
+        let stopped = crate::profile::stop_trace(&t);
+        result?;
+        stopped?;
         tracing::info!("libtorch trace written to {}", t.display());
+        return Ok(());
     }
     result
 }

@@ -137,10 +137,11 @@ impl AdamW {
         let _g = tch::no_grad_guard();
         self.step += 1;
         let c = self.cfg;
+        let grads: Vec<Tensor> = self.params.iter().map(|p| p.t.grad()).collect();
         // Groups by (decay, lr scale): the fused kernel takes one learning rate and one decay per call.
         let mut groups: Vec<(bool, f64, Vec<usize>)> = Vec::new();
         for (i, p) in self.params.iter().enumerate() {
-            if p.t.kind() != Kind::Float || !p.t.grad().defined() {
+            if p.t.kind() != Kind::Float || !grads[i].defined() {
                 continue;
             }
             match groups.iter_mut().find(|(d, s, _)| *d == p.decay && *s == p.lr_scale) {
@@ -149,10 +150,9 @@ impl AdamW {
             }
         }
         for (decay, scale, idx) in &groups {
-            let grads: Vec<Tensor> = idx.iter().map(|&i| self.params[i].t.grad()).collect();
             let ptr = |t: &Tensor| t.as_ptr() as *mut c_void;
             let mut pp: Vec<*mut c_void> = idx.iter().map(|&i| ptr(&self.params[i].t)).collect();
-            let mut gp: Vec<*mut c_void> = grads.iter().map(ptr).collect();
+            let mut gp: Vec<*mut c_void> = idx.iter().map(|&i| ptr(&grads[i])).collect();
             let mut mp: Vec<*mut c_void> = idx.iter().map(|&i| ptr(&self.params[i].m)).collect();
             let mut vp: Vec<*mut c_void> = idx.iter().map(|&i| ptr(&self.params[i].v)).collect();
             let wd = if *decay { c.weight_decay } else { 0.0 };
@@ -181,8 +181,7 @@ impl AdamW {
         }
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        for p in &mut self.params {
-            let g = p.t.grad();
+        for (p, g) in self.params.iter_mut().zip(&grads) {
             if !g.defined() || p.t.kind() == Kind::Float {
                 continue;
             }

@@ -339,15 +339,15 @@ impl Trainer<'_> {
         let mut iter = iter.enumerate();
         while let Some((i, batch)) = crate::profile::time("data", || iter.next()) {
             let mut loss = crate::profile::time("forward", || step.loss(&batch))?;
-            let _s = crate::profile::span("backward");
-            if batch.shard.len == 0 {
-                // An empty shard (data-parallel): nothing to back-propagate here.
-            } else if accum == 1 {
-                loss.backward()
-            } else {
-                (&loss / accum as f64).backward()
-            }
-            drop(_s);
+            crate::profile::time("backward", || {
+                if batch.shard.len == 0 {
+                    // An empty shard (data-parallel): nothing to back-propagate here.
+                } else if accum == 1 {
+                    loss.backward()
+                } else {
+                    (&loss / accum as f64).backward()
+                }
+            });
             // Images of the global batch (this process's shard is part of it).
             let n = batch.shard.total;
             window_losses.push(loss.detach());
