@@ -378,6 +378,90 @@ fn compare_keeps_finished_cells() {
 }
 
 #[test]
+fn compare_picks_the_tpp_setting_on_validation_and_tests_only_the_pick() {
+    let dir = tmp_dir("compare-sweep");
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backbone = {:?}\ndata = {:?}\nheads = 3\nimg_size = 32\nnorm = \"half\"\nseeds = [0, 1]\nreferences = []\n\
+             [tpp]\nepochs = [1, 2]\nlr = [1.5e-3, 1e-2]\ndecoder_dim = 32\ndecoder_depth = 1\ndecoder_heads = 2\n\
+             [finetune]\nepochs = 1\n",
+            backbone(),
+            data("breastmnist.npz").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let run = |extra: &[&str]| {
+        let mut args =
+            vec!["--threads", "1", "compare", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        tpp_bin(&args)
+    };
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let labels = ["epochs-1_lr-0.0015", "epochs-1_lr-0.01", "epochs-2_lr-0.0015", "epochs-2_lr-0.01"];
+    for seed in [0, 1] {
+        let pick: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(format!("runs/lora+tpp/pick-seed{seed}.json"))).unwrap(),
+        )
+        .unwrap();
+        // The pick is the best validation value (the first on a tie), from each candidate's own record.
+        let mut best: Option<(f64, &str)> = None;
+        for l in labels {
+            let run = out.join(format!("runs/lora+tpp/{l}/seed{seed}"));
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(run.join("validation.json")).unwrap()).unwrap();
+            let x = v["best_val"].as_f64().unwrap();
+            if best.is_none_or(|(b, _)| x > b) {
+                best = Some((x, l));
+            }
+            assert!(out.join(format!("tpp/lora/{l}/seed{seed}/config.json")).exists(), "{l}");
+            // The test split is read for the pick alone.
+            assert_eq!(run.join("metrics.json").exists(), pick["picked"] == l, "seed {seed} {l}: {pick}");
+        }
+        assert_eq!(pick["picked"], best.unwrap().1, "{pick}");
+        assert_eq!(pick["validation"].as_array().unwrap().len(), 4);
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("## TPP settings picked on validation") && report.contains("| (plain lora) |"), "{report}");
+    for l in labels {
+        assert!(report.contains(&format!("| {l} |")), "{l}: {report}");
+    }
+    assert!(report.contains("TPP: [1, 2] epochs, batch 256, lr [0.0015, 0.01]"), "{report}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["picks"]["lora"].as_array().unwrap().len(), 2);
+    assert_eq!(results["variants"]["lora+tpp"]["per_seed"].as_array().unwrap().len(), 2);
+    // Everything is kept on a second run: 8 stages and 10 runs, no pick made again.
+    let o = run(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.matches("done before, kept").count() == 18 && !err.contains("picked"), "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), report);
+    let o = run(&["--list-cells"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().collect::<Vec<_>>(),
+        ["0\tdone\tlora seed 0", "1\tdone\tlora seed 1"]
+    );
+    // A pick whose test was lost is made again from the kept validation records, and only it is tested.
+    let picked = |seed: u64| -> String {
+        let p = std::fs::read_to_string(out.join(format!("runs/lora+tpp/pick-seed{seed}.json"))).unwrap();
+        serde_json::from_str::<serde_json::Value>(&p).unwrap()["picked"].as_str().unwrap().to_string()
+    };
+    let p0 = picked(0);
+    std::fs::remove_file(out.join(format!("runs/lora+tpp/{p0}/seed0/metrics.json"))).unwrap();
+    let o = run(&["--cell", "0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains(&format!("seed 0: picked {p0}")), "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), report);
+    // The epochs flag takes a list too; a repeated value is an error naming the flag.
+    let o = run(&["--tpp-epochs", "1,1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--tpp-epochs") && err.contains("given twice"), "{err}");
+}
+
+#[test]
 fn dino_tpp_stage_student_learns_to_match_the_ema_teacher() {
     use tpp::pretext::dino::{self, DinoConfig, DinoHead};
     let ds = tpp::data::open(&data("breastmnist.npz"), None).unwrap();

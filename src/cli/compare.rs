@@ -42,8 +42,9 @@ pub struct Args {
     /// Comma-separated reference baselines: linear, full, or none
     #[arg(long, value_enum, value_delimiter = ',')]
     pub references: Option<Vec<ReferenceArg>>,
-    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long)]
-    pub tpp_epochs: Option<i64>,
+    /// TPP epochs; a comma-separated list (40,120,300) runs each and picks per seed on validation
+    #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long, value_delimiter = ',')]
+    pub tpp_epochs: Option<Vec<i64>>,
     #[arg(value_parser = crate::check::int_flag(1, i64::MAX), long)]
     pub ft_epochs: Option<i64>,
     /// Report folder (report.md, results.json, plots, and every run)
@@ -68,7 +69,7 @@ pub struct Args {
 
 impl Args {
     /// Flags override the config file.
-    pub fn apply(&self, cfg: &mut CompareConfig) {
+    pub fn apply(&self, cfg: &mut CompareConfig) -> Result<()> {
         if let Some(b) = &self.backbone {
             cfg.backbone.path = b.clone();
             cfg.backbone.hub = None;
@@ -99,12 +100,14 @@ impl Args {
             });
             cfg.references = refs.collect();
         }
-        if let Some(e) = self.tpp_epochs {
-            cfg.tpp.config.epochs = e;
+        if let Some(e) = &self.tpp_epochs {
+            let values = e.iter().map(|&e| toml::Value::Integer(e)).collect();
+            cfg.tpp.set("epochs", values).map_err(|e| crate::error::bad_input!("--tpp-epochs: {e:#}"))?;
         }
         if let Some(e) = self.ft_epochs {
             cfg.finetune.config.epochs = e;
         }
+        Ok(())
     }
 
     /// The comparison these arguments ask for.
@@ -120,7 +123,7 @@ impl Args {
                 CompareConfig::new(BackboneSource::new(b), d.clone())
             }
         };
-        self.apply(&mut cfg);
+        self.apply(&mut cfg)?;
         // A hub id is resolved once, here (the cells, and --devices' processes, read the cached file).
         cfg.backbone.resolve_hub(|k| std::env::var(k).ok())?;
         Ok(cfg)
@@ -308,7 +311,7 @@ mod tests {
         std::fs::write(&path, "backbone = \"b.safetensors\"\ndata = \"d.npz\"\nimg_size = 28\n").unwrap();
         let mut cfg = CompareConfig::read(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
-        a.apply(&mut cfg);
+        a.apply(&mut cfg).unwrap();
         assert_eq!((cfg.pretext, cfg.backbone.img_size, cfg.seeds.clone()), (Pretext::Dino, Some(56), vec![0, 1]));
         assert!(cfg.references.is_empty());
         let methods: Vec<String> = cfg.methods.iter().map(ToString::to_string).collect();

@@ -119,6 +119,50 @@ fn delta_table(
     t
 }
 
+/// The TPP sweep's table per method: each setting's validation value and its delta to the plain run
+/// (mean ± std over seeds), and for which seeds it was picked; fills `results["picks"]`.
+fn picks_table(r: &CompareResults, results: &mut Value) -> String {
+    let select = r.select.name();
+    let mut md = String::new();
+    let mut methods: Vec<&str> = Vec::new();
+    for p in &r.picks {
+        if !methods.contains(&p.method.as_str()) {
+            methods.push(&p.method);
+        }
+    }
+    for m in methods {
+        let picks: Vec<&crate::experiment::compare::PickResult> = r.picks.iter().filter(|p| p.method == m).collect();
+        let _ = writeln!(
+            md,
+            "{m}:\n\n| TPP setting | val {select}, {m}+tpp | Δ val vs {m} | picked for seeds |\n|---|---|---|---|"
+        );
+        let labels: Vec<String> = picks[0].record.validation.iter().map(|(l, _)| l.clone()).collect();
+        for l in &labels {
+            let val_of = |p: &crate::experiment::compare::PickResult| {
+                p.record.validation.iter().find(|(x, _)| x == l).and_then(|(_, v)| *v)
+            };
+            let vals: Vec<f64> = picks.iter().filter_map(|p| val_of(p)).collect();
+            let deltas: Vec<f64> = picks.iter().filter_map(|p| Some(val_of(p)? - p.plain_val?)).collect();
+            let seeds: Vec<String> =
+                picks.iter().filter(|p| &p.record.picked == l).map(|p| p.seed.to_string()).collect();
+            let ((vm, vs), (dm, ds)) = (mean_std(&vals), mean_std(&deltas));
+            let seeds = if seeds.is_empty() { "-".to_string() } else { seeds.join(", ") };
+            let _ = writeln!(md, "| {l} | {vm:.3} ± {vs:.3} | {dm:+.3} ± {ds:.3} | {seeds} |");
+        }
+        let plain: Vec<f64> = picks.iter().filter_map(|p| p.plain_val).collect();
+        let (pm, ps) = mean_std(&plain);
+        let _ = writeln!(md, "| (plain {m}) | {pm:.3} ± {ps:.3} | | |\n");
+        results["picks"][m] = json!(
+            picks
+                .iter()
+                .map(|p| json!({"seed": p.seed, "picked": p.record.picked,
+            "validation": p.record.validation, "plain_val": p.plain_val}))
+                .collect::<Vec<_>>()
+        );
+    }
+    md
+}
+
 /// The pretext's name and its own settings: a DINO run has no decoder or mask ratio to report.
 fn pretext_line(cfg: &CompareConfig) -> (&'static str, String) {
     let (t, d) = (&cfg.tpp, &cfg.dino);
@@ -133,6 +177,32 @@ fn pretext_line(cfg: &CompareConfig) -> (&'static str, String) {
         ),
     };
     (cfg.pretext.title(), settings)
+}
+
+/// The TPP stage's epochs, batch and lr, each as a list where swept.
+fn tpp_line(cfg: &CompareConfig) -> String {
+    let t = &cfg.tpp.config;
+    let swept = |key: &str, one: String| match cfg.tpp.sweep.iter().find(|a| a.key == key) {
+        Some(a) => format!("[{}]", a.values.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")),
+        None => one,
+    };
+    let mut line = format!(
+        "{} epochs, batch {}, lr {}",
+        swept("epochs", t.epochs.to_string()),
+        swept("batch_size", t.batch_size.to_string()),
+        swept("lr", t.lr.to_string())
+    );
+    let others: Vec<String> = cfg
+        .tpp
+        .sweep
+        .iter()
+        .filter(|a| !["epochs", "batch_size", "lr"].contains(&a.key.as_str()))
+        .map(|a| format!("{} [{}]", a.key, a.values.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")))
+        .collect();
+    if !others.is_empty() {
+        line = format!("{line}, {}", others.join(", "));
+    }
+    line
 }
 
 /// Writes `report.md`, `results.json` and the plots of `r` into `out`; returns the markdown.
@@ -155,7 +225,7 @@ pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<Stri
     }
     let head = delta_table(cfg, &stats, &summary, &mut results);
     let (pretext_name, pretext) = pretext_line(cfg);
-    let (f, t) = (&cfg.finetune, &cfg.tpp.config);
+    let f = &cfg.finetune;
     let mut md = String::new();
     let _ = writeln!(md, "# tpp compare: {}\n", cfg.data.data.display());
     let _ = writeln!(
@@ -168,6 +238,14 @@ pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<Stri
         cfg.seeds
     );
     let _ = writeln!(md, "## PEFT vs PEFT + TPP (test {metric}, mean ± sample std over seeds)\n\n{head}");
+    if !r.picks.is_empty() {
+        let table = picks_table(r, &mut results);
+        let _ = writeln!(
+            md,
+            "## TPP settings picked on validation\n\nThe TPP stage ran with every setting of `[tpp]`'s lists ({}); each seed's PEFT+TPP run is the one whose fine-tuned model scored best on validation `{select}` (the first listed on a tie), and only that run was scored on the test split: the PEFT+TPP test numbers above are the picks'. Validation values are the best epoch's (mean ± sample std over seeds).\n\n{table}",
+            cfg.tpp.sweep_line()
+        );
+    }
     let _ = writeln!(md, "## All variants\n");
     let _ = writeln!(
         md,
@@ -177,8 +255,12 @@ pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<Stri
     md.push_str(&rows);
     let _ = writeln!(
         md,
-        "\nIntervals: percentile bootstrap over test images (1000 resamples), each resample scoring every seed's predictions; Δ intervals are paired (same resamples). Fine-tuning: {} epochs, batch {}, lr {} (full: {}); TPP: {} epochs, batch {}, lr {}, {pretext}. Every setting: `compare.toml`.",
-        f.config.epochs, f.config.batch_size, f.config.lr, f.full_lr, t.epochs, t.batch_size, t.lr,
+        "\nIntervals: percentile bootstrap over test images (1000 resamples), each resample scoring every seed's predictions; Δ intervals are paired (same resamples). Fine-tuning: {} epochs, batch {}, lr {} (full: {}); TPP: {}, {pretext}. Every setting: `compare.toml`.",
+        f.config.epochs,
+        f.config.batch_size,
+        f.config.lr,
+        f.full_lr,
+        tpp_line(cfg),
     );
     if r.task == Task::Segmentation {
         let g = &f.config.seg;

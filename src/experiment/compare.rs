@@ -244,6 +244,82 @@ pub struct Cell {
     pub dir: PathBuf,
     /// Its run.
     pub record: RunRecord,
+    /// The TPP setting of a sweep it fine-tunes from (`epochs-40`): trained without the test split,
+    /// which only the [`Pick`] of its seed reads.
+    pub candidate: Option<String>,
+}
+
+impl Cell {
+    /// Finished: tested (`metrics.json`), or for a sweep's candidate, trained (`validation.json`).
+    pub fn done(&self) -> bool {
+        let file = if self.candidate.is_some() { super::finetune::VALIDATION_JSON } else { "metrics.json" };
+        self.dir.join(file).exists()
+    }
+}
+
+/// The choice among a seed's TPP sweep candidates: the one whose fine-tuned model scores best on
+/// validation, and only it is scored on the test split.
+pub struct Pick {
+    /// The variant (`lora+tpp`).
+    pub variant: String,
+    /// The method set's label.
+    pub method: String,
+    /// The seed.
+    pub seed: u64,
+    /// The candidate runs (indices into `Grid::cells`), in sweep order.
+    pub candidates: Vec<usize>,
+    /// The plain run of the method and seed (index into `Grid::cells`).
+    pub plain: usize,
+    /// Where the choice is recorded (`runs/<variant>/pick-seed<N>.json`).
+    pub file: PathBuf,
+}
+
+/// What a [`Pick`] file records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PickRecord {
+    /// The selection metric.
+    pub select: String,
+    /// The chosen setting's label.
+    pub picked: String,
+    /// Each candidate's best validation value, in sweep order (null: none finite).
+    pub validation: Vec<(String, Option<f64>)>,
+}
+
+impl PickRecord {
+    /// Reads a pick file.
+    pub fn read(file: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: not a pick record", file.display()))
+    }
+}
+
+impl Pick {
+    /// Done: chosen, and the chosen run tested.
+    fn done(&self, grid: &Grid) -> bool {
+        PickRecord::read(&self.file)
+            .ok()
+            .and_then(|r| self.candidates.iter().find(|&&i| grid.cells[i].candidate.as_deref() == Some(&r.picked)))
+            .is_some_and(|&i| grid.cells[i].dir.join("metrics.json").exists())
+    }
+
+    /// Chooses from the candidates' validation records: the highest finite value, the first on a tie.
+    fn choose(&self, grid: &Grid) -> Result<(PickRecord, usize)> {
+        let mut validation = Vec::new();
+        let mut best: Option<(f64, usize)> = None;
+        for &i in &self.candidates {
+            let c = &grid.cells[i];
+            let v = super::finetune::ValidationRecord::read(&c.dir)?;
+            if let Some(x) = v.best_val.filter(|x| x.is_finite())
+                && best.is_none_or(|(b, _)| x > b)
+            {
+                best = Some((x, i));
+            }
+            validation.push((c.candidate.clone().unwrap_or_default(), v.best_val));
+        }
+        let i = best.map_or(self.candidates[0], |(_, i)| i);
+        let picked = grid.cells[i].candidate.clone().unwrap_or_default();
+        Ok((PickRecord { select: grid.select.name(), picked, validation }, i))
+    }
 }
 
 /// One TPP stage of the grid.
@@ -260,6 +336,8 @@ pub struct Grid {
     pub tpp: Vec<TppJob>,
     /// Fine-tuning runs.
     pub cells: Vec<Cell>,
+    /// The choices among TPP sweep candidates (one per method set and seed; none without a sweep).
+    pub picks: Vec<Pick>,
     /// The task of the data.
     pub task: Task,
     /// The selection metric.
@@ -298,13 +376,13 @@ impl CompareConfig {
         }
     }
 
-    fn tpp_record(&self, spec: PeftSpec, seed: u64) -> TppRecord {
+    fn tpp_record(&self, spec: PeftSpec, seed: u64, config: &PretrainConfig) -> TppRecord {
         TppRecord {
             backbone: self.backbone.clone(),
             peft: spec,
             data: self.data.clone(),
             pretext: self.pretext,
-            config: PretrainConfig { seed, image_size: 0, norm: self.norm.norm(), ..self.tpp.config.clone() },
+            config: PretrainConfig { seed, image_size: 0, norm: self.norm.norm(), ..config.clone() },
             decoder: self.tpp.decoder,
             freeze_decoder: false,
             dino: self.dino.clone(),
@@ -338,22 +416,41 @@ impl CompareConfig {
             }
         }
         let t = (task, num_classes, select);
-        let (mut tpp, mut cells) = (Vec::new(), Vec::new());
-        let seed_dir = |kind: &str, v: &str, seed: u64| out.join(kind).join(v).join(format!("seed{seed}"));
+        let (mut tpp, mut cells, mut picks) = (Vec::new(), Vec::new(), Vec::new());
+        // Without a sweep: tpp/<method>/seedN and runs/<method>+tpp/seedN; a sweep's setting adds its
+        // label as a folder level (tpp/<method>/epochs-40/seedN).
+        let candidates = self.tpp.candidates()?;
+        let seed_dir = |kind: &str, v: &str, label: &str, seed: u64| {
+            let d = out.join(kind).join(v);
+            if label.is_empty() { d } else { d.join(label) }.join(format!("seed{seed}"))
+        };
         for m in &self.methods {
             let spec = self.spec(m)?;
             if !spec.adds_parameters() {
                 bail!("compare: '{m}' is a reference, not a PEFT method (list it under references)");
             }
             let name = m.to_string();
+            let variant = format!("{name}+tpp");
             for &seed in &self.seeds {
-                let tpp_dir = seed_dir("tpp", &name, seed);
-                tpp.push(TppJob { dir: tpp_dir.clone(), record: self.tpp_record(spec.clone(), seed) });
-                for (with_tpp, init) in [(false, None), (true, Some(tpp_dir))] {
-                    let variant = if with_tpp { format!("{name}+tpp") } else { name.clone() };
-                    let record = self.run_record(spec.clone(), seed, init, t);
-                    let dir = seed_dir("runs", &variant, seed);
-                    cells.push(Cell { variant, method: name.clone(), tpp: with_tpp, seed, dir, record });
+                let plain = cells.len();
+                let record = self.run_record(spec.clone(), seed, None, t);
+                let (method, dir) = (name.clone(), seed_dir("runs", &name, "", seed));
+                cells.push(Cell { variant: name.clone(), method, tpp: false, seed, dir, record, candidate: None });
+                let mut cands = Vec::new();
+                for c in &candidates {
+                    let tpp_dir = seed_dir("tpp", &name, &c.label, seed);
+                    tpp.push(TppJob { dir: tpp_dir.clone(), record: self.tpp_record(spec.clone(), seed, &c.config) });
+                    let record = self.run_record(spec.clone(), seed, Some(tpp_dir), t);
+                    let dir = seed_dir("runs", &variant, &c.label, seed);
+                    let candidate = (!c.label.is_empty()).then(|| c.label.clone());
+                    cands.push(cells.len());
+                    let (variant, method) = (variant.clone(), name.clone());
+                    cells.push(Cell { variant, method, tpp: true, seed, dir, record, candidate });
+                }
+                if candidates.len() > 1 {
+                    let file = out.join("runs").join(&variant).join(format!("pick-seed{seed}.json"));
+                    let (variant, method) = (variant.clone(), name.clone());
+                    picks.push(Pick { variant, method, seed, candidates: cands, plain, file });
                 }
             }
         }
@@ -362,11 +459,12 @@ impl CompareConfig {
             let name = r.method().name().to_string();
             for &seed in &self.seeds {
                 let record = self.run_record(spec.clone(), seed, None, t);
-                let dir = seed_dir("runs", &name, seed);
-                cells.push(Cell { variant: name.clone(), method: name.clone(), tpp: false, seed, dir, record });
+                let dir = seed_dir("runs", &name, "", seed);
+                let (variant, method) = (name.clone(), name.clone());
+                cells.push(Cell { variant, method, tpp: false, seed, dir, record, candidate: None });
             }
         }
-        Ok(Grid { tpp, cells, task, select })
+        Ok(Grid { tpp, cells, picks, task, select })
     }
 }
 
@@ -381,6 +479,8 @@ pub struct Unit {
     pub tpp: Vec<usize>,
     /// Its fine-tuning runs (indices into `Grid::cells`).
     pub runs: Vec<usize>,
+    /// Its picks among TPP sweep candidates (indices into `Grid::picks`).
+    pub picks: Vec<usize>,
     /// Every stage and run of it finished.
     pub done: bool,
     /// Some stage or run of it has started (a folder exists).
@@ -392,38 +492,55 @@ impl Grid {
     pub fn units(&self) -> Vec<Unit> {
         let mut units = Vec::new();
         let mut claimed = vec![false; self.cells.len()];
-        for (j, job) in self.tpp.iter().enumerate() {
-            // The plain and the +TPP run of the stage's method and seed.
-            let (method, seed) = (job.record.peft.label(), job.record.config.seed);
-            let runs: Vec<usize> = (0..self.cells.len())
-                .filter(|&i| {
-                    let c = &self.cells[i];
-                    let ours = c.record.init_targets.as_deref() == Some(job.dir.as_path())
-                        || (!c.tpp && c.record.peft.label() == method);
-                    !claimed[i] && c.seed == seed && ours
-                })
-                .collect();
-            for &i in &runs {
-                claimed[i] = true;
+        let mut taken = vec![false; self.tpp.len()];
+        for i in 0..self.cells.len() {
+            let c = &self.cells[i];
+            if claimed[i] || c.tpp || !self.is_peft(c) {
+                continue;
             }
-            units.push(self.unit(format!("{method} seed {seed}"), vec![j], runs));
+            // A PEFT method at one seed: its plain run, its TPP stages, the runs from them, its pick.
+            let mine = |d: &Cell| d.seed == c.seed && d.method == c.method && self.is_peft(d);
+            let runs: Vec<usize> = (0..self.cells.len()).filter(|&k| !claimed[k] && mine(&self.cells[k])).collect();
+            let inits: Vec<PathBuf> = runs.iter().filter_map(|&k| self.cells[k].record.init_targets.clone()).collect();
+            let tpp: Vec<usize> = (0..self.tpp.len())
+                .filter(|&j| !taken[j] && inits.iter().any(|d| same_dir(d, &self.tpp[j].dir)))
+                .collect();
+            let picks: Vec<usize> = (0..self.picks.len()).filter(|&p| self.picks[p].plain == i).collect();
+            for &k in &runs {
+                claimed[k] = true;
+            }
+            for &j in &tpp {
+                taken[j] = true;
+            }
+            units.push(self.unit(format!("{} seed {}", c.method, c.seed), tpp, runs, picks));
         }
         for (i, c) in self.cells.iter().enumerate() {
             if !claimed[i] {
-                units.push(self.unit(format!("{} seed {}", c.variant, c.seed), Vec::new(), vec![i]));
+                units.push(self.unit(format!("{} seed {}", c.variant, c.seed), Vec::new(), vec![i], Vec::new()));
             }
         }
         units
     }
 
-    fn unit(&self, label: String, tpp: Vec<usize>, runs: Vec<usize>) -> Unit {
+    /// Whether a cell is a PEFT method's (plain or from TPP), not a reference's.
+    fn is_peft(&self, c: &Cell) -> bool {
+        c.record.peft.adds_parameters()
+    }
+
+    fn unit(&self, label: String, tpp: Vec<usize>, runs: Vec<usize>, picks: Vec<usize>) -> Unit {
         let tpp_done = |j: &usize| self.tpp[*j].dir.join("config.json").exists();
-        let run_done = |i: &usize| self.cells[*i].dir.join("metrics.json").exists();
-        let done = tpp.iter().all(tpp_done) && runs.iter().all(run_done);
+        let done = tpp.iter().all(tpp_done)
+            && runs.iter().all(|&i| self.cells[i].done())
+            && picks.iter().all(|&p| self.picks[p].done(self));
         let started = tpp.iter().any(|j| self.tpp[*j].dir.exists() || partial(&self.tpp[*j].dir).exists())
             || runs.iter().any(|i| self.cells[*i].dir.exists());
-        Unit { label, tpp, runs, done, started }
+        Unit { label, tpp, runs, picks, done, started }
     }
+}
+
+/// The same folder, one path absolute and the other maybe relative to the working folder.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    records::absolute(a) == records::absolute(b)
 }
 
 fn partial(dir: &Path) -> PathBuf {
@@ -456,6 +573,7 @@ pub fn run_unit(cfg: &CompareConfig, out: &Path, k: usize, device: Device) -> Re
     crate::peft::io::write_text_atomic(&out.join("compare.toml"), &toml::to_string_pretty(cfg)?)?;
     tracing::info!("cell {k} of {}: {}", units.len(), unit.label);
     run_jobs(&tpp, &cells, device)?;
+    run_picks(&grid, &unit.picks, device)?;
     if grid.units().iter().all(|u| u.done) { Ok(Some(CompareResults::collect(cfg, &grid)?)) } else { Ok(None) }
 }
 
@@ -491,13 +609,58 @@ fn run_jobs(tpp: &[&TppJob], cells: &[&Cell], device: Device) -> Result<()> {
     }
     for (k, c) in cells.iter().enumerate() {
         let k = tpp.len() + k + 1;
-        if c.dir.join("metrics.json").exists() {
-            tracing::info!("[{k}/{total}] {} seed {}: done before, kept", c.variant, c.seed);
+        let name = match &c.candidate {
+            Some(l) => format!("{} ({l}, test not read)", c.variant),
+            None => c.variant.clone(),
+        };
+        if c.done() {
+            tracing::info!("[{k}/{total}] {name} seed {}: done before, kept", c.seed);
             continue;
         }
         let resume = c.dir.join(RUN_JSON).exists();
-        tracing::info!("[{k}/{total}] {} seed {}{}", c.variant, c.seed, if resume { " (resuming)" } else { "" });
-        super::finetune::run(&c.record, &c.dir, resume, device)?;
+        tracing::info!("[{k}/{total}] {name} seed {}{}", c.seed, if resume { " (resuming)" } else { "" });
+        if c.candidate.is_some() {
+            super::finetune::train_untested(&c.record, &c.dir, resume, device)?;
+        } else {
+            super::finetune::run(&c.record, &c.dir, resume, device)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes these picks of the grid (their candidates trained): records each choice, then scores the chosen
+/// run, and only it, on the test split.
+fn run_picks(grid: &Grid, picks: &[usize], device: Device) -> Result<()> {
+    for &p in picks {
+        let pick = &grid.picks[p];
+        if pick.done(grid) {
+            continue;
+        }
+        let (record, i) = pick.choose(grid)?;
+        // Another candidate already tested would mean the test split was read for more than the pick.
+        if let Some(&o) = pick.candidates.iter().find(|&&o| o != i && grid.cells[o].dir.join("metrics.json").exists()) {
+            bail!(
+                "{}: a candidate other than the pick ({}) holds test results; remove it to re-run the pick",
+                grid.cells[o].dir.display(),
+                record.picked
+            );
+        }
+        let vals: Vec<String> = record
+            .validation
+            .iter()
+            .map(|(l, v)| format!("{l} {}", v.map_or("n/a".into(), |v| format!("{v:.4}"))))
+            .collect();
+        tracing::info!(
+            "{} seed {}: picked {} on validation {} ({}); scoring it on the test split",
+            pick.variant,
+            pick.seed,
+            record.picked,
+            record.select,
+            vals.join(", ")
+        );
+        crate::peft::io::write_text_atomic(&pick.file, &serde_json::to_string_pretty(&record)?)?;
+        let c = &grid.cells[i];
+        super::finetune::run(&c.record, &c.dir, true, device)?;
     }
     Ok(())
 }
@@ -522,6 +685,7 @@ pub fn run(cfg: &CompareConfig, out: &Path, device: Device) -> Result<CompareRes
     check_kept(&tpp, &cells)?;
     crate::peft::io::write_text_atomic(&out.join("compare.toml"), &toml::to_string_pretty(cfg)?)?;
     run_jobs(&tpp, &cells, device)?;
+    run_picks(&grid, &(0..grid.picks.len()).collect::<Vec<_>>(), device)?;
     CompareResults::collect(cfg, &grid)
 }
 
@@ -640,8 +804,25 @@ pub struct CompareResults {
     pub metric: Metric,
     /// Variants in grid order (`lora`, `lora+tpp`, ..., references).
     pub variants: Vec<String>,
-    /// Each variant's cells, by seed order.
+    /// Each variant's cells, by seed order (a sweep's variant: each seed's picked candidate).
     pub cells: BTreeMap<String, Vec<CellResult>>,
+    /// The TPP sweep's choices, per method set and seed (empty without a sweep).
+    pub picks: Vec<PickResult>,
+}
+
+/// One seed's choice among a method's TPP sweep candidates, with the plain run's validation value.
+#[derive(Debug, Clone)]
+pub struct PickResult {
+    /// The variant (`lora+tpp`).
+    pub variant: String,
+    /// The method set (`lora`).
+    pub method: String,
+    /// The seed.
+    pub seed: u64,
+    /// The plain run's best validation value.
+    pub plain_val: Option<f64>,
+    /// The choice and every candidate's best validation value.
+    pub record: PickRecord,
 }
 
 impl CellResult {
@@ -687,7 +868,28 @@ impl CompareResults {
     pub fn collect(cfg: &CompareConfig, grid: &Grid) -> Result<Self> {
         let mut variants: Vec<String> = Vec::new();
         let mut cells: BTreeMap<String, Vec<CellResult>> = BTreeMap::new();
+        let mut picks = Vec::new();
+        let mut picked: BTreeMap<(String, u64), String> = BTreeMap::new();
+        for p in &grid.picks {
+            let record = PickRecord::read(&p.file)?;
+            let plain = CellResult::read(&grid.cells[p.plain], grid.select)?;
+            picked.insert((p.variant.clone(), p.seed), record.picked.clone());
+            let plain_val = plain.run["best_val"].as_f64();
+            picks.push(PickResult {
+                variant: p.variant.clone(),
+                method: p.method.clone(),
+                seed: p.seed,
+                plain_val,
+                record,
+            });
+        }
         for c in &grid.cells {
+            // Of a sweep's candidates, the picked one stands for its seed; the others have no test results.
+            if let Some(l) = &c.candidate
+                && picked.get(&(c.variant.clone(), c.seed)) != Some(l)
+            {
+                continue;
+            }
             if !variants.contains(&c.variant) {
                 variants.push(c.variant.clone());
             }
@@ -697,7 +899,7 @@ impl CompareResults {
             bail!("compare: no runs");
         }
         let metric = cfg.metric.unwrap_or(grid.select);
-        Ok(CompareResults { task: grid.task, select: grid.select, metric, variants, cells })
+        Ok(CompareResults { task: grid.task, select: grid.select, metric, variants, cells, picks })
     }
 }
 
@@ -738,6 +940,40 @@ mod tests {
             }
         }
         assert!(n >= 10, "{n} configs");
+    }
+
+    #[test]
+    fn a_sweep_is_one_unit_per_method_and_seed_with_its_stages_runs_and_pick() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let base = format!(
+            "backbone = {:?}\ndata = {:?}\nseeds = [0, 1]\nreferences = [\"linear\"]\n",
+            root.join("tests/fixtures/timm_vit_avg_fcnorm.safetensors"),
+            root.join("data/breastmnist.npz")
+        );
+        let cfg = parse("sweep", &format!("{base}[tpp]\nepochs = [1, 3]\n")).unwrap();
+        // A relative output folder: the runs' records hold absolute paths, the stages' folders do not.
+        let grid = cfg.grid(Path::new("rel/out")).unwrap();
+        assert_eq!((grid.tpp.len(), grid.cells.len(), grid.picks.len()), (4, 8, 2));
+        let units = grid.units();
+        let labels: Vec<&str> = units.iter().map(|u| u.label.as_str()).collect();
+        assert_eq!(labels, ["lora seed 0", "lora seed 1", "linear seed 0", "linear seed 1"]);
+        let u = &units[1];
+        assert_eq!((u.tpp.len(), u.runs.len(), u.picks.len()), (2, 3, 1));
+        let dirs: Vec<String> = u.runs.iter().map(|&i| grid.cells[i].dir.display().to_string()).collect();
+        assert_eq!(
+            dirs,
+            ["rel/out/runs/lora/seed1", "rel/out/runs/lora+tpp/epochs-1/seed1", "rel/out/runs/lora+tpp/epochs-3/seed1"]
+        );
+        assert_eq!(grid.tpp[u.tpp[1]].dir, Path::new("rel/out/tpp/lora/epochs-3/seed1"));
+        assert_eq!(grid.tpp[u.tpp[1]].record.config.epochs, 3);
+        assert_eq!(grid.picks[u.picks[0]].file, Path::new("rel/out/runs/lora+tpp/pick-seed1.json"));
+        // Without a sweep, the folders of earlier versions, and each unit still holds its +TPP run.
+        let grid = parse("plain", &base).unwrap().grid(Path::new("rel/out")).unwrap();
+        let units = grid.units();
+        assert!(grid.picks.is_empty() && units.len() == 4);
+        let dirs: Vec<String> = units[0].runs.iter().map(|&i| grid.cells[i].dir.display().to_string()).collect();
+        assert_eq!(dirs, ["rel/out/runs/lora/seed0", "rel/out/runs/lora+tpp/seed0"]);
+        assert_eq!(grid.tpp[units[0].tpp[0]].dir, Path::new("rel/out/tpp/lora/seed0"));
     }
 
     #[test]

@@ -110,6 +110,7 @@ pub fn pretrained_config(backbone: BackboneSource, data: &Path, quick: bool) -> 
         tpp: TppSection {
             config: PretrainConfig { epochs: tpp_epochs, batch_size: 64, lr: 1.5e-3, ..PretrainConfig::default() },
             decoder: DecoderSource::Fresh,
+            sweep: Vec::new(),
         },
         finetune: FinetuneSection {
             config: FinetuneConfig { epochs: ft_epochs, batch_size: 64, lr: 1e-3, ..FinetuneConfig::default() },
@@ -207,6 +208,7 @@ pub fn run_from_scratch(
         tpp: TppSection {
             config: PretrainConfig { epochs: tpp_epochs, ..PretrainConfig::default() },
             decoder: DecoderSource::Fresh,
+            sweep: Vec::new(),
         },
         finetune: FinetuneSection {
             config: FinetuneConfig { epochs: ft_epochs, ..FinetuneConfig::default() },

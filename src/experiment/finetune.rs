@@ -150,11 +150,68 @@ fn check_same_backbone(rec: &RunRecord, init: &Path) -> Result<()> {
 }
 
 /// Runs (or resumes) the fine-tuning run of `rec` in `out`: train with selection on validation, then one
-/// evaluation of the best weights on the test split. Writes the run folder.
+/// evaluation of the best weights on the test split. Writes the run folder. A run trained by
+/// [`train_untested`] is finished by this with `resume` (no epoch is trained again).
 pub fn run(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Result<Outcome> {
     // Data-parallel: the other processes write into scratch folders, removed at the end.
     let dir = crate::dist::OutDir::for_rank(out)?;
     let out = dir.path();
+    let (model, ds, rec, state) = train(rec, out, resume, device)?;
+    let evaluation = crate::profile::time("test and run files", || finish(&model, &ds, &rec, &state, out))?;
+    Ok(Outcome { state, evaluation })
+}
+
+/// The file of a run trained without reading the test split ([`train_untested`]).
+pub const VALIDATION_JSON: &str = "validation.json";
+
+/// What [`train_untested`] records: the run's selection on validation.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ValidationRecord {
+    /// The selection metric.
+    pub select: String,
+    /// Its best validation value (null: none was finite).
+    pub best_val: Option<f64>,
+    /// The epoch it was reached at.
+    pub best_epoch: i64,
+    /// Epochs trained.
+    pub epochs: i64,
+}
+
+impl ValidationRecord {
+    /// Reads `<dir>/validation.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let p = dir.join(VALIDATION_JSON);
+        let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: not a validation record", p.display()))
+    }
+}
+
+/// Trains (or resumes) the run of `rec` in `out` with selection on validation, and stops before the test
+/// split: writes `validation.json` (best value and epoch) instead of `metrics.json`. A candidate of a
+/// comparison's TPP sweep; [`run`] with `resume` later tests the one picked.
+pub fn train_untested(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Result<ValidationRecord> {
+    let dir = crate::dist::OutDir::for_rank(out)?;
+    let out = dir.path();
+    let (_, _, rec, state) = train(rec, out, resume, device)?;
+    let v = ValidationRecord {
+        select: rec.config.select.name(),
+        best_val: state.best_value.is_finite().then_some(state.best_value),
+        best_epoch: state.best_epoch,
+        epochs: state.epochs_done,
+    };
+    if crate::dist::is_writer() {
+        crate::peft::io::write_text_atomic(&out.join(VALIDATION_JSON), &serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(v)
+}
+
+/// The training part of a run: prepare, claim the folder, write the record, fine-tune.
+fn train(
+    rec: &RunRecord,
+    out: &Path,
+    resume: bool,
+    device: Device,
+) -> Result<(PeftModel, Dataset, RunRecord, TrainState)> {
     rec.validate()?;
     let rec = &rec.resolved()?;
     let Prepared { model, ds, checkpoint, files } =
@@ -186,8 +243,7 @@ pub fn run(rec: &RunRecord, out: &Path, resume: bool, device: Device) -> Result<
     );
     crate::device::reset_peak_memory(device);
     let state = crate::profile::time("fine-tuning", || finetune(&model, &ds, &rec.config, out, resume))?;
-    let evaluation = crate::profile::time("test and run files", || finish(&model, &ds, &rec, &state, out))?;
-    Ok(Outcome { state, evaluation })
+    Ok((model, ds, rec, state))
 }
 
 /// Loads the best epoch's weights; in a data-parallel run rank 0's (the others' scratch folders lack an

@@ -163,25 +163,150 @@ impl Serialize for FinetuneSection {
 /// `[tpp]`: the TPP stage of every method and seed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TppSection {
-    /// Hyperparameters (seed, size and normalisation are set per run).
+    /// Hyperparameters (seed, size and normalisation are set per run); with a sweep, its first setting.
     pub config: PretrainConfig,
     /// Where the MAE decoder comes from.
     pub decoder: DecoderSource,
+    /// Keys given as lists (`epochs = [40, 120]`): every combination is a TPP setting of its own, and
+    /// `compare` picks one per seed on validation. Empty: one setting, `config`.
+    pub sweep: Vec<SweepAxis>,
 }
+
+/// A `[tpp]` key given as a list of values to try.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepAxis {
+    /// The key as the section names it (`epochs`, `lr`, `mask_ratio`, ...).
+    pub key: String,
+    /// Its values, in the order given (the first wins a tie on validation).
+    pub values: Vec<Value>,
+}
+
+/// One TPP setting of a sweep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TppCandidate {
+    /// Its folder name, `epochs-40_lr-0.001` (empty without a sweep).
+    pub label: String,
+    /// Its stage config.
+    pub config: PretrainConfig,
+}
+
+/// Keys that cannot be swept: a pad-crop changes the crop's default, which a list would hide.
+const NOT_SWEPT: &[&str] = &["pad_crop"];
+
+/// The most settings one sweep may expand to (each is a TPP stage and a fine-tuning run per seed).
+pub const MAX_SWEEP: usize = 64;
 
 impl Default for TppSection {
     fn default() -> Self {
-        TppSection { config: PretrainConfig::default(), decoder: DecoderSource::Auto }
+        TppSection { config: PretrainConfig::default(), decoder: DecoderSource::Auto, sweep: Vec::new() }
     }
+}
+
+fn tpp_short_keys() -> Vec<(&'static str, &'static str)> {
+    AUGMENT_KEYS.iter().chain(MAE_KEYS).copied().collect()
+}
+
+/// A swept value as it appears in a folder name.
+fn label_value(key: &str, v: &Value) -> Result<String> {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        Value::Integer(_) | Value::Float(_) | Value::Boolean(_) => v.to_string(),
+        _ => bail!("[tpp] {key}: a list of values to try holds numbers, strings or booleans, not {}", v.type_str()),
+    };
+    if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c)) {
+        bail!("[tpp] {key}: '{s}' cannot name a folder (letters, digits, '.', '_', '-', '+')");
+    }
+    Ok(s)
 }
 
 impl TppSection {
     fn read(mut t: Table) -> Result<Self> {
         let decoder = extra("tpp", &mut t, "decoder", DecoderSource::Auto)?;
-        let short: Vec<(&str, &str)> = AUGMENT_KEYS.iter().chain(MAE_KEYS).copied().collect();
-        let config: PretrainConfig = overlay("tpp", t, &short)?;
+        // Lists are sweeps: the section is read with each list's first value, then every combination.
+        let mut sweep = Vec::new();
+        let lists: Vec<String> = t.iter().filter(|(_, v)| v.is_array()).map(|(k, _)| k.clone()).collect();
+        for key in lists {
+            let Some(Value::Array(values)) = t.remove(&key) else { continue };
+            if NOT_SWEPT.contains(&key.as_str()) {
+                bail!("[tpp] {key}: cannot be a list (it changes the crop's default); run one comparison per value");
+            }
+            let first = values.first().cloned().ok_or_else(|| anyhow!("[tpp] {key}: an empty list"))?;
+            let labels = values.iter().map(|v| label_value(&key, v)).collect::<Result<Vec<_>>>()?;
+            if let Some((i, l)) = labels.iter().enumerate().find(|(i, l)| labels[..*i].contains(l)) {
+                bail!("[tpp] {key}: '{l}' is given twice (entry {})", i + 1);
+            }
+            t.insert(key.clone(), first);
+            if values.len() > 1 {
+                sweep.push(SweepAxis { key, values });
+            }
+        }
+        let config: PretrainConfig = overlay("tpp", t, &tpp_short_keys())?;
         config.augment.validate().map_err(|e| anyhow!("[tpp]: {e}"))?;
-        Ok(TppSection { config, decoder })
+        let s = TppSection { config, decoder, sweep };
+        // Every setting of the sweep must be one a stage can run.
+        for c in s.candidates()? {
+            c.config.validate().map_err(|e| e.context(format!("[tpp] ({})", c.label)))?;
+        }
+        Ok(s)
+    }
+
+    /// Every TPP setting: `config` alone without a sweep, else each combination of the listed values
+    /// (the first key varying slowest), named by its values.
+    pub fn candidates(&self) -> Result<Vec<TppCandidate>> {
+        if self.sweep.is_empty() {
+            return Ok(vec![TppCandidate { label: String::new(), config: self.config.clone() }]);
+        }
+        let n: usize = self.sweep.iter().map(|a| a.values.len()).product();
+        if n > MAX_SWEEP {
+            bail!("[tpp]: the lists make {n} settings; at most {MAX_SWEEP}");
+        }
+        let short = tpp_short_keys();
+        let base = written(&self.config, &short).map_err(|e| anyhow!("[tpp]: {e}"))?;
+        let mut out = Vec::with_capacity(n);
+        for k in 0..n {
+            let (mut t, mut labels, mut rest) = (base.clone(), Vec::new(), k);
+            // Mixed radix, the last axis fastest.
+            let mut picks = vec![0; self.sweep.len()];
+            for (i, a) in self.sweep.iter().enumerate().rev() {
+                picks[i] = rest % a.values.len();
+                rest /= a.values.len();
+            }
+            for (a, &j) in self.sweep.iter().zip(&picks) {
+                t.insert(a.key.clone(), a.values[j].clone());
+                labels.push(format!("{}-{}", a.key, label_value(&a.key, &a.values[j])?));
+            }
+            let config: PretrainConfig = overlay("tpp", t, &short)?;
+            out.push(TppCandidate { label: labels.join("_"), config });
+        }
+        Ok(out)
+    }
+
+    /// Sets `key` to one value, or to a list of values to try (replacing what the section said).
+    pub fn set(&mut self, key: &str, values: Vec<Value>) -> Result<()> {
+        let short = tpp_short_keys();
+        let mut t = written(&self.config, &short).map_err(|e| anyhow!("[tpp]: {e}"))?;
+        for a in &self.sweep {
+            if a.key != key {
+                t.insert(a.key.clone(), Value::Array(a.values.clone()));
+            }
+        }
+        t.insert(key.to_string(), Value::Array(values));
+        t.insert("decoder".into(), Value::String(self.decoder.to_string()));
+        *self = TppSection::read(t)?;
+        Ok(())
+    }
+
+    /// The swept keys and values, `epochs ∈ [40, 120]` (empty without a sweep).
+    pub fn sweep_line(&self) -> String {
+        let axes: Vec<String> = self
+            .sweep
+            .iter()
+            .map(|a| {
+                let v: Vec<String> = a.values.iter().map(ToString::to_string).collect();
+                format!("{} ∈ [{}]", a.key, v.join(", "))
+            })
+            .collect();
+        axes.join(", ")
     }
 }
 
@@ -193,9 +318,11 @@ impl<'de> Deserialize<'de> for TppSection {
 
 impl Serialize for TppSection {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let short: Vec<(&str, &str)> = AUGMENT_KEYS.iter().chain(MAE_KEYS).copied().collect();
-        let mut t = written(&self.config, &short).map_err(serde::ser::Error::custom)?;
+        let mut t = written(&self.config, &tpp_short_keys()).map_err(serde::ser::Error::custom)?;
         t.insert("decoder".into(), Value::String(self.decoder.to_string()));
+        for a in &self.sweep {
+            t.insert(a.key.clone(), Value::Array(a.values.clone()));
+        }
         t.serialize(s)
     }
 }
@@ -225,6 +352,54 @@ mod tests {
         let f = FinetuneSection::read(table("lr = 0.01\nfull_lr = 0.001\nmixup = 0.2")).unwrap();
         assert_eq!((f.config.lr, f.full_lr, f.config.mixup, f.config.epochs), (0.01, 0.001, 0.2, 50));
         assert_eq!(FinetuneSection::read(table(&toml::to_string(&f).unwrap())).unwrap(), f);
+    }
+
+    #[test]
+    fn lists_are_sweeps_of_every_combination_named_by_their_values() {
+        let s = TppSection::read(table("epochs = [40, 120]\nlr = [1e-3, 3e-3]\nmask_ratio = [0.5]\nbatch_size = 32"))
+            .unwrap();
+        // A one-value list is that value; the others expand, the first key slowest.
+        assert_eq!(s.sweep.iter().map(|a| a.key.as_str()).collect::<Vec<_>>(), ["epochs", "lr"]);
+        assert_eq!((s.config.epochs, s.config.lr, s.config.mae.mask_ratio), (40, 1e-3, 0.5));
+        let c = s.candidates().unwrap();
+        let labels: Vec<&str> = c.iter().map(|c| c.label.as_str()).collect();
+        assert_eq!(labels, ["epochs-40_lr-0.001", "epochs-40_lr-0.003", "epochs-120_lr-0.001", "epochs-120_lr-0.003"]);
+        assert_eq!((c[2].config.epochs, c[2].config.lr), (120, 1e-3));
+        assert!(c.iter().all(|c| c.config.batch_size == 32 && c.config.mae.mask_ratio == 0.5));
+        // Written back with its lists, and read back the same.
+        let text = toml::to_string(&s).unwrap();
+        assert!(text.contains("epochs = [40, 120]"), "{text}");
+        assert_eq!(TppSection::read(table(&text)).unwrap(), s);
+        assert_eq!(s.sweep_line(), "epochs ∈ [40, 120], lr ∈ [0.001, 0.003]");
+        // Without lists: one candidate, the config itself, no label.
+        let one = TppSection::read(table("epochs = 7")).unwrap().candidates().unwrap();
+        assert_eq!((one.len(), one[0].label.as_str(), one[0].config.epochs), (1, "", 7));
+        // Setting a key replaces its list (or makes one), keeping the others.
+        let mut s2 = s.clone();
+        s2.set("epochs", vec![Value::Integer(5)]).unwrap();
+        assert_eq!((s2.config.epochs, s2.sweep.len(), s2.sweep[0].key.as_str()), (5, 1, "lr"));
+        s2.set("epochs", vec![Value::Integer(5), Value::Integer(9)]).unwrap();
+        assert_eq!(s2.candidates().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn bad_lists_are_errors_naming_the_key() {
+        for (text, needle) in [
+            ("epochs = []", "[tpp] epochs: an empty list"),
+            ("epochs = [40, 40]", "[tpp] epochs: '40' is given twice"),
+            ("pad_crop = [0, 4]", "[tpp] pad_crop: cannot be a list"),
+            ("epochs = [0, 4]", "epochs"),
+            ("epoch = [1, 2]", "epoch"),
+            ("lr = [[1.0], [2.0]]", "[tpp] lr: a list of values to try holds numbers"),
+        ] {
+            let e = format!("{:#}", TppSection::read(table(text)).unwrap_err());
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+        let many: Vec<String> = (1..=9).map(|i| i.to_string()).collect();
+        let text =
+            format!("epochs = [{0}]\nwarmup = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08]", many.join(", "));
+        let e = format!("{:#}", TppSection::read(table(&text)).unwrap_err());
+        assert!(e.contains("72 settings") && e.contains("at most 64"), "{e}");
     }
 
     #[test]
