@@ -455,6 +455,14 @@ fn compare_picks_the_tpp_setting_on_validation_and_tests_only_the_pick() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && err.contains(&format!("seed 0: picked {p0}")), "{err}");
     assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), report);
+    // A second tested candidate (as an earlier pick of other lists would leave) is refused, not re-picked.
+    let other = labels.iter().find(|&&l| l != picked(1)).unwrap();
+    let tested = out.join(format!("runs/lora+tpp/{}/seed1/metrics.json", picked(1)));
+    std::fs::copy(&tested, out.join(format!("runs/lora+tpp/{other}/seed1/metrics.json"))).unwrap();
+    std::fs::remove_file(out.join("runs/lora+tpp/pick-seed1.json")).unwrap();
+    let o = run(&["--cell", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(other) && err.contains("earlier pick"), "{err}");
     // The epochs flag takes a list too; a repeated value is an error naming the flag.
     let o = run(&["--tpp-epochs", "1,1"]);
     let err = String::from_utf8_lossy(&o.stderr);

@@ -294,12 +294,16 @@ impl PickRecord {
 }
 
 impl Pick {
-    /// Done: chosen, and the chosen run tested.
+    /// Done: chosen among the candidates asked for now, and the chosen run tested.
     fn done(&self, grid: &Grid) -> bool {
-        PickRecord::read(&self.file)
-            .ok()
-            .and_then(|r| self.candidates.iter().find(|&&i| grid.cells[i].candidate.as_deref() == Some(&r.picked)))
-            .is_some_and(|&i| grid.cells[i].dir.join("metrics.json").exists())
+        let Ok(r) = PickRecord::read(&self.file) else { return false };
+        let labels: Vec<Option<&str>> = self.candidates.iter().map(|&i| grid.cells[i].candidate.as_deref()).collect();
+        let recorded: Vec<Option<&str>> = r.validation.iter().map(|(l, _)| Some(l.as_str())).collect();
+        labels == recorded
+            && self.candidates.iter().any(|&i| {
+                let c = &grid.cells[i];
+                c.candidate.as_deref() == Some(r.picked.as_str()) && c.dir.join("metrics.json").exists()
+            })
     }
 
     /// Chooses from the candidates' validation records: the highest finite value, the first on a tie.
@@ -640,7 +644,8 @@ fn run_picks(grid: &Grid, picks: &[usize], device: Device) -> Result<()> {
         // Another candidate already tested would mean the test split was read for more than the pick.
         if let Some(&o) = pick.candidates.iter().find(|&&o| o != i && grid.cells[o].dir.join("metrics.json").exists()) {
             bail!(
-                "{}: a candidate other than the pick ({}) holds test results; remove it to re-run the pick",
+                "{}: holds test results of an earlier pick, but validation now picks {} (the TPP lists changed?); \
+                 the test split was read for that pick already, so run the new lists into another --out",
                 grid.cells[o].dir.display(),
                 record.picked
             );
