@@ -463,6 +463,13 @@ fn compare_picks_the_tpp_setting_on_validation_and_tests_only_the_pick() {
     let o = run(&["--cell", "1"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains(other) && err.contains("earlier pick"), "{err}");
+    // A pick whose trained run lost its checkpoint is not trained again silently before its test.
+    let p0 = picked(0);
+    std::fs::remove_file(out.join(format!("runs/lora+tpp/{p0}/seed0/metrics.json"))).unwrap();
+    std::fs::remove_dir_all(out.join(format!("runs/lora+tpp/{p0}/seed0/checkpoint"))).unwrap();
+    let o = run(&["--cell", "0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(&p0) && err.contains("checkpoint/ or best/ is missing"), "{err}");
     // The epochs flag takes a list too; a repeated value is an error naming the flag.
     let o = run(&["--tpp-epochs", "1,1"]);
     let err = String::from_utf8_lossy(&o.stderr);

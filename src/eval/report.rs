@@ -145,9 +145,16 @@ fn picks_table(r: &CompareResults, results: &mut Value) -> String {
             let deltas: Vec<f64> = picks.iter().filter_map(|p| Some(val_of(p)? - p.plain_val?)).collect();
             let seeds: Vec<String> =
                 picks.iter().filter(|p| &p.record.picked == l).map(|p| p.seed.to_string()).collect();
-            let ((vm, vs), (dm, ds)) = (mean_std(&vals), mean_std(&deltas));
+            let shown = |v: &[f64], sign: bool| {
+                let (m, s) = mean_std(v);
+                match (v.is_empty(), sign) {
+                    (true, _) => "n/a".to_string(),
+                    (false, true) => format!("{m:+.3} ± {s:.3}"),
+                    (false, false) => format!("{m:.3} ± {s:.3}"),
+                }
+            };
             let seeds = if seeds.is_empty() { "-".to_string() } else { seeds.join(", ") };
-            let _ = writeln!(md, "| {l} | {vm:.3} ± {vs:.3} | {dm:+.3} ± {ds:.3} | {seeds} |");
+            let _ = writeln!(md, "| {l} | {} | {} | {seeds} |", shown(&vals, false), shown(&deltas, true));
         }
         let plain: Vec<f64> = picks.iter().filter_map(|p| p.plain_val).collect();
         let (pm, ps) = mean_std(&plain);
@@ -169,7 +176,10 @@ fn pretext_line(cfg: &CompareConfig) -> (&'static str, String) {
     let settings = match cfg.pretext {
         Pretext::Mae => format!(
             "MAE, mask {}, decoder {} {}x{}",
-            t.config.mae.mask_ratio, t.decoder, t.config.mae.decoder_depth, t.config.mae.decoder_dim
+            t.shown("mask_ratio", t.config.mae.mask_ratio),
+            t.decoder,
+            t.shown("decoder_depth", t.config.mae.decoder_depth),
+            t.shown("decoder_dim", t.config.mae.decoder_dim)
         ),
         Pretext::Dino => format!(
             "DINO, {} prototypes, {} local crops, teacher temperature {}, EMA momentum {}",
@@ -181,23 +191,19 @@ fn pretext_line(cfg: &CompareConfig) -> (&'static str, String) {
 
 /// The TPP stage's epochs, batch and lr, each as a list where swept.
 fn tpp_line(cfg: &CompareConfig) -> String {
-    let t = &cfg.tpp.config;
-    let swept = |key: &str, one: String| match cfg.tpp.sweep.iter().find(|a| a.key == key) {
-        Some(a) => format!("[{}]", a.values.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")),
-        None => one,
-    };
+    let (t, s) = (&cfg.tpp.config, &cfg.tpp);
     let mut line = format!(
         "{} epochs, batch {}, lr {}",
-        swept("epochs", t.epochs.to_string()),
-        swept("batch_size", t.batch_size.to_string()),
-        swept("lr", t.lr.to_string())
+        s.shown("epochs", t.epochs),
+        s.shown("batch_size", t.batch_size),
+        s.shown("lr", t.lr)
     );
-    let others: Vec<String> = cfg
-        .tpp
+    let shown_elsewhere = ["epochs", "batch_size", "lr", "mask_ratio", "decoder_dim", "decoder_depth"];
+    let others: Vec<String> = s
         .sweep
         .iter()
-        .filter(|a| !["epochs", "batch_size", "lr"].contains(&a.key.as_str()))
-        .map(|a| format!("{} [{}]", a.key, a.values.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")))
+        .filter(|a| !shown_elsewhere.contains(&a.key.as_str()))
+        .map(|a| format!("{} {}", a.key, a.list()))
         .collect();
     if !others.is_empty() {
         line = format!("{line}, {}", others.join(", "));
@@ -242,8 +248,9 @@ pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<Stri
         let table = picks_table(r, &mut results);
         let _ = writeln!(
             md,
-            "## TPP settings picked on validation\n\nThe TPP stage ran with every setting of `[tpp]`'s lists ({}); each seed's PEFT+TPP run is the one whose fine-tuned model scored best on validation `{select}` (the first listed on a tie), and only that run was scored on the test split: the PEFT+TPP test numbers above are the picks'. Validation values are the best epoch's (mean ± sample std over seeds).\n\n{table}",
-            cfg.tpp.sweep_line()
+            "## TPP settings picked on validation\n\nThe TPP stage ran with every setting of `[tpp]`'s lists ({}); each seed's PEFT+TPP run is the one whose fine-tuned model scored best on validation `{select}` (the first listed on a tie), and only that run was scored on the test split: the PEFT+TPP test numbers above are the picks'. Validation values are the best epoch's (mean ± sample std over seeds). Cost: `time / run` below is the pick's fine-tuning; every seed also ran a TPP stage and a fine-tuning for each of the {} settings.\n\n{table}",
+            cfg.tpp.sweep_line(),
+            cfg.tpp.sweep.iter().map(|a| a.values.len()).product::<usize>()
         );
     }
     let _ = writeln!(md, "## All variants\n");

@@ -252,8 +252,12 @@ pub struct Cell {
 impl Cell {
     /// Finished: tested (`metrics.json`), or for a sweep's candidate, trained (`validation.json`).
     pub fn done(&self) -> bool {
-        let file = if self.candidate.is_some() { super::finetune::VALIDATION_JSON } else { "metrics.json" };
-        self.dir.join(file).exists()
+        if self.candidate.is_some() { self.dir.join(super::finetune::VALIDATION_JSON).exists() } else { self.tested() }
+    }
+
+    /// Scored on the test split.
+    pub fn tested(&self) -> bool {
+        self.dir.join("metrics.json").exists()
     }
 }
 
@@ -288,22 +292,29 @@ pub struct PickRecord {
 impl PickRecord {
     /// Reads a pick file.
     pub fn read(file: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not a pick record", file.display()))
+        records::read_json(file, "a pick record")
     }
 }
 
 impl Pick {
-    /// Done: chosen among the candidates asked for now, and the chosen run tested.
+    /// Done: chosen from the candidates asked for now, as their validation records still say, and the
+    /// chosen run tested.
     fn done(&self, grid: &Grid) -> bool {
         let Ok(r) = PickRecord::read(&self.file) else { return false };
-        let labels: Vec<Option<&str>> = self.candidates.iter().map(|&i| grid.cells[i].candidate.as_deref()).collect();
-        let recorded: Vec<Option<&str>> = r.validation.iter().map(|(l, _)| Some(l.as_str())).collect();
-        labels == recorded
-            && self.candidates.iter().any(|&i| {
-                let c = &grid.cells[i];
-                c.candidate.as_deref() == Some(r.picked.as_str()) && c.dir.join("metrics.json").exists()
-            })
+        let Ok((now, i)) = self.choose(grid) else { return false };
+        now.validation == r.validation && now.picked == r.picked && grid.cells[i].tested()
+    }
+
+    /// Test results of this seed in the variant's folder other than the candidate `keep`'s: any would
+    /// mean the test split was read for another setting (an earlier pick, under other lists).
+    fn other_tested(&self, grid: &Grid, keep: usize) -> Option<PathBuf> {
+        let variant_dir = self.file.parent()?;
+        let seed = grid.cells[keep].dir.file_name()?.to_owned();
+        let keep = grid.cells[keep].dir.clone();
+        std::fs::read_dir(variant_dir)
+            .ok()?
+            .filter_map(|e| Some(e.ok()?.path().join(&seed)))
+            .find(|d| *d != keep && d.join("metrics.json").exists())
     }
 
     /// Chooses from the candidates' validation records: the highest finite value, the first on a tie.
@@ -641,13 +652,23 @@ fn run_picks(grid: &Grid, picks: &[usize], device: Device) -> Result<()> {
             continue;
         }
         let (record, i) = pick.choose(grid)?;
-        // Another candidate already tested would mean the test split was read for more than the pick.
-        if let Some(&o) = pick.candidates.iter().find(|&&o| o != i && grid.cells[o].dir.join("metrics.json").exists()) {
+        // Another setting already tested would mean the test split was read for more than the pick.
+        if let Some(o) = pick.other_tested(grid, i) {
             bail!(
                 "{}: holds test results of an earlier pick, but validation now picks {} (the TPP lists changed?); \
                  the test split was read for that pick already, so run the new lists into another --out",
-                grid.cells[o].dir.display(),
+                o.display(),
                 record.picked
+            );
+        }
+        let c = &grid.cells[i];
+        // Testing resumes the trained run; without its checkpoint it would train again, and the tested
+        // model need not be the one validation picked.
+        if !c.dir.join("checkpoint").exists() || !c.dir.join("best").exists() {
+            bail!(
+                "{}: the picked run's checkpoint/ or best/ is missing, so it cannot be tested as validated; \
+                 remove the folder to train it again",
+                c.dir.display()
             );
         }
         let vals: Vec<String> = record
@@ -664,8 +685,9 @@ fn run_picks(grid: &Grid, picks: &[usize], device: Device) -> Result<()> {
             vals.join(", ")
         );
         crate::peft::io::write_text_atomic(&pick.file, &serde_json::to_string_pretty(&record)?)?;
-        let c = &grid.cells[i];
-        super::finetune::run(&c.record, &c.dir, true, device)?;
+        if !c.tested() {
+            super::finetune::run(&c.record, &c.dir, true, device)?;
+        }
     }
     Ok(())
 }

@@ -175,14 +175,15 @@ pub struct ValidationRecord {
     pub best_epoch: i64,
     /// Epochs trained.
     pub epochs: i64,
+    /// Peak device memory while training (CUDA), kept for the report of a run tested later.
+    #[serde(default)]
+    pub peak_memory_bytes: Option<u64>,
 }
 
 impl ValidationRecord {
     /// Reads `<dir>/validation.json`.
     pub fn read(dir: &Path) -> Result<Self> {
-        let p = dir.join(VALIDATION_JSON);
-        let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not a validation record", p.display()))
+        super::records::read_json(&dir.join(VALIDATION_JSON), "a validation record")
     }
 }
 
@@ -198,6 +199,7 @@ pub fn train_untested(rec: &RunRecord, out: &Path, resume: bool, device: Device)
         best_val: state.best_value.is_finite().then_some(state.best_value),
         best_epoch: state.best_epoch,
         epochs: state.epochs_done,
+        peak_memory_bytes: crate::device::peak_memory(device),
     };
     if crate::dist::is_writer() {
         crate::peft::io::write_text_atomic(&out.join(VALIDATION_JSON), &serde_json::to_string_pretty(&v)?)?;
@@ -281,7 +283,9 @@ fn finish(model: &PeftModel, ds: &Dataset, rec: &RunRecord, state: &TrainState, 
         total_params: total,
         seconds: h.iter().map(|r| r.seconds).sum(),
         images_per_s: h.iter().map(|r| r.images_per_s).sum::<f64>() / h.len().max(1) as f64,
-        peak_memory_bytes: crate::device::peak_memory(model.device),
+        // A run trained earlier without its test (a sweep's pick) reports the peak of its training.
+        peak_memory_bytes: crate::device::peak_memory(model.device)
+            .max(ValidationRecord::read(out).ok().and_then(|v| v.peak_memory_bytes)),
         best_epoch: state.best_epoch,
         best_val: state.best_value,
     };

@@ -19,6 +19,12 @@ use tch::Device;
 
 pub use crate::data::absolute;
 
+/// A JSON file read as `T`; errors name the file and what it should have held (`what`).
+pub fn read_json<T: serde::de::DeserializeOwned>(file: &Path, what: &str) -> Result<T> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not {what}", file.display()))
+}
+
 /// A cheap fingerprint of a file or folder, to tell whether a run's inputs are still the ones it used.
 /// A file: its size and its first and last 64 KiB. A folder: the relative path and size of every image
 /// file in it and its sub-folders (sorted; hidden entries skipped), since reading 10^5 images would take

@@ -181,6 +181,13 @@ pub struct SweepAxis {
     pub values: Vec<Value>,
 }
 
+impl SweepAxis {
+    /// The values as written, `[40, 120]`.
+    pub fn list(&self) -> String {
+        format!("[{}]", self.values.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+    }
+}
+
 /// One TPP setting of a sweep.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TppCandidate {
@@ -298,15 +305,12 @@ impl TppSection {
 
     /// The swept keys and values, `epochs ∈ [40, 120]` (empty without a sweep).
     pub fn sweep_line(&self) -> String {
-        let axes: Vec<String> = self
-            .sweep
-            .iter()
-            .map(|a| {
-                let v: Vec<String> = a.values.iter().map(ToString::to_string).collect();
-                format!("{} ∈ [{}]", a.key, v.join(", "))
-            })
-            .collect();
-        axes.join(", ")
+        self.sweep.iter().map(|a| format!("{} ∈ {}", a.key, a.list())).collect::<Vec<_>>().join(", ")
+    }
+
+    /// `key`'s value for a report: `one` (the setting's value), or the list where it is swept.
+    pub fn shown(&self, key: &str, one: impl ToString) -> String {
+        self.sweep.iter().find(|a| a.key == key).map_or_else(|| one.to_string(), SweepAxis::list)
     }
 }
 
