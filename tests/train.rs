@@ -477,6 +477,29 @@ fn compare_picks_the_tpp_setting_on_validation_and_tests_only_the_pick() {
 }
 
 #[test]
+fn compare_of_references_only_reports_no_tpp() {
+    let dir = tmp_dir("compare-refs");
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backbone = {:?}\ndata = {:?}\nheads = 3\nimg_size = 32\nnorm = \"half\"\nseeds = [0]\nmethods = []\n\
+             references = [\"linear\"]\n[finetune]\nepochs = 2\n",
+            backbone(),
+            data("breastmnist.npz").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let o = tpp_bin(&["--threads", "1", "compare", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("| linear |") && report.contains("features computed once per image"), "{report}");
+    assert!(!report.contains("PEFT + TPP") && !report.contains("pretext") && !report.contains("TPP:"), "{report}");
+    assert!(!out.join("tpp").exists());
+}
+
+#[test]
 fn dino_tpp_stage_student_learns_to_match_the_ema_teacher() {
     use tpp::pretext::dino::{self, DinoConfig, DinoHead};
     let ds = tpp::data::open(&data("breastmnist.npz"), None).unwrap();

@@ -232,18 +232,23 @@ pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<Stri
     let head = delta_table(cfg, &stats, &summary, &mut results);
     let (pretext_name, pretext) = pretext_line(cfg);
     let f = &cfg.finetune;
+    // A comparison of references only (`methods = []`) has no TPP stage to describe.
+    let has_tpp = !cfg.methods.is_empty();
+    let pretext_name = if has_tpp { format!("; pretext {pretext_name}") } else { String::new() };
     let mut md = String::new();
     let _ = writeln!(md, "# tpp compare: {}\n", cfg.data.data.display());
     let _ = writeln!(
         md,
-        "Backbone `{}`; pretext {pretext_name}; seeds {:?}; test metric `{metric}` (model selection on validation `{select}`; the test split is scored once per run, at the best validation epoch).\n",
+        "Backbone `{}`{pretext_name}; seeds {:?}; test metric `{metric}` (model selection on validation `{select}`; the test split is scored once per run, at the best validation epoch).\n",
         match &cfg.backbone.hub {
             Some(h) => format!("hf-hub:{}@{}", h.repo, h.commit),
             None => cfg.backbone.path.display().to_string(),
         },
         cfg.seeds
     );
-    let _ = writeln!(md, "## PEFT vs PEFT + TPP (test {metric}, mean ± sample std over seeds)\n\n{head}");
+    if has_tpp {
+        let _ = writeln!(md, "## PEFT vs PEFT + TPP (test {metric}, mean ± sample std over seeds)\n\n{head}");
+    }
     if !r.picks.is_empty() {
         let table = picks_table(r, &mut results);
         let _ = writeln!(
@@ -262,12 +267,12 @@ pub fn write(cfg: &CompareConfig, r: &CompareResults, out: &Path) -> Result<Stri
     md.push_str(&rows);
     let _ = writeln!(
         md,
-        "\nIntervals: percentile bootstrap over test images (1000 resamples), each resample scoring every seed's predictions; Δ intervals are paired (same resamples). Fine-tuning: {} epochs, batch {}, lr {} (full: {}); TPP: {}, {pretext}. Every setting: `compare.toml`.",
+        "\nIntervals: percentile bootstrap over test images (1000 resamples), each resample scoring every seed's predictions; Δ intervals are paired (same resamples). Fine-tuning: {} epochs, batch {}, lr {} (full: {}){}. Every setting: `compare.toml`.",
         f.config.epochs,
         f.config.batch_size,
         f.config.lr,
         f.full_lr,
-        tpp_line(cfg),
+        if has_tpp { format!("; TPP: {}, {pretext}", tpp_line(cfg)) } else { String::new() },
     );
     if r.task == Task::Segmentation {
         let g = &f.config.seg;
