@@ -297,23 +297,36 @@ fn metrics_match_scikit_learn() {
     }
 }
 
+/// A compare config on the small test backbone and BreastMNIST at 32 px, with `rest` (seeds, sections)
+/// after the common keys; returns the config's path and the output folder beside it.
+fn small_compare(name: &str, rest: &str) -> (PathBuf, PathBuf) {
+    let dir = tmp_dir(name);
+    let cfg = dir.join("c.toml");
+    let head = format!(
+        "backbone = {:?}\ndata = {:?}\nheads = 3\nimg_size = 32\nnorm = \"half\"\n",
+        backbone(),
+        data("breastmnist.npz").to_str().unwrap()
+    );
+    std::fs::write(&cfg, head + rest).unwrap();
+    (cfg, dir.join("out"))
+}
+
+/// `tpp compare --config cfg --out out` on one thread, with `extra` flags.
+fn compare_run(cfg: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["--threads", "1", "compare", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    tpp_bin(&args)
+}
+
 #[test]
 fn compare_keeps_finished_cells() {
-    let dir = tmp_dir("compare");
-    let cfg = dir.join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "backbone = {:?}\ndata = {:?}\nheads = 3\nimg_size = 32\nnorm = \"half\"\nseeds = [0]\nreferences = [\"linear\"]\n\
-             [tpp]\nepochs = 1\ndecoder_dim = 32\ndecoder_depth = 1\ndecoder_heads = 2\n[finetune]\nepochs = 1\n",
-            backbone(),
-            data("breastmnist.npz").to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let out = dir.join("out");
-    let run =
-        || tpp_bin(&["--threads", "1", "compare", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (cfg, out) = small_compare(
+        "compare",
+        "seeds = [0]\nreferences = [\"linear\"]\n\
+         [tpp]\nepochs = 1\ndecoder_dim = 32\ndecoder_depth = 1\ndecoder_heads = 2\n[finetune]\nepochs = 1\n",
+    );
+    let dir = cfg.parent().unwrap().to_path_buf();
+    let run = || compare_run(&cfg, &out, &[]);
     let o = run();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
@@ -379,26 +392,12 @@ fn compare_keeps_finished_cells() {
 
 #[test]
 fn compare_picks_the_tpp_setting_on_validation_and_tests_only_the_pick() {
-    let dir = tmp_dir("compare-sweep");
-    let cfg = dir.join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "backbone = {:?}\ndata = {:?}\nheads = 3\nimg_size = 32\nnorm = \"half\"\nseeds = [0, 1]\nreferences = []\n\
-             [tpp]\nepochs = [1, 2]\nlr = [1.5e-3, 1e-2]\ndecoder_dim = 32\ndecoder_depth = 1\ndecoder_heads = 2\n\
-             [finetune]\nepochs = 1\n",
-            backbone(),
-            data("breastmnist.npz").to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let out = dir.join("out");
-    let run = |extra: &[&str]| {
-        let mut args =
-            vec!["--threads", "1", "compare", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        tpp_bin(&args)
-    };
+    let (cfg, out) = small_compare(
+        "compare-sweep",
+        "seeds = [0, 1]\nreferences = []\n[tpp]\nepochs = [1, 2]\nlr = [1.5e-3, 1e-2]\ndecoder_dim = 32\n\
+         decoder_depth = 1\ndecoder_heads = 2\n[finetune]\nepochs = 1\n",
+    );
+    let run = |extra: &[&str]| compare_run(&cfg, &out, extra);
     let o = run(&[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let labels = ["epochs-1_lr-0.0015", "epochs-1_lr-0.01", "epochs-2_lr-0.0015", "epochs-2_lr-0.01"];
@@ -478,20 +477,9 @@ fn compare_picks_the_tpp_setting_on_validation_and_tests_only_the_pick() {
 
 #[test]
 fn compare_of_references_only_reports_no_tpp() {
-    let dir = tmp_dir("compare-refs");
-    let cfg = dir.join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "backbone = {:?}\ndata = {:?}\nheads = 3\nimg_size = 32\nnorm = \"half\"\nseeds = [0]\nmethods = []\n\
-             references = [\"linear\"]\n[finetune]\nepochs = 2\n",
-            backbone(),
-            data("breastmnist.npz").to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let out = dir.join("out");
-    let o = tpp_bin(&["--threads", "1", "compare", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (cfg, out) =
+        small_compare("compare-refs", "seeds = [0]\nmethods = []\nreferences = [\"linear\"]\n[finetune]\nepochs = 2\n");
+    let o = compare_run(&cfg, &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("| linear |") && report.contains("features computed once per image"), "{report}");
@@ -692,7 +680,7 @@ fn compare_on_segmentation_reports_dice() {
     )
     .unwrap();
     let out = root.join("out");
-    let o = tpp_bin(&["--threads", "1", "compare", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = compare_run(&cfg, &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("test metric `dice`") && report.contains("test iou"), "{report}");

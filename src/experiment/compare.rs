@@ -236,8 +236,8 @@ pub struct Cell {
     pub variant: String,
     /// The method set (or reference) it runs.
     pub method: String,
-    /// Whether its targets start from a TPP stage.
-    pub tpp: bool,
+    /// The TPP stage its targets start from (index into `Grid::tpp`).
+    pub stage: Option<usize>,
     /// Its seed.
     pub seed: u64,
     /// Its run folder.
@@ -300,9 +300,12 @@ impl Pick {
     /// Done: chosen from the candidates asked for now, as their validation records still say, and the
     /// chosen run tested.
     fn done(&self, grid: &Grid) -> bool {
-        let Ok(r) = PickRecord::read(&self.file) else { return false };
-        let Ok((now, i)) = self.choose(grid) else { return false };
-        now.validation == r.validation && now.picked == r.picked && grid.cells[i].tested()
+        self.choose(grid).is_ok_and(|(now, i)| self.is_recorded(&now) && grid.cells[i].tested())
+    }
+
+    /// Whether the pick file holds this choice, from the same validation values.
+    fn is_recorded(&self, now: &PickRecord) -> bool {
+        PickRecord::read(&self.file).is_ok_and(|r| r.validation == now.validation && r.picked == now.picked)
     }
 
     /// Test results of this seed in the variant's folder other than the candidate `keep`'s: any would
@@ -450,17 +453,18 @@ impl CompareConfig {
                 let plain = cells.len();
                 let record = self.run_record(spec.clone(), seed, None, t);
                 let (method, dir) = (name.clone(), seed_dir("runs", &name, "", seed));
-                cells.push(Cell { variant: name.clone(), method, tpp: false, seed, dir, record, candidate: None });
+                cells.push(Cell { variant: name.clone(), method, stage: None, seed, dir, record, candidate: None });
                 let mut cands = Vec::new();
                 for c in &candidates {
                     let tpp_dir = seed_dir("tpp", &name, &c.label, seed);
+                    let stage = Some(tpp.len());
                     tpp.push(TppJob { dir: tpp_dir.clone(), record: self.tpp_record(spec.clone(), seed, &c.config) });
                     let record = self.run_record(spec.clone(), seed, Some(tpp_dir), t);
                     let dir = seed_dir("runs", &variant, &c.label, seed);
                     let candidate = (!c.label.is_empty()).then(|| c.label.clone());
                     cands.push(cells.len());
                     let (variant, method) = (variant.clone(), name.clone());
-                    cells.push(Cell { variant, method, tpp: true, seed, dir, record, candidate });
+                    cells.push(Cell { variant, method, stage, seed, dir, record, candidate });
                 }
                 if candidates.len() > 1 {
                     let file = out.join("runs").join(&variant).join(format!("pick-seed{seed}.json"));
@@ -476,7 +480,7 @@ impl CompareConfig {
                 let record = self.run_record(spec.clone(), seed, None, t);
                 let dir = seed_dir("runs", &name, "", seed);
                 let (variant, method) = (name.clone(), name.clone());
-                cells.push(Cell { variant, method, tpp: false, seed, dir, record, candidate: None });
+                cells.push(Cell { variant, method, stage: None, seed, dir, record, candidate: None });
             }
         }
         Ok(Grid { tpp, cells, picks, task, select })
@@ -507,25 +511,18 @@ impl Grid {
     pub fn units(&self) -> Vec<Unit> {
         let mut units = Vec::new();
         let mut claimed = vec![false; self.cells.len()];
-        let mut taken = vec![false; self.tpp.len()];
         for i in 0..self.cells.len() {
             let c = &self.cells[i];
-            if claimed[i] || c.tpp || !self.is_peft(c) {
+            if claimed[i] || c.stage.is_some() || !self.is_peft(c) {
                 continue;
             }
-            // A PEFT method at one seed: its plain run, its TPP stages, the runs from them, its pick.
+            // A PEFT method at one seed: its plain run, the runs from its TPP stages, those stages, its pick.
             let mine = |d: &Cell| d.seed == c.seed && d.method == c.method && self.is_peft(d);
             let runs: Vec<usize> = (0..self.cells.len()).filter(|&k| !claimed[k] && mine(&self.cells[k])).collect();
-            let inits: Vec<PathBuf> = runs.iter().filter_map(|&k| self.cells[k].record.init_targets.clone()).collect();
-            let tpp: Vec<usize> = (0..self.tpp.len())
-                .filter(|&j| !taken[j] && inits.iter().any(|d| same_dir(d, &self.tpp[j].dir)))
-                .collect();
+            let tpp: Vec<usize> = runs.iter().filter_map(|&k| self.cells[k].stage).collect();
             let picks: Vec<usize> = (0..self.picks.len()).filter(|&p| self.picks[p].plain == i).collect();
             for &k in &runs {
                 claimed[k] = true;
-            }
-            for &j in &tpp {
-                taken[j] = true;
             }
             units.push(self.unit(format!("{} seed {}", c.method, c.seed), tpp, runs, picks));
         }
@@ -551,11 +548,6 @@ impl Grid {
             || runs.iter().any(|i| self.cells[*i].dir.exists());
         Unit { label, tpp, runs, picks, done, started }
     }
-}
-
-/// The same folder, one path absolute and the other maybe relative to the working folder.
-fn same_dir(a: &Path, b: &Path) -> bool {
-    records::absolute(a) == records::absolute(b)
 }
 
 fn partial(dir: &Path) -> PathBuf {
@@ -648,10 +640,10 @@ fn run_jobs(tpp: &[&TppJob], cells: &[&Cell], device: Device) -> Result<()> {
 fn run_picks(grid: &Grid, picks: &[usize], device: Device) -> Result<()> {
     for &p in picks {
         let pick = &grid.picks[p];
-        if pick.done(grid) {
+        let (record, i) = pick.choose(grid)?;
+        if pick.is_recorded(&record) && grid.cells[i].tested() {
             continue;
         }
-        let (record, i) = pick.choose(grid)?;
         // Another setting already tested would mean the test split was read for more than the pick.
         if let Some(o) = pick.other_tested(grid, i) {
             bail!(
