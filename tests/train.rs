@@ -720,4 +720,9 @@ fn linear_probe_on_cached_features_is_the_unaugmented_probe() {
     };
     let (x, y) = (m(&a)["auc"].as_f64().unwrap(), m(&b)["auc"].as_f64().unwrap());
     assert!((x - y).abs() < 1e-6, "test AUC {x} vs {y}");
+    // The run's cost counts the feature pass, not the head's epochs alone.
+    let h: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(b.join("history.json")).unwrap()).unwrap();
+    let epochs: f64 = h.as_array().unwrap().iter().map(|e| e["seconds"].as_f64().unwrap()).sum();
+    let secs = m(&b)["run"]["seconds"].as_f64().unwrap();
+    assert!(secs > epochs, "run seconds {secs} leave out the feature pass (epochs {epochs})");
 }

@@ -281,7 +281,7 @@ fn finish(model: &PeftModel, ds: &Dataset, rec: &RunRecord, state: &TrainState, 
     let stats = RunStats {
         trainable_params: trainable,
         total_params: total,
-        seconds: h.iter().map(|r| r.seconds).sum(),
+        seconds: state.setup_seconds + h.iter().map(|r| r.seconds).sum::<f64>(),
         images_per_s: h.iter().map(|r| r.images_per_s).sum::<f64>() / h.len().max(1) as f64,
         // A run trained earlier without its test (a sweep's pick) reports the peak of its training.
         peak_memory_bytes: crate::device::peak_memory(model.device)

@@ -334,15 +334,10 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
     let callbacks: &mut [&mut dyn super::trainer::Callback] = &mut [&mut best, &mut stop, &mut history, &mut progress];
     if cfg.cached_features {
         let eval = LoaderConfig { batch_size: 128, ..loader };
-        let mut step = FeatureStep {
-            model,
-            task: ds.task,
-            num_classes: ds.num_classes,
-            cfg,
-            loader,
-            train: split_features(model, &ds.train, eval)?,
-            val: split_features(model, &ds.val, eval)?,
-        };
+        let t0 = std::time::Instant::now();
+        let (train, val) = (split_features(model, &ds.train, eval)?, split_features(model, &ds.val, eval)?);
+        state.setup_seconds += t0.elapsed().as_secs_f64();
+        let mut step = FeatureStep { model, task: ds.task, num_classes: ds.num_classes, cfg, loader, train, val };
         trainer.fit(&mut step, &mut state, callbacks)?;
     } else {
         let mut step = FinetuneStep::new(model, ds, cfg, loader);

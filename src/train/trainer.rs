@@ -85,6 +85,10 @@ pub struct TrainState {
     pub history: Vec<EpochRecord>,
     /// Early stopping ended the run.
     pub stopped_early: bool,
+    /// Wall time spent before the first epoch of each start (a linear probe's feature pass), so a run's
+    /// cost counts it; absent in states written before it existed.
+    #[serde(default)]
+    pub setup_seconds: f64,
 }
 
 /// JSON writes non-finite numbers as null: read null back as -inf (no best value yet).
@@ -107,6 +111,7 @@ impl Default for TrainState {
             bad_epochs: 0,
             history: Vec::new(),
             stopped_early: false,
+            setup_seconds: 0.0,
         }
     }
 }
