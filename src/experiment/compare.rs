@@ -300,12 +300,15 @@ impl Pick {
     /// Done: chosen from the candidates asked for now, as their validation records still say, and the
     /// chosen run tested.
     fn done(&self, grid: &Grid) -> bool {
-        self.choose(grid).is_ok_and(|(now, i)| self.is_recorded(&now) && grid.cells[i].tested())
+        self.choose(grid).is_ok_and(|(now, i)| self.finished(grid, &now, i))
     }
 
-    /// Whether the pick file holds this choice, from the same validation values.
-    fn is_recorded(&self, now: &PickRecord) -> bool {
-        PickRecord::read(&self.file).is_ok_and(|r| r.validation == now.validation && r.picked == now.picked)
+    /// Whether the choice `now` (cell `i`) is the one the pick file holds, from the same validation values,
+    /// and its run is tested.
+    fn finished(&self, grid: &Grid, now: &PickRecord, i: usize) -> bool {
+        let recorded =
+            PickRecord::read(&self.file).is_ok_and(|r| r.validation == now.validation && r.picked == now.picked);
+        recorded && grid.cells[i].tested()
     }
 
     /// Test results of this seed in the variant's folder other than the candidate `keep`'s: any would
@@ -641,7 +644,7 @@ fn run_picks(grid: &Grid, picks: &[usize], device: Device) -> Result<()> {
     for &p in picks {
         let pick = &grid.picks[p];
         let (record, i) = pick.choose(grid)?;
-        if pick.is_recorded(&record) && grid.cells[i].tested() {
+        if pick.finished(grid, &record, i) {
             continue;
         }
         // Another setting already tested would mean the test split was read for more than the pick.
