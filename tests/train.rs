@@ -725,4 +725,8 @@ fn linear_probe_on_cached_features_is_the_unaugmented_probe() {
     let epochs: f64 = h.as_array().unwrap().iter().map(|e| e["seconds"].as_f64().unwrap()).sum();
     let secs = m(&b)["run"]["seconds"].as_f64().unwrap();
     assert!(secs > epochs, "run seconds {secs} leave out the feature pass (epochs {epochs})");
+    // Resumed with no epoch left, it trains nothing and makes no second feature pass.
+    run("cached", &["--cached-features", "--resume"]);
+    let again = m(&b)["run"]["seconds"].as_f64().unwrap();
+    assert_eq!(again, secs, "a resumed finished probe computed its features again");
 }

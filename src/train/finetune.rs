@@ -334,9 +334,18 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
     let callbacks: &mut [&mut dyn super::trainer::Callback] = &mut [&mut best, &mut stop, &mut history, &mut progress];
     if cfg.cached_features {
         let eval = LoaderConfig { batch_size: 128, ..loader };
-        let t0 = std::time::Instant::now();
-        let (train, val) = (split_features(model, &ds.train, eval)?, split_features(model, &ds.val, eval)?);
-        state.setup_seconds += t0.elapsed().as_secs_f64();
+        // A run resumed with no epoch left (a sweep's pick tested later) trains nothing: no feature pass.
+        let (train, val) = if state.stopped_early || state.epochs_done >= cfg.epochs {
+            let none = || {
+                (Tensor::zeros([0, 1], (Kind::Float, model.device)), Tensor::zeros([0], (Kind::Int64, model.device)))
+            };
+            (none(), none())
+        } else {
+            let t0 = std::time::Instant::now();
+            let f = (split_features(model, &ds.train, eval)?, split_features(model, &ds.val, eval)?);
+            state.setup_seconds += t0.elapsed().as_secs_f64();
+            f
+        };
         let mut step = FeatureStep { model, task: ds.task, num_classes: ds.num_classes, cfg, loader, train, val };
         trainer.fit(&mut step, &mut state, callbacks)?;
     } else {
