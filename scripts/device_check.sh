@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Run on a device machine (see scripts/device_prepare.sh): one call, every GPU number issue 6 asks for.
+# Run on a device machine (see scripts/device_prepare.sh): one call, every GPU number issue 17 asks for.
 # 1. the card and versions; 2. tpp bench vs the PyTorch/timm peer, same work, same batch, same card
 # (ViT-B/16 224, batch 128, bf16); 3. the whole pipeline on CUDA (demo --quick: MAE pre-training, TPP,
-# fine-tuning, evaluation with bf16 autocast). Everything lands in $OUT.
+# fine-tuning, evaluation with bf16 autocast; a DINO-TPP compare; a native-resolution segmentation
+# fine-tune); 4. data-parallel fine-tuning on NCCL. Everything lands in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -32,6 +33,13 @@ for w in lora_ft tpp_mae; do
 done
 timeout 150 device/tpp --device cuda demo --from-scratch --quick --out /tmp/demo_cuda 2>&1 | tail -40 | tee "$OUT/demo_quick.txt"
 cp /tmp/demo_cuda/compare/report.md "$OUT/demo_report.md" 2>/dev/null || true
+timeout 90 device/tpp --device cuda compare --config scripts/device_compare.toml --out /tmp/dino_cuda 2>&1 |
+  grep -v 'img/s' | tail -20 | tee "$OUT/compare_dino.txt"
+cp /tmp/dino_cuda/report.md "$OUT/compare_dino_report.md" 2>/dev/null || true
+timeout 60 device/tpp --device cuda finetune --backbone tests/fixtures/timm_vit_avg_fcnorm.safetensors --heads 3 \
+  --img-size 32 --data device/seg --norm half --peft lora --epochs 2 --batch-size 16 --seg-head unetr \
+  --seg-native --seg-crops-per-image 2 --out /tmp/seg_cuda 2>&1 | grep -v 'img/s' | tail -5 | tee "$OUT/seg.txt"
+cp /tmp/seg_cuda/metrics.json "$OUT/seg.metrics.json" 2>/dev/null || true
 # 4. Data-parallel fine-tuning on NCCL under torchrun: world size 1, and every GPU of the machine.
 TORCHRUN=/opt/torch/.venv/bin/torchrun
 [ -x $TORCHRUN ] || TORCHRUN=torchrun

@@ -14,4 +14,6 @@ nm -C target/release/tpp | grep -q 'c10d::ProcessGroupNCCL::ProcessGroupNCCL' ||
 mkdir -p device
 install -m 755 target/release/tpp device/tpp
 install -m 644 scripts/torch_peer.py device/torch_peer.py
+# A synthetic fine-structure segmentation set for the check's segmentation fine-tune (no data set travels).
+[ -d device/seg ] || .venv/bin/python scripts/make_seg_lines.py device/seg
 ls -la device
