@@ -952,9 +952,9 @@ mod tests {
 
     #[test]
     fn every_shipped_config_reads() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut n = 0;
-        for e in std::fs::read_dir(&dir).unwrap() {
+        for e in std::fs::read_dir(root.join("experiments")).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "toml") {
                 CompareConfig::read(&p).unwrap_or_else(|e| panic!("{e:#}"));
@@ -962,6 +962,8 @@ mod tests {
             }
         }
         assert!(n >= 10, "{n} configs");
+        // The GPU check's config, which only a device session would otherwise read.
+        CompareConfig::read(&root.join("scripts/device_compare.toml")).unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     #[test]
