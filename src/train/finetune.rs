@@ -333,20 +333,7 @@ pub fn finetune(model: &PeftModel, ds: &Dataset, cfg: &FinetuneConfig, out: &Pat
     let mut progress = ProgressReport::new("fine-tune", Some(&cfg.select.name()));
     let callbacks: &mut [&mut dyn super::trainer::Callback] = &mut [&mut best, &mut stop, &mut history, &mut progress];
     if cfg.cached_features {
-        let eval = LoaderConfig { batch_size: 128, ..loader };
-        // A run resumed with no epoch left (a sweep's pick tested later) trains nothing: no feature pass.
-        let (train, val) = if state.stopped_early || state.epochs_done >= cfg.epochs {
-            let none = || {
-                (Tensor::zeros([0, 1], (Kind::Float, model.device)), Tensor::zeros([0], (Kind::Int64, model.device)))
-            };
-            (none(), none())
-        } else {
-            let t0 = std::time::Instant::now();
-            let f = (split_features(model, &ds.train, eval)?, split_features(model, &ds.val, eval)?);
-            state.setup_seconds += t0.elapsed().as_secs_f64();
-            f
-        };
-        let mut step = FeatureStep { model, task: ds.task, num_classes: ds.num_classes, cfg, loader, train, val };
+        let mut step = FeatureStep::new(model, ds, cfg, loader);
         trainer.fit(&mut step, &mut state, callbacks)?;
     } else {
         let mut step = FinetuneStep::new(model, ds, cfg, loader);
@@ -380,13 +367,30 @@ struct FeatureStep<'a> {
     cfg: &'a FinetuneConfig,
     /// Batch size and order of the epochs (the training loader's).
     loader: LoaderConfig,
-    /// Training features and labels.
+    /// The splits to compute features of.
+    ds: &'a Dataset,
+    /// Training features and labels (none until [`TrainStep::prepare`]).
     train: (Tensor, Tensor),
-    /// Validation features and labels.
+    /// Validation features and labels (none until [`TrainStep::prepare`]).
     val: (Tensor, Tensor),
 }
 
+impl<'a> FeatureStep<'a> {
+    fn new(model: &'a PeftModel, ds: &'a Dataset, cfg: &'a FinetuneConfig, loader: LoaderConfig) -> Self {
+        let none =
+            || (Tensor::zeros([0, 1], (Kind::Float, model.device)), Tensor::zeros([0], (Kind::Int64, model.device)));
+        FeatureStep { model, task: ds.task, num_classes: ds.num_classes, cfg, loader, ds, train: none(), val: none() }
+    }
+}
+
 impl TrainStep for FeatureStep<'_> {
+    fn prepare(&mut self) -> Result<()> {
+        let eval = LoaderConfig { batch_size: 128, ..self.loader };
+        self.train = split_features(self.model, &self.ds.train, eval)?;
+        self.val = split_features(self.model, &self.ds.val, eval)?;
+        Ok(())
+    }
+
     fn batches(&mut self, epoch: i64) -> Batches {
         use rand::seq::SliceRandom;
         let n = self.train.0.size()[0];

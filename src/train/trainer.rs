@@ -23,6 +23,12 @@ pub struct Batches {
 
 /// What one kind of training does with a batch.
 pub trait TrainStep {
+    /// Work done once per start before its first epoch (a linear probe's feature pass), after a
+    /// data-parallel run's processes agree on the state; skipped when no epoch is left. Its time counts
+    /// in [`TrainState::setup_seconds`].
+    fn prepare(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// The batches of `epoch` (0-based), seeded by the epoch so that a resumed run sees the same ones.
     fn batches(&mut self, epoch: i64) -> Batches;
     /// Forward pass and loss (a scalar) of one batch; gradients flow to the trained parameters. In a
@@ -214,6 +220,11 @@ impl Trainer<'_> {
     ) -> Result<()> {
         if let Some(g) = crate::dist::current() {
             self.start_together(g, step, state)?;
+        }
+        if !state.stopped_early && state.epochs_done < self.epochs {
+            let t0 = Instant::now();
+            step.prepare()?;
+            state.setup_seconds += t0.elapsed().as_secs_f64();
         }
         let total = self.steps_per_epoch * self.epochs;
         let mut update = state.epochs_done * self.steps_per_epoch;
